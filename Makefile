@@ -1,0 +1,40 @@
+# The two commands that matter: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test test-all lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# Prepares the offline pydocs corpus, trains configs/quickstart.py on CPU (~3 min), samples.
+demo: $(STAMP)
+	$(PY) -m llmjax.prepare --source=builtin:pydocs --tokenizer=bytes --val_fraction=0.05 \
+		--out=$(DEMO_DIR)/data
+	$(PY) -m llmjax.main --config=configs/quickstart.py --workdir=$(DEMO_DIR) \
+		--config.data.path=$(DEMO_DIR)/data
+	$(PY) -m llmjax.sample --workdir=$(DEMO_DIR) --prompt="The built-in function" \
+		--max_new_tokens=200 --temperature=0.8 --top_k=40 --seed=0
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/tb"
+
+test: $(STAMP)
+	$(PY) -m ruff check llmjax tests benchmarks configs
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+lint: $(STAMP)
+	$(PY) -m ruff check llmjax tests benchmarks configs
+	$(PY) -m ruff format --check llmjax tests benchmarks configs
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,135 @@
+"""Every config key, declared once with its meaning, and the checks run before anything compiles.
+
+Config files under configs/ start from `base_config()` and override values; a key that is not
+declared here is an error (ml_collections locks the dict), so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from llmjax.model import GPTConfig, pad_vocab
+from llmjax.tokenizer import TOKENIZERS, get_tokenizer
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("auto", "xla", "cudnn")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; its message is one line naming the key and value."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.n_layer = 12  # transformer blocks
+    m.n_head = 12  # attention heads; must divide n_embd
+    m.n_embd = 768  # model width D
+    m.block_size = 1024  # longest context (rows of the position embedding)
+    m.vocab_size = 0  # embedding rows; 0 = the tokenizer's vocabulary padded to a multiple of 64
+    m.dropout = 0.0  # residual/embedding dropout; GPT-2 pretraining uses 0
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16 (bf16 matmuls, f32 loss and softmax)
+    m.param_dtype = "float32"  # dtype of the master weights and optimizer state
+    m.attention = "auto"  # auto | xla | cudnn; auto = cudnn flash on GPU with bf16, else xla
+
+    c.data = d = ml_collections.ConfigDict()
+    d.path = ""  # directory of shards written by `python -m llmjax.prepare`
+    d.tokenizer = "gpt2"  # gpt2 | bytes; must match the tokenizer the shards were made with
+    d.batch_size = 512  # global batch, in sequences, summed over devices and accumulation
+    d.seq_len = 1024  # tokens per training sequence (<= model.block_size)
+    d.workers = 0  # Grain worker processes (0 = read in threads of this process)
+    d.prefetch = 4  # batches read ahead of the train step
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 6e-4  # peak learning rate, reached after warmup
+    o.min_lr = 6e-5  # learning rate at the end of the cosine decay
+    o.warmup_steps = 700  # linear warmup from 0
+    o.weight_decay = 0.1  # decoupled AdamW decay, applied to kernels and embeddings only
+    o.b1 = 0.9  # Adam first-moment decay
+    o.b2 = 0.95  # Adam second-moment decay (GPT-3's choice, steadier than 0.999)
+    o.eps = 1e-8  # Adam epsilon
+    o.grad_clip = 1.0  # global-norm clipping threshold; 0 disables
+    o.grad_accum = 1  # micro-batches per step; data.batch_size must divide evenly
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 19073  # optimizer steps (19073 x 524288 tokens = 10B tokens)
+    t.seed = 0  # one seed: init, dropout and data order derive from it
+    t.log_every = 10  # steps between metric logs (the only host syncs in the loop)
+    t.eval_every = 250  # steps between validation-loss evaluations; 0 disables
+    t.eval_batches = 20  # validation batches per evaluation (same batches every time)
+    t.ckpt_every = 1000  # steps between checkpoints (one is always written at the end)
+    t.keep_ckpts = 3  # most recent checkpoints kept on disk
+    t.sample_every = 1000  # steps between text samples from sample_prompt; 0 disables
+    t.sample_prompt = "Hello, I'm a language model,"  # prompt for periodic samples
+    t.sample_tokens = 64  # tokens generated per periodic sample
+    t.max_bad_steps = 10  # consecutive non-finite steps (skipped) before the run stops
+
+    c.mesh = h = ml_collections.ConfigDict()
+    h.data = -1  # data-parallel axis; -1 takes the devices the other axes leave
+    h.fsdp = 1  # parameter/optimizer sharding (ZeRO-3) axis
+    h.tensor = 1  # tensor-parallel axis (attention heads, MLP hidden)
+    return c
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError on the first problem; touches no files and no devices."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    for key, v in [("model.n_layer", m.n_layer), ("model.n_head", m.n_head),
+                   ("model.n_embd", m.n_embd), ("model.block_size", m.block_size),
+                   ("data.batch_size", d.batch_size), ("data.seq_len", d.seq_len),
+                   ("optim.grad_accum", o.grad_accum), ("train.steps", t.steps),
+                   ("train.log_every", t.log_every), ("train.ckpt_every", t.ckpt_every),
+                   ("train.keep_ckpts", t.keep_ckpts), ("train.max_bad_steps", t.max_bad_steps)]:
+        _check(v >= 1, f"{key}={v} must be >= 1")
+    for key, v in [("train.eval_every", t.eval_every), ("train.sample_every", t.sample_every),
+                   ("train.eval_batches", t.eval_batches), ("optim.warmup_steps", o.warmup_steps),
+                   ("data.workers", d.workers), ("data.prefetch", d.prefetch),
+                   ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
+                   ("model.vocab_size", m.vocab_size), ("train.sample_tokens", t.sample_tokens)]:
+        _check(v >= 0, f"{key}={v} must be >= 0")
+    _check(m.n_embd % m.n_head == 0,
+           f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
+    _check(d.seq_len <= m.block_size,
+           f"data.seq_len={d.seq_len} exceeds model.block_size={m.block_size}")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    for key, v in [("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype)]:
+        _check(v in DTYPES, f"{key}={v!r} is not one of {', '.join(DTYPES)}")
+    _check(m.attention in ATTENTION,
+           f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION)}")
+    _check(d.tokenizer in TOKENIZERS,
+           f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+    _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)")
+    _check(d.batch_size % o.grad_accum == 0,
+           f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
+    vocab = get_tokenizer(d.tokenizer).vocab_size
+    _check(m.vocab_size == 0 or m.vocab_size >= vocab,
+           f"model.vocab_size={m.vocab_size} is below the {d.tokenizer} vocabulary ({vocab})")
+    for key, v in [("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp),
+                   ("mesh.tensor", cfg.mesh.tensor)]:
+        _check(v == -1 or v >= 1, f"{key}={v} must be >= 1 or -1")
+    _check([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
+           "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+def model_config(cfg: ml_collections.ConfigDict, backend: str = "cpu") -> GPTConfig:
+    """The model's own frozen config: vocabulary from the tokenizer, attention from the backend."""
+    m = cfg.model
+    tok = get_tokenizer(cfg.data.tokenizer)
+    attention = m.attention
+    if attention == "auto":
+        # cuDNN's fused attention needs a GPU and half precision; XLA's runs everywhere.
+        attention = "cudnn" if backend == "gpu" and m.dtype != "float32" else "xla"
+    return GPTConfig(
+        vocab_size=m.vocab_size or pad_vocab(tok.vocab_size),
+        valid_vocab_size=tok.vocab_size,
+        n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
+        dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype, attention=attention,
+    )

@@ -1,0 +1,183 @@
+"""Token shards (llm.c's .bin format) and the Grain pipelines that turn them into batches.
+
+Shard layout: 256 int32 header (magic 20240520, version 1, token count, zeros), then uint16 tokens.
+
+Batches are addressed by step: training batch i is a pure function of (seed, i), so resuming at step
+i needs nothing but i, and the batch never depends on the number of loader workers or processes.
+Each process reads only its own rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+from absl import flags
+
+MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem."""
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+def read_shard(path: str) -> np.ndarray:
+    """Memory-maps one shard's tokens after checking its header against its size."""
+    try:
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from e
+    if len(header) < HEADER_INTS:
+        raise DataError(f"{path}: shorter than the {HEADER_BYTES}-byte header")
+    if header[0] != MAGIC:
+        raise DataError(f"{path}: bad magic {header[0]} (expected {MAGIC}, an llm.c .bin shard)")
+    if header[1] != VERSION:
+        raise DataError(f"{path}: unsupported version {header[1]} (expected {VERSION})")
+    n = int(header[2])
+    size = os.path.getsize(path)
+    if size != HEADER_BYTES + 2 * n:
+        raise DataError(f"{path}: header says {n} tokens ({HEADER_BYTES + 2 * n} bytes) "
+                        f"but the file has {size} bytes")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def split_paths(path: str, split: str) -> list[str]:
+    if not os.path.isdir(path):
+        raise DataError(f"data.path={path!r}: no such directory (run python -m llmjax.prepare)")
+    paths = sorted(glob.glob(os.path.join(path, f"{split}_*.bin")))
+    if not paths:
+        raise DataError(f"data.path={path!r}: no {split}_*.bin shards")
+    return paths
+
+
+def read_meta(path: str) -> dict:
+    """meta.json written by prepare, or {} for shards made elsewhere (llm.c, modded-nanogpt)."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        return {}
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+def check_dataset(path: str, tokenizer: str, seq_len: int) -> None:
+    """Fails fast, before anything compiles, on data the run cannot use."""
+    meta = read_meta(path)
+    if meta and meta.get("tokenizer") != tokenizer:
+        raise DataError(f"data.path={path!r} was tokenized with {meta.get('tokenizer')!r} "
+                        f"but data.tokenizer={tokenizer!r}")
+    for split in ("train", "val"):
+        n = sum(len(read_shard(p)) for p in split_paths(path, split))
+        longest = max(len(read_shard(p)) for p in split_paths(path, split))
+        if longest < seq_len + 1:
+            raise DataError(f"data.path={path!r}: the {split} split ({n} tokens, longest shard "
+                            f"{longest}) is smaller than one window of seq_len+1={seq_len + 1}")
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fast, well-mixed, stateless hash of uint64 counters."""
+    x = x.astype(np.uint64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class _Windows:
+    """Windows of seq_len+1 tokens that never cross a shard boundary. Picklable for Grain workers:
+    holds paths and opens memory maps lazily in whichever process reads."""
+
+    def __init__(self, paths: list[str], seq_len: int, vocab_size: int, stride: int):
+        self.paths, self.seq_len, self.vocab_size, self.stride = paths, seq_len, vocab_size, stride
+        lengths = np.array([len(read_shard(p)) for p in paths], np.int64)
+        # Window starts per shard: 0, stride, 2*stride, ... while a whole window fits.
+        self.counts = np.maximum((lengths - seq_len - 1) // stride + 1, 0)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
+        self.total = int(self.offsets[-1])
+
+    @functools.cached_property
+    def shards(self) -> list[np.ndarray]:
+        return [read_shard(p) for p in self.paths]
+
+    def gather(self, windows: np.ndarray) -> np.ndarray:
+        """Tokens [len(windows), seq_len+1] (int32) for global window indices."""
+        shard = np.searchsorted(self.offsets, windows, side="right") - 1
+        starts = (windows - self.offsets[shard]) * self.stride
+        out = np.empty((len(windows), self.seq_len + 1), np.int32)
+        for r, (s, t) in enumerate(zip(shard, starts, strict=True)):
+            out[r] = self.shards[s][t:t + self.seq_len + 1]
+        bad = out >= self.vocab_size
+        if bad.any():
+            r = int(np.argwhere(bad)[0][0])
+            raise DataError(f"{self.paths[shard[r]]}: token id {int(out[bad].max())} >= "
+                            f"vocabulary size {self.vocab_size}")
+        return out
+
+
+class _TrainBatch:
+    """Step -> this process's rows of the global batch, at positions hashed from (seed, example)."""
+
+    def __init__(self, windows: _Windows, seed: int, batch: int, rows: slice):
+        self.windows, self.seed, self.batch, self.rows = windows, seed, batch, rows
+
+    def __call__(self, step: int) -> np.ndarray:
+        example = np.arange(self.batch, dtype=np.uint64)[self.rows] + np.uint64(step * self.batch)
+        key = _mix(np.array([self.seed], np.uint64))[0]
+        # Any window start in the whole token stream, so training never drifts through one document.
+        w = _mix(example ^ key) % np.uint64(self.windows.total)
+        return self.windows.gather(w.astype(np.int64))
+
+
+class _ValBatch:
+    """Batch k -> fixed, non-overlapping windows k*B .. (k+1)*B-1: the same every evaluation."""
+
+    def __init__(self, windows: _Windows, batch: int, rows: slice):
+        self.windows, self.batch, self.rows = windows, batch, rows
+
+    def __call__(self, k: int) -> np.ndarray:
+        w = np.arange(k * self.batch, (k + 1) * self.batch, dtype=np.int64)[self.rows]
+        return self.windows.gather(w % self.windows.total)
+
+
+def process_rows(batch: int, process_index: int, process_count: int) -> slice:
+    if batch % process_count:
+        raise DataError(f"data.batch_size={batch} is not divisible by {process_count} processes")
+    per = batch // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def _iterate(ds: grain.MapDataset, workers: int, prefetch: int) -> Iterator[np.ndarray]:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(prefetch, 8)),
+                                              prefetch_buffer_size=prefetch))
+    if workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # Grain's workers read absl flags; a library caller (tests, notebooks) never parsed any.
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)
+
+
+def train_batches(path: str, *, seq_len: int, batch: int, vocab_size: int, seed: int,
+                  start_step: int, steps: int, workers: int = 0, prefetch: int = 4,
+                  process_index: int = 0, process_count: int = 1) -> Iterator[np.ndarray]:
+    """Yields int32 [batch/process_count, seq_len+1] for steps start_step .. steps-1."""
+    windows = _Windows(split_paths(path, "train"), seq_len, vocab_size, stride=1)
+    fn = _TrainBatch(windows, seed, batch, process_rows(batch, process_index, process_count))
+    return _iterate(grain.MapDataset.range(start_step, steps).map(fn), workers, prefetch)
+
+
+def val_batches(path: str, *, seq_len: int, batch: int, vocab_size: int, num_batches: int,
+                workers: int = 0, prefetch: int = 4, process_index: int = 0,
+                process_count: int = 1) -> Iterator[np.ndarray]:
+    """Yields the same `num_batches` validation batches every time it is called."""
+    windows = _Windows(split_paths(path, "val"), seq_len, vocab_size, stride=seq_len)
+    fn = _ValBatch(windows, batch, process_rows(batch, process_index, process_count))
+    return _iterate(grain.MapDataset.range(num_batches).map(fn), workers, prefetch)

@@ -1,0 +1,200 @@
+"""GPT-2 as a Flax NNX module, with GPT-2's own names (wte, wpe, h, ln_1, attn.c_attn, ...).
+
+Shapes: B batch, T time (query positions), S key positions, D model width (n_embd),
+N heads, H head size, F MLP hidden size (4D), V padded vocabulary, L layers.
+
+Weights carry logical axis names (vocab, embed, heads, mlp, ...); `sharding.py` maps them to mesh
+axes with one rules table. The model never sees a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# A padded logit must never win a sample or take probability mass in the loss. A large finite value
+# rather than -inf keeps every softmax and its gradient free of inf - inf.
+MASKED_LOGIT = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50304  # padded embedding rows (a multiple of 64 for fast matmuls)
+    valid_vocab_size: int = 50257  # ids the tokenizer can produce; the rest is padding
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024  # longest context (rows of wpe)
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype of matmuls and activations
+    param_dtype: str = "float32"  # storage dtype of the (master) weights
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _init(std: float, names: tuple[str | None, ...]):
+    return nnx.with_partitioning(nnx.initializers.normal(std), names, eager_sharding=False)
+
+
+def _zeros(names: tuple[str | None, ...]):
+    return nnx.with_partitioning(nnx.initializers.zeros_init(), names, eager_sharding=False)
+
+
+def _ones(names: tuple[str | None, ...]):
+    return nnx.with_partitioning(nnx.initializers.ones_init(), names, eager_sharding=False)
+
+
+def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # GPT-2 uses epsilon 1e-5 (flax's default is 1e-6).
+    return nnx.LayerNorm(
+        cfg.n_embd, epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), rngs=rngs,
+    )
+
+
+def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, names, rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in, d_out, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=_init(std, names), bias_init=_zeros(names[1:]), rngs=rngs,
+    )
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        D, std = cfg.n_embd, 0.02
+        self.n_head, self.attention = cfg.n_head, cfg.attention
+        # c_attn is GPT-2's [D, 3D] projection stored as [D, 3, D] so that a tensor-parallel split
+        # of the last axis keeps whole heads together (the flat 3D axis would split q from k and v).
+        self.c_attn = nnx.Einsum(
+            "btd,dkf->btkf", (D, 3, D), (3, D), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=_init(std, ("embed", None, "heads")),
+            bias_init=_zeros((None, "heads")), rngs=rngs,
+        )
+        # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer).
+        self.c_proj = _linear(cfg, D, D, std / math.sqrt(2 * cfg.n_layer), ("heads", "embed"), rngs)
+        self.resid_dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x_BTD, *, cache=None, pos=None, deterministic: bool = True, rngs=None):
+        B, T, D = x_BTD.shape
+        N = self.n_head
+        qkv_BTKD = self.c_attn(x_BTD)
+        q_BTNH, k_BTNH, v_BTNH = (qkv_BTKD[:, :, i].reshape(B, T, N, D // N) for i in range(3))
+        if cache is None:
+            # Attention-probability dropout is left out: fused kernels (cuDNN flash) do not offer
+            # it, and GPT-2 pretraining runs with dropout 0.
+            y_BTNH = jax.nn.dot_product_attention(
+                q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=self.attention
+            )
+        else:
+            # Decoding: write this chunk's keys/values at `pos`, attend over the whole cache with a
+            # mask, so every step has the same shapes and nothing recompiles.
+            k_BSNH = jax.lax.dynamic_update_slice(cache[0], k_BTNH.astype(cache[0].dtype),
+                                                  (0, pos, 0, 0))
+            v_BSNH = jax.lax.dynamic_update_slice(cache[1], v_BTNH.astype(cache[1].dtype),
+                                                  (0, pos, 0, 0))
+            S = k_BSNH.shape[1]
+            mask_TS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
+            y_BTNH = jax.nn.dot_product_attention(
+                q_BTNH, k_BSNH.astype(q_BTNH.dtype), v_BSNH.astype(q_BTNH.dtype),
+                mask=mask_TS[None, None], implementation="xla",
+            )
+            cache = (k_BSNH, v_BSNH)
+        y_BTD = self.c_proj(y_BTNH.reshape(B, T, D))
+        return self.resid_dropout(y_BTD, deterministic=deterministic, rngs=rngs), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        D, std = cfg.n_embd, 0.02
+        self.c_fc = _linear(cfg, D, 4 * D, std, ("embed", "mlp"), rngs)
+        resid_std = std / math.sqrt(2 * cfg.n_layer)
+        self.c_proj = _linear(cfg, 4 * D, D, resid_std, ("mlp", "embed"), rngs)
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x_BTD, *, deterministic: bool = True, rngs=None):
+        # GPT-2 uses the tanh approximation of GELU.
+        h_BTF = jax.nn.gelu(self.c_fc(x_BTD), approximate=True)
+        return self.dropout(self.c_proj(h_BTF), deterministic=deterministic, rngs=rngs)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        # Pre-LayerNorm: GPT-2 normalises the input of each sub-block, not its output.
+        self.ln_1 = _layer_norm(cfg, rngs)
+        self.attn = CausalSelfAttention(cfg, rngs)
+        self.ln_2 = _layer_norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BTD, *, cache=None, pos=None, deterministic: bool = True, rngs=None):
+        a_BTD, cache = self.attn(self.ln_1(x_BTD), cache=cache, pos=pos,
+                                 deterministic=deterministic, rngs=rngs)
+        x_BTD = x_BTD + a_BTD
+        x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), deterministic=deterministic, rngs=rngs)
+        return x_BTD, cache
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        embed = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd,
+                             embedding_init=_init(0.02, ("vocab", "embed")), **embed)
+        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd,
+                             embedding_init=_init(0.02, (None, "embed")), **embed)
+        self.drop = nnx.Dropout(cfg.dropout)
+        self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = _layer_norm(cfg, rngs)
+
+    def __call__(self, idx_BT, *, deterministic: bool = True, rngs=None):
+        """Returns float32 logits [B, T, V] with padded ids masked out."""
+        return self._forward(idx_BT, None, 0, deterministic, rngs)[0]
+
+    def decode(self, idx_BT, cache: list, pos):
+        """Runs `idx_BT` at positions pos..pos+T-1 against a KV cache (see `init_cache`)."""
+        return self._forward(idx_BT, cache, pos, True, None)
+
+    def init_cache(self, batch: int, max_len: int) -> list:
+        H = self.cfg.n_embd // self.cfg.n_head
+        shape = (batch, max_len, self.cfg.n_head, H)
+        return [(jnp.zeros(shape, self.cfg.dtype), jnp.zeros(shape, self.cfg.dtype))
+                for _ in range(self.cfg.n_layer)]
+
+    def _forward(self, idx_BT, cache, pos, deterministic, rngs):
+        T = idx_BT.shape[1]
+        x_BTD = self.wte(idx_BT) + self.wpe(pos + jnp.arange(T))[None]
+        x_BTD = self.drop(x_BTD, deterministic=deterministic, rngs=rngs)
+        new_cache = []
+        for i, block in enumerate(self.h):
+            x_BTD, c = block(x_BTD, cache=None if cache is None else cache[i], pos=pos,
+                             deterministic=deterministic, rngs=rngs)
+            new_cache.append(c)
+        x_BTD = self.ln_f(x_BTD)
+        # Tied embedding: the output projection is wte itself (GPT-2 shares them).
+        logits_BTV = self.wte.attend(x_BTD).astype(jnp.float32)
+        valid_V = jnp.arange(self.cfg.vocab_size) < self.cfg.valid_vocab_size
+        logits_BTV = jnp.where(valid_V, logits_BTV, MASKED_LOGIT)
+        return logits_BTV, (None if cache is None else new_cache)
+
+
+def count_params(model: GPT, *, padding: bool = True) -> int:
+    """Parameter count; without padding the unused wte rows are left out (124M: 124,439,808)."""
+    n = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if not padding:
+        n -= (model.cfg.vocab_size - model.cfg.valid_vocab_size) * model.cfg.n_embd
+    return n
+
+
+def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token as llm.c counts them: 6N + 6*L*D*T.
+
+    6N: forward (2N) plus backward (4N) matmul FLOPs; 6*L*D*T: attention scores and values, halved
+    for the causal mask. N includes the padded embedding rows, as in llm.c.
+    """
+    return 6.0 * n_params + 6.0 * cfg.n_layer * cfg.n_embd * seq_len

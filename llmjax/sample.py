@@ -1,0 +1,170 @@
+"""Sampling with a KV cache: one jitted prefill, then one jitted decode step per token.
+
+    python -m llmjax.sample --workdir=DIR --prompt="Once upon a time" --max_new_tokens=100 \
+        --temperature=0.8 --top_k=40 --top_p=0.95 --seed=0
+
+The cache is preallocated for the whole generation, so the decode step has fixed shapes and compiles
+once; the prompt is never re-run. Prompts of different lengths share a batch: the shortest prefix is
+prefilled, and rows whose prompt is still running are fed their prompt token instead of a sample.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from llmjax.model import GPT
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(graphdef, params, idx_BT, cache):
+    logits_BTV, cache = nnx.merge(graphdef, params).decode(idx_BT, cache, 0)
+    return logits_BTV[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _decode(graphdef, params, tok_B, cache, pos):
+    logits_BTV, cache = nnx.merge(graphdef, params).decode(tok_B[:, None], cache, pos)
+    return logits_BTV[:, -1], cache
+
+
+@jax.jit
+def sample_logits(logits_BV, key, temperature, top_k, top_p):
+    """Temperature, then top-k and top-p (nucleus) filtering; temperature 0 is greedy.
+
+    Excluded tokens (and the padded vocabulary, already at a huge negative logit) get -inf, so they
+    can never be drawn. top_k <= 0 and top_p >= 1 disable their filters.
+    """
+    V = logits_BV.shape[-1]
+    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+    sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth_B1 = jnp.take_along_axis(sorted_BV, (k - 1) * jnp.ones_like(sorted_BV[:, :1], jnp.int32),
+                                 axis=-1)
+    # Nucleus: keep the smallest prefix of sorted tokens whose probability reaches top_p.
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    cutoff_B1 = jnp.min(jnp.where(before_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    keep_BV = (scaled_BV >= kth_B1) & (scaled_BV >= cutoff_B1) & (logits_BV > -1e8)
+    filtered_BV = jnp.where(keep_BV, scaled_BV, -jnp.inf)
+    sampled_B = jax.random.categorical(key, filtered_BV, axis=-1)
+    return jnp.where(temperature > 0, sampled_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+
+
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eot_id: int | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Continues each prompt by up to `max_new_tokens` tokens; a row stops after emitting `eot_id`.
+
+    `on_token(row, token)` is called for every new token as soon as it exists (for streaming).
+    Returns the new tokens of each row (the EOT included when it was produced).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    total = max(lengths) + max_new_tokens
+    if total > model.cfg.block_size:
+        raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's block_size ({model.cfg.block_size})")
+    graphdef, params = nnx.split(model)
+    tokens = np.zeros((B, total), np.int32)
+    for r, p in enumerate(prompts):
+        tokens[r, :len(p)] = p
+    # Round the cache up so that nearby lengths share one compiled decode step.
+    cache = model.init_cache(B, min(-(-total // 64) * 64, model.cfg.block_size))
+    start = min(lengths)
+    logits_BV, cache = _prefill(graphdef, params, jnp.asarray(tokens[:, :start]), cache)
+    key = jax.random.key(seed)
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = np.zeros(B, bool)
+    for pos in range(start, total):
+        sampled = np.array(sample_logits(logits_BV, jax.random.fold_in(key, pos),
+                                           temperature, top_k, top_p))
+        for r in range(B):
+            if pos < lengths[r]:
+                sampled[r] = tokens[r, pos]  # still inside this row's prompt
+            elif not done[r] and pos - lengths[r] < max_new_tokens:
+                tokens[r, pos] = sampled[r]
+                new[r].append(int(sampled[r]))
+                if on_token:
+                    on_token(r, int(sampled[r]))
+                done[r] = eot_id is not None and sampled[r] == eot_id
+            else:
+                done[r] = True
+        if done.all() or pos == total - 1:
+            break
+        logits_BV, cache = _decode(graphdef, params, jnp.asarray(sampled), cache, pos)
+    return new
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from llmjax.train import load_model  # late: keeps `--help` fast
+
+    try:
+        model, tok, step = load_model(FLAGS.workdir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"sample: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"# {FLAGS.workdir} at step {step}", file=sys.stderr)
+    ids = tok.encode(FLAGS.prompt)
+    if FLAGS.num_samples == 1:
+        sys.stdout.write(FLAGS.prompt)
+        stream = _Streamer(tok)
+        generate(model, [ids], FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                 top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, eot_id=tok.eot_id,
+                 on_token=lambda _, t: stream(t))
+        print()
+        return
+    outs = generate(model, [ids] * FLAGS.num_samples, FLAGS.max_new_tokens,
+                    temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                    seed=FLAGS.seed, eot_id=tok.eot_id)
+    for i, out in enumerate(outs):
+        print(f"--- sample {i}\n{FLAGS.prompt}{tok.decode(out)}")
+
+
+class _Streamer:
+    """Prints text as tokens arrive, holding back bytes until they decode to whole characters."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.printed = tok, [], 0
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return  # an incomplete multi-byte character; wait for the rest
+        sys.stdout.write(text[self.printed:])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+
+def _define_flags() -> None:
+    # Defined only when run as a program, so importing this module never clashes with
+    # another entry point's flags.
+    flags.DEFINE_string("workdir", None, "training workdir whose latest checkpoint is used",
+                        required=True)
+    flags.DEFINE_string("prompt", "\n", "text to continue")
+    flags.DEFINE_integer("max_new_tokens", 200, "tokens to generate")
+    flags.DEFINE_float("temperature", 0.8, "softmax temperature; 0 = greedy")
+    flags.DEFINE_integer("top_k", 40, "keep the k most likely tokens; 0 = all")
+    flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass; 1 = off")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
+    flags.DEFINE_integer("num_samples", 1, "independent samples of the same prompt")
+
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,116 @@
+"""Tokenizers: GPT-2's BPE (tiktoken, offline from package data) and raw UTF-8 bytes.
+
+Both expose the same small surface: `encode(text) -> list[int]`, `decode(ids) -> str`,
+`encode_batch(texts)`, `eot_id` and `vocab_size`. Plain text is always encoded as ordinary text, so
+a document that merely contains the spelling "<|endoftext|>" can never inject a special token.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from importlib import resources
+from typing import Protocol
+
+import tiktoken
+
+# The hashes tiktoken pins for its own `gpt2` encoding (tiktoken_ext/openai_public.py).
+GPT2_FILE_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+# GPT-2's pre-tokenisation regex (tiktoken's r50k/gpt2 pattern).
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+TOKENIZERS = ("gpt2", "bytes")
+
+
+class Tokenizer(Protocol):
+    name: str
+    eot_id: int
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class GPT2Tokenizer:
+    """tiktoken's GPT-2 encoding, built from the BPE files shipped inside the package."""
+
+    name = "gpt2"
+
+    def __init__(self) -> None:
+        self._enc = tiktoken.Encoding(
+            name="gpt2",
+            pat_str=GPT2_PAT,
+            mergeable_ranks=_gpt2_ranks(),
+            special_tokens={EOT: 50256},
+            explicit_n_vocab=50257,
+        )
+        self.eot_id = self._enc.eot_token
+        self.vocab_size = self._enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts, num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode([i for i in ids if i < self.vocab_size])
+
+
+class ByteTokenizer:
+    """UTF-8 bytes plus one end-of-text id: tiny vocabulary, so small CPU runs learn fast."""
+
+    name = "bytes"
+    eot_id = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def _gpt2_ranks() -> dict[bytes, int]:
+    files = resources.files("llmjax") / "assets" / "gpt2"
+    blobs = {name: (files / name).read_bytes() for name in GPT2_FILE_SHA256}
+    for name, want in GPT2_FILE_SHA256.items():
+        got = hashlib.sha256(blobs[name]).hexdigest()
+        if got != want:
+            raise RuntimeError(f"llmjax/assets/gpt2/{name}: sha256 {got} != pinned {want}")
+    # The same decoding tiktoken.load.data_gym_to_mergeable_bpe_ranks performs, minus the I/O.
+    rank_to_byte = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    data_gym_byte_to_byte = {chr(b): b for b in rank_to_byte}
+    n = 0
+    for b in range(256):
+        if b not in rank_to_byte:
+            rank_to_byte.append(b)
+            data_gym_byte_to_byte[chr(256 + n)] = b
+            n += 1
+    ranks = {bytes([b]): i for i, b in enumerate(rank_to_byte)}
+
+    def decode(word: str) -> bytes:
+        return bytes(data_gym_byte_to_byte[c] for c in word)
+
+    merges = blobs["vocab.bpe"].decode("utf-8").split("\n")[1:-1]
+    for line in merges:
+        first, second = line.split()
+        ranks[decode(first) + decode(second)] = len(ranks)
+    return ranks
+
+
+@functools.cache
+def get_tokenizer(name: str) -> Tokenizer:
+    """Returns the tokenizer called `name` ("gpt2" or "bytes")."""
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "bytes":
+        return ByteTokenizer()
+    raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")

@@ -1,0 +1,285 @@
+"""The training run: state creation, the pure step functions, and the loop with its cadence.
+
+`_train_step` and `_eval_step` are pure functions of (state, batch), jitted once with explicit
+shardings and with the state donated, so parameters are updated in place. The loop reads metrics
+back from the device only every `train.log_every` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from llmjax import checkpoint, data, metrics, optim, sharding
+from llmjax.config import model_config
+from llmjax.model import GPT, GPTConfig, count_params, flops_per_token
+from llmjax.sample import generate
+from llmjax.tokenizer import Tokenizer, get_tokenizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer steps taken (skipped non-finite steps included)
+    params: Any  # pure dict of arrays, the model's nnx.Param state
+    opt_state: Any
+    skipped: jax.Array  # total non-finite steps skipped
+    bad_streak: jax.Array  # consecutive non-finite steps up to now
+
+
+def _loss(params, graphdef, inputs_BT, targets_BT, rng, deterministic: bool):
+    model = nnx.merge(graphdef, params)
+    rngs = None if deterministic else nnx.Rngs(dropout=rng)
+    logits_BTV = model(inputs_BT, deterministic=deterministic, rngs=rngs)
+    # Logits arrive in float32 whatever the compute dtype: the softmax and loss stay exact.
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+
+
+def _train_step(state: TrainState, batch_BT1, *, graphdef, tx, accum: int, seed: int,
+                dropout: bool, schedule):
+    """One optimizer step over `accum` micro-batches; skipped if the loss or gradient is not finite.
+
+    The step is pure: the dropout key derives from (seed, step), so a resumed run repeats it
+    exactly.
+    """
+    B = batch_BT1.shape[0]
+    inputs_ABT = batch_BT1[:, :-1].reshape(accum, B // accum, -1)
+    targets_ABT = batch_BT1[:, 1:].reshape(accum, B // accum, -1)
+    key = jax.random.fold_in(jax.random.key(seed), state.step)
+    grad_fn = jax.value_and_grad(_loss)
+
+    def micro(grads, xs):
+        inputs_BT, targets_BT, i = xs
+        loss, g = grad_fn(state.params, graphdef, inputs_BT, targets_BT,
+                          jax.random.fold_in(key, i), not dropout)
+        return jax.tree.map(jnp.add, grads, g), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, losses = jax.lax.scan(micro, zeros, (inputs_ABT, targets_ABT, jnp.arange(accum)))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    loss, grad_norm = losses.mean(), optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # Checked before anything is applied: a non-finite step leaves params and optimizer untouched.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped=state.skipped + (~ok),
+        bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
+    )
+    # Skipped steps never reached the optimizer, so its schedule counts only the applied ones.
+    lr = schedule(state.step - state.skipped)
+    return new_state, {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
+
+
+def _eval_step(params, batch_BT1, *, graphdef):
+    return _loss(params, graphdef, batch_BT1[:, :-1], batch_BT1[:, 1:], None, True)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything derived once from the config: model structure, optimizer, mesh, jitted steps."""
+
+    cfg: ml_collections.ConfigDict
+    model_cfg: GPTConfig
+    graphdef: Any
+    tx: optax.GradientTransformation
+    mesh: jax.sharding.Mesh
+    state_shardings: Any
+    abstract_state: Any
+    train_step: Any
+    eval_step: Any
+    init: Any
+
+
+def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    dp = sharding.data_parallel_size(mesh)
+    if cfg.data.batch_size % (dp * cfg.optim.grad_accum):
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by data-parallel "
+                         f"size {dp} x optim.grad_accum={cfg.optim.grad_accum}")
+    model_cfg = model_config(cfg, jax.default_backend())
+    tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+
+    def init() -> TrainState:
+        model = GPT(model_cfg, nnx.Rngs(params=jax.random.key(cfg.train.seed)))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, params, tx.init(params), zero, zero)
+
+    abstract_model = nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0)))
+    graphdef = nnx.graphdef(abstract_model)
+    param_sh = sharding.param_shardings(nnx.state(abstract_model, nnx.Param), mesh)
+    abstract = jax.eval_shape(init)
+    repl = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
+                                   transform_non_params=lambda _: repl)
+    state_sh = TrainState(repl, param_sh, opt_sh, repl, repl)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_sh)
+    batch_sh = sharding.batch_sharding(mesh)
+    step_fn = functools.partial(
+        _train_step, graphdef=graphdef, tx=tx, accum=cfg.optim.grad_accum, seed=cfg.train.seed,
+        dropout=cfg.model.dropout > 0, schedule=optim.lr_schedule(cfg.optim, cfg.train.steps))
+    return Run(
+        cfg=cfg, model_cfg=model_cfg, graphdef=graphdef, tx=tx, mesh=mesh,
+        state_shardings=state_sh, abstract_state=abstract,
+        train_step=jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                           out_shardings=(state_sh, repl), donate_argnums=0),
+        eval_step=jax.jit(functools.partial(_eval_step, graphdef=graphdef),
+                          in_shardings=(param_sh, batch_sh), out_shardings=repl),
+        init=jax.jit(init, out_shardings=state_sh),
+    )
+
+
+def _meta(run: Run, step: int) -> dict:
+    return {"step": step, "data_step": step, "config": run.cfg.to_dict(),
+            "model": dataclasses.asdict(run.model_cfg)}
+
+
+def evaluate(run: Run, params) -> float:
+    """Mean loss over the first `train.eval_batches` validation batches (the same every time)."""
+    cfg = run.cfg
+    batches = data.val_batches(
+        cfg.data.path, seq_len=cfg.data.seq_len, batch=cfg.data.batch_size // cfg.optim.grad_accum,
+        vocab_size=run.model_cfg.valid_vocab_size, num_batches=cfg.train.eval_batches,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    losses = [run.eval_step(params, sharding.put_batch(b, run.mesh)) for b in batches]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def sample_text(run: Run, params, tok: Tokenizer, prompt: str, n: int, seed: int) -> str:
+    model = nnx.merge(run.graphdef, jax.device_get(params))
+    ids = tok.encode(prompt) or [tok.eot_id]
+    n = min(n, run.model_cfg.block_size - len(ids))
+    out = generate(model, [ids], n, temperature=0.8, top_k=40, seed=seed, eot_id=tok.eot_id)[0]
+    return prompt + tok.decode(out)
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (or resumes) the run in `workdir` until `train.steps`; returns the final state."""
+    workdir = os.path.abspath(workdir)
+    t = cfg.train
+    tok = get_tokenizer(cfg.data.tokenizer)
+    data.check_dataset(cfg.data.path, cfg.data.tokenizer, cfg.data.seq_len)
+    run = build(cfg)
+    mngr = checkpoint.manager(workdir, t.keep_ckpts)
+    latest = mngr.latest_step()
+    lead = jax.process_index() == 0
+    if latest is not None:
+        checkpoint.check_compatible(checkpoint.read_meta(mngr, latest),
+                                    dataclasses.asdict(run.model_cfg), mngr.directory)
+        state = checkpoint.restore(mngr, latest, run.abstract_state)
+        metrics.console(f"resumed from {mngr.directory}/{latest}")
+    else:
+        state = run.init()
+    start = int(jax.device_get(state.step))
+    writer = metrics.Writer(workdir, enabled=lead)
+    n_params = count_params(nnx.merge(run.graphdef, jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params)))
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops_per_step = flops_per_token(run.model_cfg, n_params, cfg.data.seq_len) * tokens_per_step
+    peak = metrics.peak_flops(jax.devices()[0])
+    metrics.console(
+        f"model: {n_params:,} parameters ({n_params - (run.model_cfg.vocab_size - run.model_cfg.valid_vocab_size) * run.model_cfg.n_embd:,} without vocab padding); "  # noqa: E501
+        f"mesh {dict(run.mesh.shape)}; {tokens_per_step:,} tokens/step; "
+        f"attention {run.model_cfg.attention}; steps {start} -> {t.steps}")
+
+    batches = data.train_batches(
+        cfg.data.path, seq_len=cfg.data.seq_len, batch=cfg.data.batch_size,
+        vocab_size=run.model_cfg.valid_vocab_size, seed=t.seed, start_step=start, steps=t.steps,
+        workers=cfg.data.workers, prefetch=cfg.data.prefetch,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    t0 = time.time()
+    # Compiled once, ahead of time, so the first logged throughput measures steps, not compilation.
+    batch_spec = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32,
+                                      sharding=sharding.batch_sharding(run.mesh))
+    train_step = run.train_step.lower(run.abstract_state, batch_spec).compile()
+    metrics.console(f"compiled train step in {time.time() - t0:.1f}s")
+    progress = metrics.Progress(t.steps, start)
+    pending: list[dict] = []
+    t_log, step_log = time.time(), start
+    for step in range(start, t.steps):
+        state, m = train_step(state, sharding.put_batch(next(batches), run.mesh))
+        pending.append(m)
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            fetched = jax.device_get(pending)  # the loop's only host sync
+            pending = []
+            elapsed = time.time() - t_log
+            tps = tokens_per_step * (done - step_log) / elapsed
+            row = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[0]}
+            row["train/lr"] = float(fetched[-1]["train/lr"])
+            skipped, streak = (int(x) for x in jax.device_get((state.skipped, state.bad_streak)))
+            row["train/skipped_steps"] = skipped
+            row["perf/tokens_per_sec"] = tps
+            row["perf/mfu"] = (flops_per_step * (done - step_log) / elapsed / peak
+                               / jax.device_count() if peak else None)
+            writer.scalars(done, row)
+            progress.clear()
+            eta = (t.steps - done) * elapsed / (done - step_log)
+            mfu = f" | mfu {100 * row['perf/mfu']:.1f}%" if row["perf/mfu"] else ""
+            metrics.console(
+                f"step {done:>6}/{t.steps} | loss {row['train/loss']:.4f} | "
+                f"lr {row['train/lr']:.2e} | gnorm {row['train/grad_norm']:.3f} | "
+                f"{tps / 1e3:,.1f}k tok/s{mfu} | eta {metrics._hms(eta)}")
+            t_log, step_log = time.time(), done
+            if streak >= t.max_bad_steps:
+                mngr.wait_until_finished()
+                raise FloatingPointError(
+                    f"{streak} consecutive non-finite steps ending at step {done} (loss "
+                    f"{row['train/loss']}, grad norm {row['train/grad_norm']}, lr "
+                    f"{row['train/lr']:.3e}); last good checkpoint: step {mngr.latest_step()}")
+        if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+            loss = evaluate(run, state.params)
+            writer.scalars(done, {"eval/loss": loss})
+            progress.clear()
+            metrics.console(f"step {done:>6}/{t.steps} | eval loss {loss:.4f}")
+        if t.sample_every and lead and (done % t.sample_every == 0 or done == t.steps):
+            text = sample_text(run, state.params, tok, t.sample_prompt, t.sample_tokens, done)
+            writer.text(done, "sample", text)
+            progress.clear()
+            metrics.console(f"step {done:>6}/{t.steps} | sample: {text!r}")
+        if done % t.ckpt_every == 0 or done == t.steps:
+            checkpoint.save(mngr, done, state, _meta(run, done))
+        if done == step_log and done != t.steps:
+            # Evaluation, sampling and checkpointing happen right after a log; keep them out of
+            # the next interval's tokens/s.
+            jax.block_until_ready(state.step)
+            t_log = time.time()
+        progress.update(done)
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    return state
+
+
+def load_model(workdir: str, step: int | None = None) -> tuple[GPT, Tokenizer, int]:
+    """The model of a workdir's latest (or given) checkpoint, its tokenizer and its step."""
+    mngr = checkpoint.manager(workdir, read_only=True)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{mngr.directory}: no checkpoint")
+    meta = checkpoint.read_meta(mngr, step)
+    model_cfg = GPTConfig(**meta["model"])
+    if jax.default_backend() != "gpu":
+        model_cfg = dataclasses.replace(model_cfg, attention="xla")  # e.g. trained on GPU
+    abstract = nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0)))
+    graphdef = nnx.graphdef(abstract)
+    target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    params = checkpoint.restore_params(mngr, step, target)
+    tok = get_tokenizer(meta["config"]["data"]["tokenizer"])
+    return nnx.merge(graphdef, params), tok, step

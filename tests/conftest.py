@@ -1,0 +1,86 @@
+"""Shared fixtures: the shared data folder, a reference tiktoken, tiny prepared datasets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+GPT2_URLS = {
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    with open(os.path.join(SHARED, "tinyshakespeare.txt"), encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="session")
+def reference_tiktoken(tmp_path_factory):
+    """tiktoken's own `gpt2` encoding, built by tiktoken from its cache (no network): the shared
+    BPE files are placed where tiktoken would have cached its download."""
+    import tiktoken
+
+    cache = tmp_path_factory.mktemp("tiktoken_cache")
+    for name, url in GPT2_URLS.items():
+        shutil.copy(os.path.join(SHARED, "gpt2", name),
+                    cache / hashlib.sha1(url.encode()).hexdigest())
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
+def write_docs(folder, text: str, n: int) -> str:
+    """Splits `text` into `n` files (one document each); returns the glob matching them."""
+    os.makedirs(folder, exist_ok=True)
+    size = len(text) // n
+    for i in range(n):
+        with open(os.path.join(folder, f"doc{i:03d}.txt"), "w", encoding="utf-8") as f:
+            f.write(text[i * size:(i + 1) * size])
+    return os.path.join(folder, "*.txt")
+
+
+@pytest.fixture(scope="session")
+def byte_data(tmp_path_factory, shakespeare) -> str:
+    """Tiny Shakespeare as 40 documents, byte-tokenized, 10% of documents in val."""
+    from llmjax.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("byte_data")
+    pattern = write_docs(tmp / "docs", shakespeare[:400_000], 40)
+    prepare(f"text:{pattern}", str(tmp / "shards"), tokenizer="bytes", val_fraction=0.1)
+    return str(tmp / "shards")
+
+
+def tiny_config(data_path: str, **overrides):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs/tiny.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.data.path = data_path
+    for key, value in overrides.items():
+        group, name = key.split(".")
+        cfg[group][name] = value
+    return cfg
+
+
+def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "llmjax.main", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)

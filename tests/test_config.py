@@ -1,0 +1,46 @@
+import pytest
+
+from llmjax.config import ConfigError, base_config, validate
+from tests.conftest import run_main
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("model.n_embd", 100, "model.n_embd=100 is not divisible by model.n_head=12"),
+    ("data.seq_len", 2048, "data.seq_len=2048 exceeds model.block_size=1024"),
+    ("model.dtype", "float8", "model.dtype='float8'"),
+    ("data.tokenizer", "llama", "data.tokenizer='llama'"),
+    ("optim.min_lr", 1.0, "optim.min_lr=1.0"),
+    ("optim.grad_accum", 3, "not divisible by optim.grad_accum=3"),
+    ("train.steps", 0, "train.steps=0 must be >= 1"),
+])
+def test_validate_names_the_key(key, value, needle):
+    cfg = base_config()
+    group, name = key.split(".")
+    cfg[group][name] = value
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        validate(cfg)
+
+
+def test_base_config_is_valid():
+    validate(base_config())
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.train.stepz=5", "stepz"),
+    ("--config.train.steps=abc", "steps"),
+    ("--config.model.n_embd=66", "model.n_embd=66"),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path, override, needle):
+    workdir = tmp_path / "w"
+    proc = run_main("--config=configs/tiny.py", f"--workdir={workdir}", override, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not workdir.exists()  # nothing written
+
+
+def test_cli_missing_data_dir(tmp_path):
+    proc = run_main("--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                    f"--config.data.path={tmp_path / 'nope'}", timeout=120)
+    assert proc.returncode == 2
+    assert "no such directory" in proc.stderr.strip().splitlines()[-1]

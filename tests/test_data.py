@@ -1,0 +1,121 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from llmjax import data
+from llmjax.prepare import prepare
+from tests.conftest import write_docs
+
+
+def test_prepare_exact_tokens_and_disjoint_split(tmp_path, shakespeare, reference_tiktoken):
+    pattern = write_docs(tmp_path / "docs", shakespeare[:60_000], 12)
+    meta = prepare(f"text:{pattern}", str(tmp_path / "out"), tokenizer="gpt2", val_fraction=0.25)
+    docs = sorted(os.listdir(tmp_path / "docs"))
+    texts = [open(tmp_path / "docs" / d, encoding="utf-8").read() for d in docs]
+    expected = sum(len(reference_tiktoken.encode_ordinary(t)) + 1 for t in texts)  # + EOT each
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == expected
+    streams = {s: np.concatenate([data.read_shard(p)
+                                  for p in data.split_paths(str(tmp_path / "out"), s)])
+               for s in ("train", "val")}
+    eot = reference_tiktoken.eot_token
+
+    def split_docs(tokens):
+        cuts = np.flatnonzero(tokens == eot)
+        return {tuple(tokens[a + 1:b]) for a, b in zip(cuts, list(cuts[1:]) + [len(tokens)],
+                                                        strict=True)}
+
+    train_docs, val_docs = split_docs(streams["train"]), split_docs(streams["val"])
+    assert train_docs and val_docs and not train_docs & val_docs
+    assert len(train_docs) + len(val_docs) == 12
+    assert train_docs | val_docs == {tuple(reference_tiktoken.encode_ordinary(t)) for t in texts}
+
+
+def test_header_round_trip(tmp_path):
+    from llmjax.prepare import ShardWriter
+
+    w = ShardWriter(str(tmp_path), "train", shard_tokens=5)
+    w.add(list(range(12)))
+    w.flush()
+    assert [s["tokens"] for s in w.shards] == [5, 5, 2]
+    header = np.fromfile(tmp_path / "train_000001.bin", np.int32, count=256)
+    assert list(header[:3]) == [20240520, 1, 5] and not header[3:].any()
+    np.testing.assert_array_equal(data.read_shard(str(tmp_path / "train_000002.bin")), [10, 11])
+
+
+@pytest.mark.parametrize("corrupt,needle", [
+    (lambda b: b"\x00" * 4 + b[4:], "bad magic"),
+    (lambda b: b[:4] + b"\x07\x00\x00\x00" + b[8:], "unsupported version 7"),
+    (lambda b: b[:-2], "header says 5 tokens"),
+    (lambda b: b[:100], "shorter than"),
+])
+def test_bad_shards_named(tmp_path, corrupt, needle):
+    from llmjax.prepare import ShardWriter
+
+    w = ShardWriter(str(tmp_path), "train", shard_tokens=5)
+    w.add([1, 2, 3, 4, 5])
+    path = tmp_path / "train_000000.bin"
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(data.DataError, match=needle) as e:
+        data.read_shard(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_missing_and_mismatched_data(tmp_path, byte_data):
+    with pytest.raises(data.DataError, match="no such directory"):
+        data.check_dataset(str(tmp_path / "nope"), "bytes", 32)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(data.DataError, match="no train_"):
+        data.check_dataset(str(tmp_path / "empty"), "bytes", 32)
+    with pytest.raises(data.DataError, match="tokenized with 'bytes'"):
+        data.check_dataset(byte_data, "gpt2", 32)
+    with pytest.raises(data.DataError, match="smaller than one window"):
+        data.check_dataset(byte_data, "bytes", 10_000_000)
+
+
+def test_token_id_out_of_range(byte_data):
+    batches = data.train_batches(byte_data, seq_len=32, batch=4, vocab_size=100, seed=0,
+                                 start_step=0, steps=1)
+    with pytest.raises(data.DataError, match="token id .* >= vocabulary size 100"):
+        next(batches)
+
+
+def _take(path, **kw):
+    return list(data.train_batches(path, seq_len=32, vocab_size=257, seed=3, **kw))
+
+
+def test_batches_addressed_by_step(byte_data):
+    full = _take(byte_data, batch=8, start_step=0, steps=6)
+    assert all(b.shape == (8, 33) and b.dtype == np.int32 for b in full)
+    # Resuming at step 4 gives exactly batches 4 and 5, whatever the worker count.
+    for workers in (0, 2):
+        tail = _take(byte_data, batch=8, start_step=4, steps=6, workers=workers)
+        np.testing.assert_array_equal(np.stack(tail), np.stack(full[4:]))
+    # Different seeds give different data; batches are not repeats of each other.
+    other = list(data.train_batches(byte_data, seq_len=32, vocab_size=257, seed=4, batch=8,
+                                    start_step=0, steps=1))
+    assert not np.array_equal(other[0], full[0]) and not np.array_equal(full[0], full[1])
+
+
+def test_process_slices_cover_global_batch(byte_data):
+    full = _take(byte_data, batch=8, start_step=0, steps=3)
+    parts = [_take(byte_data, batch=8, start_step=0, steps=3, process_index=p, process_count=4)
+             for p in range(4)]
+    for step in range(3):
+        np.testing.assert_array_equal(np.concatenate([p[step] for p in parts]), full[step])
+
+
+def test_windows_are_real_text_and_val_is_fixed(byte_data):
+    meta = json.load(open(os.path.join(byte_data, "meta.json")))
+    assert meta["tokenizer"] == "bytes"
+    b = _take(byte_data, batch=4, start_step=0, steps=1)[0]
+    stream = np.concatenate([data.read_shard(p) for p in data.split_paths(byte_data, "train")])
+    for row in b:  # every window is a contiguous slice of the token stream
+        hits = np.flatnonzero(stream[:len(stream) - 32] == row[0])
+        assert any(np.array_equal(stream[h:h + 33], row) for h in hits)
+    v1 = list(data.val_batches(byte_data, seq_len=32, batch=4, vocab_size=257, num_batches=3))
+    v2 = list(data.val_batches(byte_data, seq_len=32, batch=4, vocab_size=257, num_batches=3))
+    np.testing.assert_array_equal(np.stack(v1), np.stack(v2))
+    val = np.concatenate([data.read_shard(p) for p in data.split_paths(byte_data, "val")])
+    np.testing.assert_array_equal(v1[0][1], val[32:65])  # window 1 starts at seq_len

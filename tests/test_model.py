@@ -1,0 +1,86 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llmjax.model import GPT, GPTConfig, count_params, flops_per_token, pad_vocab
+
+TINY = GPTConfig(vocab_size=320, valid_vocab_size=257, n_layer=2, n_head=4, n_embd=64,
+                 block_size=32)
+
+
+def test_shapes_and_dtypes():
+    model = GPT(TINY, nnx.Rngs(0))
+    logits = model(jnp.zeros((3, 17), jnp.int32))
+    assert logits.shape == (3, 17, 320) and logits.dtype == jnp.float32
+
+
+def test_bf16_compute_keeps_f32_params():
+    cfg = GPTConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
+    model = GPT(cfg, nnx.Rngs(0))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in params)
+    assert model(jnp.zeros((1, 5), jnp.int32)).dtype == jnp.float32  # loss stays f32
+
+
+def test_causality():
+    model = GPT(TINY, nnx.Rngs(0))
+    idx = np.random.default_rng(0).integers(0, 257, (2, 16))
+    base = model(jnp.asarray(idx))
+    for t in (0, 7, 15):
+        changed = idx.copy()
+        changed[:, t] = (changed[:, t] + 1) % 257
+        out = model(jnp.asarray(changed))
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])  # nothing before t moves
+        assert not np.allclose(out[:, t], base[:, t])
+
+
+def test_padded_logits_masked():
+    model = GPT(TINY, nnx.Rngs(0))
+    logits = model(jnp.zeros((1, 4), jnp.int32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    assert float(probs[..., 257:].sum()) == 0.0
+    assert int(jnp.argmax(logits, -1).max()) < 257
+
+
+def test_init_loss_near_uniform():
+    cfg = GPTConfig(**{**TINY.__dict__, "n_embd": 128})
+    model = GPT(cfg, nnx.Rngs(0))
+    idx = jnp.asarray(np.random.default_rng(1).integers(0, 257, (4, 32)))
+    logits = model(idx[:, :-1])
+    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), idx[:, 1:, None], -1).mean()
+    # Nearly uniform: std-0.02 weights give logits of std ~0.02*sqrt(D) = 0.23 (+0.03 nats), and the
+    # tied embedding lifts the current token's own logit by ~|wte_t|*sqrt(D) ~ 1.8 (+0.02 nats).
+    assert 0.0 < float(loss) - math.log(257) < 0.1
+
+
+def test_gpt2_124m_parameter_count():
+    model = nnx.eval_shape(lambda: GPT(GPTConfig(), nnx.Rngs(0)))
+    assert count_params(model, padding=False) == 124_439_808  # OpenAI GPT-2 small
+    assert count_params(model) == 124_439_808 + (50304 - 50257) * 768
+    assert pad_vocab(50257) == 50304
+
+
+@pytest.mark.parametrize("layers,width,expected", [(24, 1024, 354_823_168),
+                                                    (36, 1280, 774_030_080),
+                                                    (48, 1600, 1_557_611_200)])
+def test_larger_gpt2_parameter_counts(layers, width, expected):
+    cfg = GPTConfig(n_layer=layers, n_embd=width, n_head=16)
+    model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))
+    assert count_params(model, padding=False) == expected  # transformers' GPT2 sizes
+
+
+def test_residual_init_scaled():
+    model = GPT(GPTConfig(**{**TINY.__dict__, "n_layer": 8}), nnx.Rngs(0))
+    std = float(jnp.std(model.h[0].mlp.c_proj.kernel[...]))
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.0005
+    assert abs(float(jnp.std(model.h[0].mlp.c_fc.kernel[...])) - 0.02) < 0.0005
+
+
+def test_flops_per_token_hand_count():
+    # llm.c: 6N + 6*L*C*T with N the padded parameter count (124,475,904 for GPT-2 124M).
+    n = 124_475_904
+    assert flops_per_token(GPTConfig(), n, 1024) == 6 * n + 6 * 12 * 768 * 1024
