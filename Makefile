@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m llmjax.main --config=configs/quickstart.py --workdir=$(DEMO_DIR) \
 		--config.data.path=$(DEMO_DIR)/data
 	$(PY) -m llmjax.sample --workdir=$(DEMO_DIR) --prompt="The built-in function" \
-		--max_new_tokens=200 --temperature=0.8 --top_k=40 --seed=0
+		--max_new_tokens=100 --temperature=0.8 --top_k=40 --seed=0
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/tb"
 
 test: $(STAMP)

@@ -26,12 +26,12 @@ def get_config():
     c.optim.min_lr = 2e-4
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.1
-    c.train.steps = 600
+    c.train.steps = 400
     c.train.log_every = 50
     c.train.eval_every = 200
     c.train.eval_batches = 8
     c.train.ckpt_every = 200
-    c.train.sample_every = 300
+    c.train.sample_every = 400
     c.train.sample_prompt = "The built-in function"
     c.train.sample_tokens = 96
     return c

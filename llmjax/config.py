@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 6e-4  # peak learning rate, reached after warmup
     o.min_lr = 6e-5  # learning rate at the end of the cosine decay
-    o.warmup_steps = 700  # linear warmup from 0
+    o.warmup_steps = 715  # linear warmup from 0 (375M tokens at 524,288 tokens/step)
     o.weight_decay = 0.1  # decoupled AdamW decay, applied to kernels and embeddings only
     o.b1 = 0.9  # Adam first-moment decay
     o.b2 = 0.95  # Adam second-moment decay (GPT-3's choice, steadier than 0.999)

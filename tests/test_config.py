@@ -44,3 +44,27 @@ def test_cli_missing_data_dir(tmp_path):
                     f"--config.data.path={tmp_path / 'nope'}", timeout=120)
     assert proc.returncode == 2
     assert "no such directory" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name,params", [("gpt2_124m", 124_439_808), ("gpt2_350m", 354_823_168),
+                                         ("gpt2_774m", 774_030_080), ("gpt2_1558m", 1_557_611_200),
+                                         ("quickstart", None), ("tiny", None)])
+def test_config_files_are_valid(name, params):
+    import importlib.util
+    import os
+
+    from flax import nnx
+
+    from llmjax.config import model_config
+    from llmjax.model import GPT, count_params
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"configs/{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    validate(cfg)
+    if params:
+        model = nnx.eval_shape(lambda: GPT(model_config(cfg), nnx.Rngs(0)))
+        assert count_params(model, padding=False) == params
+        assert cfg.data.batch_size * cfg.data.seq_len == 524_288
