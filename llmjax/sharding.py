@@ -14,6 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -84,6 +85,14 @@ def data_parallel_size(mesh: Mesh) -> int:
 def put_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """This process's rows -> one global array split over (data, fsdp)."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
+
+
+def gather(tree):
+    """Whole arrays on every process (numpy), even where shards live on other hosts; every
+    process must call it. One process: the tree itself."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def check_run(cfg: ml_collections.ConfigDict, mesh: Mesh, param_sh, abstract_params) -> None:

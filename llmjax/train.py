@@ -254,11 +254,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
             writer.scalars(done, {"eval/loss": loss})
             progress.clear()
             metrics.console(f"step {done:>6}/{t.steps} | eval loss {loss:.4f}")
-        if t.sample_every and lead and (done % t.sample_every == 0 or done == t.steps):
-            text = sample_text(run, state.params, tok, t.sample_prompt, t.sample_tokens, done)
-            writer.text(done, "sample", text)
-            progress.clear()
-            metrics.console(f"step {done:>6}/{t.steps} | sample: {text!r}")
+        if t.sample_every and (done % t.sample_every == 0 or done == t.steps):
+            params = sharding.gather(state.params)  # all processes: weights may span hosts
+            if lead:
+                text = sample_text(run, params, tok, t.sample_prompt, t.sample_tokens, done)
+                writer.text(done, "sample", text)
+                progress.clear()
+                metrics.console(f"step {done:>6}/{t.steps} | sample: {text!r}")
         if done % t.ckpt_every == 0 or done == t.steps:
             checkpoint.save(mngr, done, state, _meta(run, done))
         if done == step_log and done != t.steps:

@@ -1,5 +1,8 @@
 """Two processes on localhost joined by jax.distributed (CPU collectives: gloo, JAX's default) train
-exactly like one process, log once, and write checkpoints that other layouts resume."""
+exactly like one process, log once, and write checkpoints that other layouts resume.
+
+The two-process run uses 2 CPU devices each and mesh fsdp=4, so every weight is split across the
+two processes: the hardest layout (cross-host ZeRO, gathering weights for samples)."""
 
 from __future__ import annotations
 
@@ -17,12 +20,16 @@ from tests.conftest import ROOT
 
 ARGS = ["--config=configs/tiny.py", "--config.model.n_layer=1", "--config.train.steps=6",
         "--config.train.log_every=1", "--config.train.ckpt_every=3",
-        "--config.train.eval_every=6"]
+        "--config.train.eval_every=6", "--config.train.sample_every=6",
+        "--config.train.sample_tokens=8"]
+SPAN_HOSTS = ["--config.mesh.data=1", "--config.mesh.fsdp=4"]
 
 
-def _env(devices: int = 1) -> dict:
+def _env(devices: int | None = None) -> dict:
     # Optimization level 0 halves the compile time; every run here uses the same flags.
-    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    flags = "--xla_backend_optimization_level=0"
+    if devices:
+        flags += f" --xla_force_host_platform_device_count={devices}"
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHON=sys.executable)
 
 
@@ -41,7 +48,7 @@ def _main(workdir: str, data_path: str, *extra: str, devices: int = 1):
 
 
 def _launch(n: int, workdir: str, data_path: str, *extra: str):
-    env = dict(_env(), PORT=str(_free_port()))
+    env = dict(_env(), PORT=str(_free_port()), CPU_DEVICES_PER_PROCESS="2")
     r = subprocess.run(["bash", "launch/multiprocess_local.sh", str(n), *ARGS,
                         f"--workdir={workdir}", f"--config.data.path={data_path}", *extra],
                        cwd=ROOT, env=env,
@@ -64,7 +71,7 @@ def runs(byte_data, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("multihost")
     one, two = str(tmp / "one"), str(tmp / "two")
     return {"one": one, "one_out": _main(one, byte_data).stdout,
-            "two": two, "two_out": _launch(2, two, byte_data).stdout}
+            "two": two, "two_out": _launch(2, two, byte_data, *SPAN_HOSTS).stdout}
 
 
 def test_two_processes_match_one(runs):
@@ -77,10 +84,14 @@ def test_two_processes_match_one(runs):
 
 def test_two_processes_log_once(runs):
     out = runs["two_out"]
-    assert "over 2 cpu devices in 2 process(es)" in out
-    for line in ("compiled train step", "step      6/6 | loss", "step      6/6 | eval loss"):
+    assert "mesh data=1 x fsdp=4 x tensor=1 over 4 cpu devices in 2 process(es)" in out
+    for line in ("compiled train step", "step      6/6 | loss", "step      6/6 | eval loss",
+                 "step      6/6 | sample: "):
         assert out.count(line) == 1, line
-    assert [r["step"] for r in _rows(runs["two"])] == [1, 2, 3, 4, 5, 6, 6]
+    assert [r["step"] for r in _rows(runs["two"])] == [1, 2, 3, 4, 5, 6, 6, 6]
+    # The sample comes from weights gathered across both processes: the same text as one process.
+    sample = [r["sample"] for r in _rows(runs["two"]) if "sample" in r]
+    assert sample == [r["sample"] for r in _rows(runs["one"]) if "sample" in r]
     # Every process took part in each save; Orbax commits a step only when all have written.
     assert sorted(os.listdir(os.path.join(runs["two"], "checkpoints"))) == ["3", "6"]
 
