@@ -129,3 +129,37 @@ def test_eight_device_checkpoint_resumes_on_one_device_and_two_processes(runs, b
         assert sorted(resumed) == [4, 5, 6], part
         np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [ref[s] for s in (4, 5, 6)],
                                    rtol=1e-5, atol=0, err_msg=part)
+
+
+@pytest.mark.slow
+def test_tensor_axis_across_processes_refused(byte_data, tmp_path):
+    # Each process loads half the batch, but tensor=2 over the two processes' devices would need
+    # the whole batch on both: refused before anything compiles, on every process.
+    env = dict(_env(), PORT=str(_free_port()))
+    r = subprocess.run(["bash", "launch/multiprocess_local.sh", "2", *ARGS,
+                        f"--workdir={tmp_path}", f"--config.data.path={byte_data}",
+                        "--config.mesh.data=1", "--config.mesh.tensor=2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2
+    assert ("llmjax: mesh {'data': 1, 'fsdp': 1, 'tensor': 2} over 2 processes: process 0's "
+            "devices hold batch rows 0..7, not the 1/2 it loads") in r.stderr
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_smoke():
+    r = subprocess.run([sys.executable, "benchmarks/scaling.py", "--config=configs/tiny.py",
+                        "--config.model.n_layer=1", "--devices=1,2", "--steps=2", "--warmup=1"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert "6N + 6*L*C*T" in out["mfu_formula"] and lines[-2] == out["mfu_formula"]
+    one, two = out["results"]
+    assert (one["devices"], two["devices"]) == (1, 2) and two["mesh"]["data"] == 2
+    assert (one["batch"], two["batch"]) == (4, 8)  # weak scaling: 8 / 2 sequences per device
+    assert two["tokens_per_sec_per_device"] == pytest.approx(two["tokens_per_sec"] / 2)
+    assert one["scaling_efficiency"] == 1.0
+    assert two["scaling_efficiency"] == pytest.approx(
+        two["tokens_per_sec_per_device"] / one["tokens_per_sec_per_device"])
+    # 6N + 6*L*C*T with N = 74,688 (1 layer), L = 1, C = 64, T = 32.
+    assert one["n_params"] == 74_688 and one["flops_per_token"] == 6 * 74_688 + 6 * 1 * 64 * 32
