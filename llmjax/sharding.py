@@ -194,8 +194,11 @@ def init_distributed(coordinator_address: str | None, num_processes: int | None,
         # restrict each process to device SLURM_LOCALID.
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                    cluster_detection_method="deactivate")
-    elif _launched_processes():
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif launcher := _launched_processes():
+        try:
+            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        except ValueError as e:  # e.g. JAX_COORDINATOR_ADDRESS set but no process count
+            raise ConfigError(f"jax.distributed under {launcher}: {e}") from e
     elif any(v is not None for v in given.values()):
         missing = ", ".join(k for k, v in given.items() if v is None)
         raise ConfigError(f"{missing} missing: pass all of --coordinator_address, "

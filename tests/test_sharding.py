@@ -188,3 +188,20 @@ def test_distributed_flags_go_together():
         sharding.init_distributed(None, 2, None)
     with pytest.raises(ConfigError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
         sharding.init_distributed("localhost:1234", 2, 2)
+
+
+@pytest.mark.parametrize("env, launcher", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, None),  # sbatch script itself, not an srun step
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),  # one task: nothing to join
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16"}, "SLURM"),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, "Open MPI"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_COORDINATOR_ADDRESS"),
+])
+def test_launcher_detection(monkeypatch, env, launcher):
+    for key in ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
+                "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert sharding._launched_processes() == launcher
