@@ -3,6 +3,9 @@
 The model names its weight axes logically (vocab, embed, heads, mlp); this file alone decides where
 they live. With fsdp > 1 weights and optimizer state are split over `fsdp` (ZeRO-3) and XLA gathers
 each layer's weights when it needs them; tensor > 1 splits heads and the MLP hidden dimension.
+Activations are constrained at two points only, both in train._train_step: the micro-batches
+(split over (data, fsdp) like the batch) and each micro-batch's gradients (in the parameters'
+layout, so fsdp reduce-scatters them). Everything else XLA propagates from the weights.
 """
 
 from __future__ import annotations
