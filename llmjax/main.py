@@ -1,4 +1,8 @@
-"""Entry point: python -m llmjax.main --config=configs/gpt2_124m.py --workdir=DIR [--config.K=V]."""
+"""Entry point: python -m llmjax.main --config=configs/gpt2_124m.py --workdir=DIR [--config.K=V].
+
+Several processes (hosts): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I,
+or launch under SLURM srun / Open MPI, which jax.distributed detects (see launch/README.md).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ from llmjax import config
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, tb/")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (jax.distributed)")
+flags.DEFINE_integer("num_processes", None, "processes in the run (jax.distributed)")
+flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1 (jax.distributed)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,13 +40,16 @@ def main(argv: list[str]) -> None:
     except config.ConfigError as e:
         print(f"llmjax: config: {e}", file=sys.stderr)
         sys.exit(2)
-    from llmjax import checkpoint, data, train  # late: jax starts after the config is known good
+    # late: jax starts after the config is known good
+    from llmjax import checkpoint, data, sharding, train
 
     logging.set_verbosity(logging.WARNING)  # Orbax narrates every save at INFO
 
     try:
+        sharding.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
         train.train_and_evaluate(cfg, FLAGS.workdir)
-    except (data.DataError, checkpoint.CheckpointError) as e:
+    except (data.DataError, checkpoint.CheckpointError, config.ConfigError) as e:
         print(f"llmjax: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -3,18 +3,25 @@
 The model names its weight axes logically (vocab, embed, heads, mlp); this file alone decides where
 they live. With fsdp > 1 weights and optimizer state are split over `fsdp` (ZeRO-3) and XLA gathers
 each layer's weights when it needs them; tensor > 1 splits heads and the MLP hidden dimension.
+Activations are constrained at two points only, both in train._train_step: the micro-batches
+(split over (data, fsdp) like the batch) and each micro-batch's gradients (in the parameters'
+layout, so fsdp reduce-scatters them). Everything else XLA propagates from the weights.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from llmjax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -31,14 +38,14 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 def mesh_shape(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:
     """Resolves the one -1 axis and checks the product against the device count."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    named = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise ValueError(f"mesh {sizes}: {n_devices} devices are not divisible by {known}")
+            raise ConfigError(f"{named}: {n_devices} devices are not divisible by {known}")
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
-                         f"{math.prod(sizes)} devices, but {n_devices} are available")
+        raise ConfigError(f"{named} = {math.prod(sizes)} devices, but {n_devices} are available")
     return tuple(sizes)
 
 
@@ -65,6 +72,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(RULES["batch"]))
 
 
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Micro-batches stacked [A, B/A, ...]: every micro-batch split like the batch."""
+    return NamedSharding(mesh, P(None, RULES["batch"]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -76,3 +88,121 @@ def data_parallel_size(mesh: Mesh) -> int:
 def put_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """This process's rows -> one global array split over (data, fsdp)."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
+
+
+def gather(tree):
+    """Whole arrays on every process (numpy), even where shards live on other hosts; every
+    process must call it. One process: the tree itself."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def check_run(cfg: ml_collections.ConfigDict, mesh: Mesh, param_sh, abstract_params) -> None:
+    """Refuses, before anything compiles, a mesh that cannot hold this batch or these weights."""
+    dp, accum, B = data_parallel_size(mesh), cfg.optim.grad_accum, cfg.data.batch_size
+    if B % (dp * accum):
+        raise ConfigError(
+            f"data.batch_size={B} is not divisible by data-parallel size {dp} (mesh data="
+            f"{mesh.shape['data']} x fsdp={mesh.shape['fsdp']}) x optim.grad_accum={accum}; "
+            f"use a multiple of {dp * accum}")
+    if cfg.model.n_head % mesh.shape["tensor"]:
+        raise ConfigError(f"model.n_head={cfg.model.n_head} is not divisible by mesh.tensor="
+                          f"{mesh.shape['tensor']}: tensor parallelism splits whole heads")
+
+    def check_param(path, sh: NamedSharding, x) -> None:
+        for dim, axes in zip(x.shape, sh.spec, strict=False):
+            axes = (axes,) if isinstance(axes, str) else axes or ()
+            ways = math.prod(mesh.shape[a] for a in axes)
+            if dim % ways:
+                name = ".".join(str(getattr(k, "key", k)) for k in path)
+                raise ConfigError(
+                    f"parameter {name} {tuple(x.shape)}: a dimension of {dim} cannot be split "
+                    f"{ways} ways over mesh.{'+'.join(axes)}; change the mesh or the model width")
+
+    jax.tree_util.tree_map_with_path(check_param, param_sh, abstract_params)
+    _check_process_rows(mesh, B)
+
+
+def _check_process_rows(mesh: Mesh, rows: int) -> None:
+    # Each process loads the contiguous 1/process_count of the batch (data.process_rows); its
+    # devices must hold exactly those rows, which holds when model axes stay within a host.
+    i, n = jax.process_index(), jax.process_count()
+    if n == 1:
+        return
+    if rows % n:
+        raise ConfigError(f"data.batch_size={rows} is not divisible by {n} processes")
+    index = batch_sharding(mesh).addressable_devices_indices_map((rows,))
+    held = sorted({r for (s,) in index.values() for r in range(*s.indices(rows))})
+    if held != list(range(i * rows // n, (i + 1) * rows // n)):
+        raise ConfigError(
+            f"mesh {dict(mesh.shape)} over {n} processes: process {i}'s devices hold batch rows "
+            f"{held[0]}..{held[-1]}, not the 1/{n} it loads; keep mesh.tensor within one host")
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes of one device's share of a tree of sharded arrays or ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def describe(mesh: Mesh) -> str:
+    axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    return (f"mesh {axes} over {mesh.size} {mesh.devices.flat[0].platform} devices in "
+            f"{jax.process_count()} process(es); batch over {RULES['batch']}")
+
+
+def memory_report(params, opt_state, compiled) -> str:
+    """Per-device memory: the state's share, and XLA's estimate for the compiled step."""
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"
+    line = (f"memory per device: parameters {mib(bytes_per_device(params))} + optimizer "
+            f"{mib(bytes_per_device(opt_state))}")
+    try:
+        m = compiled.memory_analysis()
+    except (NotImplementedError, jax.errors.JaxRuntimeError):
+        m = None
+    if m is None:
+        return line + "; no compiled-step estimate on this backend"
+    # Donated arguments are aliased to outputs, so they are counted once.
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+    return (line + f"; compiled step (XLA estimate): arguments {mib(m.argument_size_in_bytes)}, "
+            f"temporaries {mib(m.temp_size_in_bytes)}, peak {mib(peak)}")
+
+
+# Launchers that start several processes and tell jax.distributed who is who.
+def _launched_processes() -> str | None:
+    env = os.environ
+    if "SLURM_STEP_NODELIST" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return "SLURM"
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI"
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    return None
+
+
+def init_distributed(coordinator_address: str | None, num_processes: int | None,
+                     process_id: int | None) -> None:
+    """Starts jax.distributed: from the flags when all three are given (every local device is
+    used), else from the launcher's environment (SLURM srun, Open MPI: one device per process
+    there); a lone process on its own machine starts nothing. Call before any JAX computation."""
+    given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+             "--process_id": process_id}
+    if None not in given.values():
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ConfigError(f"--process_id={process_id} must be in [0, --num_processes="
+                              f"{num_processes})")
+        # Explicit flags mean every visible device: without this, jax under SLURM would still
+        # restrict each process to device SLURM_LOCALID.
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   cluster_detection_method="deactivate")
+    elif launcher := _launched_processes():
+        try:
+            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        except ValueError as e:  # e.g. JAX_COORDINATOR_ADDRESS set but no process count
+            raise ConfigError(f"jax.distributed under {launcher}: {e}") from e
+    elif any(v is not None for v in given.values()):
+        missing = ", ".join(k for k, v in given.items() if v is None)
+        raise ConfigError(f"{missing} missing: pass all of --coordinator_address, "
+                          "--num_processes and --process_id (or run under SLURM / Open MPI)")

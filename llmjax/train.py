@@ -46,15 +46,18 @@ def _loss(params, graphdef, inputs_BT, targets_BT, rng, deterministic: bool):
 
 
 def _train_step(state: TrainState, batch_BT1, *, graphdef, tx, accum: int, seed: int,
-                dropout: bool, schedule):
+                dropout: bool, schedule, micro_sh, param_sh):
     """One optimizer step over `accum` micro-batches; skipped if the loss or gradient is not finite.
 
     The step is pure: the dropout key derives from (seed, step), so a resumed run repeats it
     exactly.
     """
     B = batch_BT1.shape[0]
-    inputs_ABT = batch_BT1[:, :-1].reshape(accum, B // accum, -1)
-    targets_ABT = batch_BT1[:, 1:].reshape(accum, B // accum, -1)
+    # Micro-batch a is rows a, a + accum, ...: each device keeps its own rows in every micro-batch,
+    # so splitting the batch moves no data between devices.
+    inputs_ABT = batch_BT1[:, :-1].reshape(B // accum, accum, -1).swapaxes(0, 1)
+    targets_ABT = batch_BT1[:, 1:].reshape(B // accum, accum, -1).swapaxes(0, 1)
+    inputs_ABT, targets_ABT = jax.lax.with_sharding_constraint((inputs_ABT, targets_ABT), micro_sh)
     key = jax.random.fold_in(jax.random.key(seed), state.step)
     grad_fn = jax.value_and_grad(_loss)
 
@@ -62,6 +65,9 @@ def _train_step(state: TrainState, batch_BT1, *, graphdef, tx, accum: int, seed:
         inputs_BT, targets_BT, i = xs
         loss, g = grad_fn(state.params, graphdef, inputs_BT, targets_BT,
                           jax.random.fold_in(key, i), not dropout)
+        # Gradients take the parameters' layout: with fsdp > 1 they are reduce-scattered (ZeRO),
+        # never all-reduced into full copies on every device.
+        g = jax.lax.with_sharding_constraint(g, param_sh)
         return jax.tree.map(jnp.add, grads, g), loss
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -107,10 +113,6 @@ class Run:
 
 def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    dp = sharding.data_parallel_size(mesh)
-    if cfg.data.batch_size % (dp * cfg.optim.grad_accum):
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by data-parallel "
-                         f"size {dp} x optim.grad_accum={cfg.optim.grad_accum}")
     model_cfg = model_config(cfg, jax.default_backend())
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
 
@@ -124,6 +126,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
     graphdef = nnx.graphdef(abstract_model)
     param_sh = sharding.param_shardings(nnx.state(abstract_model, nnx.Param), mesh)
     abstract = jax.eval_shape(init)
+    sharding.check_run(cfg, mesh, param_sh, abstract.params)
     repl = sharding.replicated(mesh)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
                                    transform_non_params=lambda _: repl)
@@ -133,7 +136,8 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
     batch_sh = sharding.batch_sharding(mesh)
     step_fn = functools.partial(
         _train_step, graphdef=graphdef, tx=tx, accum=cfg.optim.grad_accum, seed=cfg.train.seed,
-        dropout=cfg.model.dropout > 0, schedule=optim.lr_schedule(cfg.optim, cfg.train.steps))
+        dropout=cfg.model.dropout > 0, schedule=optim.lr_schedule(cfg.optim, cfg.train.steps),
+        micro_sh=sharding.micro_batch_sharding(mesh), param_sh=param_sh)
     return Run(
         cfg=cfg, model_cfg=model_cfg, graphdef=graphdef, tx=tx, mesh=mesh,
         state_shardings=state_sh, abstract_state=abstract,
@@ -209,6 +213,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
                                       sharding=sharding.batch_sharding(run.mesh))
     train_step = run.train_step.lower(run.abstract_state, batch_spec).compile()
     metrics.console(f"compiled train step in {time.time() - t0:.1f}s")
+    metrics.console(sharding.describe(run.mesh))
+    metrics.console(sharding.memory_report(state.params, state.opt_state, train_step))
     progress = metrics.Progress(t.steps, start)
     pending: list[dict] = []
     t_log, step_log = time.time(), start
@@ -248,11 +254,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
             writer.scalars(done, {"eval/loss": loss})
             progress.clear()
             metrics.console(f"step {done:>6}/{t.steps} | eval loss {loss:.4f}")
-        if t.sample_every and lead and (done % t.sample_every == 0 or done == t.steps):
-            text = sample_text(run, state.params, tok, t.sample_prompt, t.sample_tokens, done)
-            writer.text(done, "sample", text)
-            progress.clear()
-            metrics.console(f"step {done:>6}/{t.steps} | sample: {text!r}")
+        if t.sample_every and (done % t.sample_every == 0 or done == t.steps):
+            params = sharding.gather(state.params)  # all processes: weights may span hosts
+            if lead:
+                text = sample_text(run, params, tok, t.sample_prompt, t.sample_tokens, done)
+                writer.text(done, "sample", text)
+                progress.clear()
+                metrics.console(f"step {done:>6}/{t.steps} | sample: {text!r}")
         if done % t.ckpt_every == 0 or done == t.steps:
             checkpoint.save(mngr, done, state, _meta(run, done))
         if done == step_log and done != t.steps:

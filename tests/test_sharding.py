@@ -1,0 +1,207 @@
+"""Meshes over 8 fake CPU devices: same losses as one device, weights placed as the rules say, and
+checkpoints that move between meshes.
+
+The device count is fixed when JAX starts, and this pytest process already runs JAX on one device,
+so the 8-device work runs in one child process (`_child`) that prints its measurements as JSON;
+the assertions are made here against hand-derived expectations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llmjax import sharding
+from llmjax.config import ConfigError
+from tests.conftest import ROOT, tiny_config
+
+STEPS, SAVE_AT = 6, 3
+# (mesh axes, optim.grad_accum): grad_accum 2 also exercises the micro-batch split.
+MESHES = {
+    "one": ({"data": 1}, 1),
+    "data8": ({"data": 8}, 1),
+    "data2_fsdp4": ({"data": 2, "fsdp": 4}, 1),
+    "data2_fsdp2_tensor2": ({"data": 2, "fsdp": 2, "tensor": 2}, 2),
+}
+# Tiny model: D=64, 4 heads, MLP 256, vocab padded to 320, block 64. Shapes one device holds.
+SHARDS = {
+    "one": {"wte.embedding": (320, 64), "h.0.attn.c_attn.kernel": (64, 3, 64),
+            "h.0.mlp.c_fc.kernel": (64, 256), "h.0.mlp.c_proj.kernel": (256, 64),
+            "h.0.ln_1.scale": (64,), "wpe.embedding": (64, 64)},
+    "data8": {"wte.embedding": (320, 64), "h.0.attn.c_attn.kernel": (64, 3, 64),
+              "h.0.mlp.c_fc.kernel": (64, 256), "h.0.mlp.c_proj.kernel": (256, 64),
+              "h.0.ln_1.scale": (64,), "wpe.embedding": (64, 64)},
+    "data2_fsdp4": {"wte.embedding": (320, 16), "h.0.attn.c_attn.kernel": (16, 3, 64),
+                    "h.0.mlp.c_fc.kernel": (16, 256), "h.0.mlp.c_proj.kernel": (256, 16),
+                    "h.0.ln_1.scale": (16,), "wpe.embedding": (64, 16)},
+    "data2_fsdp2_tensor2": {"wte.embedding": (160, 32), "h.0.attn.c_attn.kernel": (32, 3, 32),
+                            "h.0.mlp.c_fc.kernel": (32, 128), "h.0.mlp.c_proj.kernel": (128, 32),
+                            "h.0.ln_1.scale": (32,), "wpe.embedding": (64, 32)},
+}
+
+
+def _child(data_path: str, ckpt_dir: str) -> None:
+    """Runs in a process with 8 CPU devices; prints one JSON object on its last line."""
+    import jax
+
+    from llmjax import checkpoint, data, train
+
+    assert jax.device_count() == 8, jax.devices()
+    batches = list(data.train_batches(data_path, seq_len=32, batch=8, vocab_size=257, seed=0,
+                                      start_step=0, steps=STEPS))
+
+    def build(name: str, **overrides):
+        axes, accum = MESHES[name]
+        cfg = tiny_config(data_path, **{"model.n_layer": 1, "optim.grad_accum": accum,
+                                        "train.steps": STEPS,
+                                        **{f"mesh.{k}": v for k, v in axes.items()}, **overrides})
+        return train.build(cfg, jax.devices()[:1] if name == "one" else None)
+
+    def steps(run, state, start: int, stop: int) -> tuple[list[float], object]:
+        losses = []
+        for b in batches[start:stop]:
+            state, m = run.train_step(state, sharding.put_batch(b, run.mesh))
+            losses.append(float(m["train/loss"]))
+        return losses, state
+
+    def placement(run, state) -> dict:
+        flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+        mu = jax.tree_util.tree_flatten_with_path(state.opt_state[1][0].mu)[0]
+        name = lambda path: ".".join(str(getattr(k, "key", k)) for k in path)
+        out = {}
+        for (path, p), (_, m) in zip(flat, mu, strict=True):
+            shards = {tuple(s.data.shape) for s in p.addressable_shards}
+            out[name(path)] = {"spec": [list(a) if isinstance(a, tuple) else a
+                                        for a in p.sharding.spec],
+                               "shards": [list(s) for s in shards],
+                               "mu_shards": [list(s.data.shape) for s in m.addressable_shards][:1],
+                               "devices": len(p.sharding.device_set)}
+        return out
+
+    out: dict = {"losses": {}, "placement": {}, "restored": {}, "errors": {}}
+    runs = {}
+    for name in MESHES:
+        run = runs[name] = build(name)
+        out["placement"][name] = placement(run, run.init())
+        state = run.init()
+        if name == "data2_fsdp4":  # the checkpoint's writer: 8 devices, fsdp shards
+            head, state = steps(run, state, 0, SAVE_AT)
+            mngr = checkpoint.manager(ckpt_dir)
+            checkpoint.save(mngr, SAVE_AT, state, {"step": SAVE_AT})
+            mngr.wait_until_finished()
+            tail, _ = steps(run, state, SAVE_AT, STEPS)
+            out["losses"][name] = head + tail
+        else:
+            out["losses"][name] = steps(run, state, 0, STEPS)[0]
+    # Resharding on restore: the 8-device fsdp checkpoint onto 1 device and onto another mesh.
+    mngr = checkpoint.manager(ckpt_dir)
+    for name in ("one", "data2_fsdp2_tensor2"):
+        run = runs[name]
+        state = checkpoint.restore(mngr, SAVE_AT, run.abstract_state)
+        same = jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), state,
+                            run.state_shardings)
+        out["restored"][name] = {"step": int(state.step),
+                                 "shardings_match": all(jax.tree.leaves(same)),
+                                 "losses": steps(run, state, SAVE_AT, STEPS)[0]}
+    invalid = {"batch": {"data.batch_size": 12}, "heads": {"mesh.data": 1, "mesh.tensor": 8},
+               "devices": {"mesh.data": 2, "mesh.fsdp": 2},
+               "width": {"mesh.data": 1, "mesh.fsdp": 8, "model.n_embd": 68}}
+    for key, overrides in invalid.items():
+        try:
+            build("data8", **overrides)
+            out["errors"][key] = None
+        except ConfigError as e:
+            out["errors"][key] = str(e)
+    print(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def meshes(byte_data, tmp_path_factory) -> dict:
+    ckpt = str(tmp_path_factory.mktemp("mesh_ckpt"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               # Optimization level 0 halves the compile time; the partitioning is the same.
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+                         "--xla_backend_optimization_level=0")
+    code = f"from tests.test_sharding import _child; _child({byte_data!r}, {ckpt!r})"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["data8", "data2_fsdp4", "data2_fsdp2_tensor2"])
+def test_mesh_matches_one_device(meshes, name):
+    ref, got = np.array(meshes["losses"]["one"]), np.array(meshes["losses"][name])
+    assert len(got) == STEPS and ref[-1] < ref[0] - 0.3  # it trained
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", list(SHARDS))
+def test_parameters_sharded_by_rules(meshes, name):
+    placed = meshes["placement"][name]
+    for param, shape in SHARDS[name].items():
+        assert placed[param]["shards"] == [list(shape)], (param, placed[param])
+        assert placed[param]["mu_shards"] == [list(shape)], param  # Adam state: same layout
+    assert all(p["devices"] == (1 if name == "one" else 8) for p in placed.values())
+    if name == "data2_fsdp2_tensor2":
+        assert placed["h.0.mlp.c_fc.kernel"]["spec"] == ["fsdp", "tensor"]
+        assert placed["h.0.attn.c_proj.kernel"]["spec"] == ["tensor", "fsdp"]
+        assert placed["wte.embedding"]["spec"] == ["tensor", "fsdp"]
+
+
+@pytest.mark.parametrize("name", ["one", "data2_fsdp2_tensor2"])
+def test_checkpoint_reshards_on_restore(meshes, name):
+    restored = meshes["restored"][name]
+    assert restored["step"] == SAVE_AT and restored["shardings_match"]
+    writer = meshes["losses"]["data2_fsdp4"][SAVE_AT:]
+    np.testing.assert_allclose(restored["losses"], writer, rtol=1e-5, atol=0)
+
+
+def test_invalid_meshes_refused_before_compiling(meshes):
+    errors = meshes["errors"]
+    assert errors["batch"] == ("data.batch_size=12 is not divisible by data-parallel size 8 "
+                               "(mesh data=8 x fsdp=1) x optim.grad_accum=1; use a multiple of 8")
+    assert errors["heads"].startswith("model.n_head=4 is not divisible by mesh.tensor=8")
+    assert errors["devices"] == ("mesh.data=2 x mesh.fsdp=2 x mesh.tensor=1 = 4 devices, "
+                                 "but 8 are available")
+    assert errors["width"].startswith("parameter ") and "68" in errors["width"]
+    assert "mesh.fsdp" in errors["width"]
+
+
+def test_mesh_shape_resolves_minus_one():
+    cfg = tiny_config("").mesh
+    assert sharding.mesh_shape(cfg, 8) == (8, 1, 1)
+    cfg.fsdp, cfg.tensor = 2, 2
+    assert sharding.mesh_shape(cfg, 8) == (2, 2, 2)
+    with pytest.raises(ConfigError, match="8 devices are not divisible by 3"):
+        cfg.fsdp, cfg.tensor = 3, 1
+        sharding.mesh_shape(cfg, 8)
+
+
+def test_distributed_flags_go_together():
+    with pytest.raises(ConfigError, match="--coordinator_address, --process_id missing"):
+        sharding.init_distributed(None, 2, None)
+    with pytest.raises(ConfigError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
+        sharding.init_distributed("localhost:1234", 2, 2)
+
+
+@pytest.mark.parametrize("env, launcher", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, None),  # sbatch script itself, not an srun step
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),  # one task: nothing to join
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16"}, "SLURM"),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, "Open MPI"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_COORDINATOR_ADDRESS"),
+])
+def test_launcher_detection(monkeypatch, env, launcher):
+    for key in ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
+                "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert sharding._launched_processes() == launcher
