@@ -121,7 +121,7 @@ def main(argv):
     ids = tok.encode(FLAGS.prompt)
     if FLAGS.num_samples == 1:
         sys.stdout.write(FLAGS.prompt)
-        stream = _Streamer(tok)
+        stream = Streamer(tok)
         generate(model, [ids], FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                  top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, eot_id=tok.eot_id,
                  on_token=lambda _, t: stream(t))
@@ -134,7 +134,7 @@ def main(argv):
         print(f"--- sample {i}\n{FLAGS.prompt}{tok.decode(out)}")
 
 
-class _Streamer:
+class Streamer:
     """Prints text as tokens arrive, holding back bytes until they decode to whole characters."""
 
     def __init__(self, tok):

@@ -1,8 +1,12 @@
 """Tokenizers: GPT-2's BPE (tiktoken, offline from package data) and raw UTF-8 bytes.
 
 Both expose the same small surface: `encode(text) -> list[int]`, `decode(ids) -> str`,
-`encode_batch(texts)`, `eot_id` and `vocab_size`. Plain text is always encoded as ordinary text, so
-a document that merely contains the spelling "<|endoftext|>" can never inject a special token.
+`encode_batch(texts)`, `eot_id`, `vocab_size` and `special` (name -> id). Plain text is always
+encoded as ordinary text, so a document that merely contains the spelling "<|endoftext|>" or
+"<|user|>" can never inject a special token.
+
+The `-chat` variants ("gpt2-chat", "bytes-chat") add the chat template's tokens after the base
+vocabulary (GPT-2: ids 50257..50260), still inside the padded embedding (50304 rows).
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ GPT2_FILE_SHA256 = {
 # GPT-2's pre-tokenisation regex (tiktoken's r50k/gpt2 pattern).
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
-TOKENIZERS = ("gpt2", "bytes")
+# Phi-3 style chat roles and turn terminator, appended after the base vocabulary in this order.
+CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>", "<|system|>")
+TOKENIZERS = ("gpt2", "bytes", "gpt2-chat", "bytes-chat")
 
 
 class Tokenizer(Protocol):
     name: str
     eot_id: int
     vocab_size: int
+    special: dict[str, int]
 
     def encode(self, text: str) -> list[int]: ...
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
@@ -38,15 +45,17 @@ class Tokenizer(Protocol):
 class GPT2Tokenizer:
     """tiktoken's GPT-2 encoding, built from the BPE files shipped inside the package."""
 
-    name = "gpt2"
-
-    def __init__(self) -> None:
+    def __init__(self, chat: bool = False) -> None:
+        self.name = "gpt2-chat" if chat else "gpt2"
+        self.special = {EOT: 50256}
+        if chat:
+            self.special.update({t: 50257 + i for i, t in enumerate(CHAT_TOKENS)})
         self._enc = tiktoken.Encoding(
-            name="gpt2",
+            name=self.name,
             pat_str=GPT2_PAT,
             mergeable_ranks=_gpt2_ranks(),
-            special_tokens={EOT: 50256},
-            explicit_n_vocab=50257,
+            special_tokens=self.special,
+            explicit_n_vocab=50257 + (len(CHAT_TOKENS) if chat else 0),
         )
         self.eot_id = self._enc.eot_token
         self.vocab_size = self._enc.n_vocab
@@ -64,9 +73,15 @@ class GPT2Tokenizer:
 class ByteTokenizer:
     """UTF-8 bytes plus one end-of-text id: tiny vocabulary, so small CPU runs learn fast."""
 
-    name = "bytes"
     eot_id = 256
-    vocab_size = 257
+
+    def __init__(self, chat: bool = False) -> None:
+        self.name = "bytes-chat" if chat else "bytes"
+        self.special = {EOT: 256}
+        if chat:
+            self.special.update({t: 257 + i for i, t in enumerate(CHAT_TOKENS)})
+        self.vocab_size = 256 + len(self.special)
+        self._names = {i: t for t, i in self.special.items() if i != self.eot_id}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -75,7 +90,15 @@ class ByteTokenizer:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        # Bytes between special tokens decode together, so multi-byte characters survive.
+        out, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+            elif i in self._names:
+                out += [run.decode("utf-8", errors="replace"), self._names[i]]
+                run = bytearray()
+        return "".join(out) + run.decode("utf-8", errors="replace")
 
 
 def _gpt2_ranks() -> dict[bytes, int]:
@@ -108,9 +131,9 @@ def _gpt2_ranks() -> dict[bytes, int]:
 
 @functools.cache
 def get_tokenizer(name: str) -> Tokenizer:
-    """Returns the tokenizer called `name` ("gpt2" or "bytes")."""
-    if name == "gpt2":
-        return GPT2Tokenizer()
-    if name == "bytes":
-        return ByteTokenizer()
+    """Returns the tokenizer called `name`: gpt2, bytes, gpt2-chat or bytes-chat."""
+    if name in ("gpt2", "gpt2-chat"):
+        return GPT2Tokenizer(chat=name.endswith("-chat"))
+    if name in ("bytes", "bytes-chat"):
+        return ByteTokenizer(chat=name.endswith("-chat"))
     raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llmjax import checkpoint, data, metrics, optim, sharding
+from llmjax import checkpoint, data, instruct, metrics, optim, sharding
 from llmjax.config import model_config
 from llmjax.model import GPT, GPTConfig, count_params, flops_per_token
 from llmjax.sample import generate
@@ -37,12 +37,20 @@ class TrainState:
     bad_streak: jax.Array  # consecutive non-finite steps up to now
 
 
-def _loss(params, graphdef, inputs_BT, targets_BT, rng, deterministic: bool):
+def _loss(params, graphdef, batch_BT1, rng, deterministic: bool):
+    """Summed cross-entropy over scored targets, and their count.
+
+    A negative id -1-t is token t read as context but never scored as a target (prompt and padding
+    in finetuning batches, see instruct.py); pretraining batches score every target.
+    """
+    tokens_BT1 = jnp.where(batch_BT1 < 0, -1 - batch_BT1, batch_BT1)
+    weights_BT = (batch_BT1[:, 1:] >= 0).astype(jnp.float32)
     model = nnx.merge(graphdef, params)
     rngs = None if deterministic else nnx.Rngs(dropout=rng)
-    logits_BTV = model(inputs_BT, deterministic=deterministic, rngs=rngs)
+    logits_BTV = model(tokens_BT1[:, :-1], deterministic=deterministic, rngs=rngs)
     # Logits arrive in float32 whatever the compute dtype: the softmax and loss stay exact.
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:])
+    return (ce_BT * weights_BT).sum(), weights_BT.sum()
 
 
 def _train_step(state: TrainState, batch_BT1, *, graphdef, tx, accum: int, seed: int,
@@ -50,30 +58,33 @@ def _train_step(state: TrainState, batch_BT1, *, graphdef, tx, accum: int, seed:
     """One optimizer step over `accum` micro-batches; skipped if the loss or gradient is not finite.
 
     The step is pure: the dropout key derives from (seed, step), so a resumed run repeats it
-    exactly.
+    exactly. The loss is the mean over every scored target of the whole batch, whatever the split
+    into micro-batches.
     """
     B = batch_BT1.shape[0]
     # Micro-batch a is rows a, a + accum, ...: each device keeps its own rows in every micro-batch,
     # so splitting the batch moves no data between devices.
-    inputs_ABT = batch_BT1[:, :-1].reshape(B // accum, accum, -1).swapaxes(0, 1)
-    targets_ABT = batch_BT1[:, 1:].reshape(B // accum, accum, -1).swapaxes(0, 1)
-    inputs_ABT, targets_ABT = jax.lax.with_sharding_constraint((inputs_ABT, targets_ABT), micro_sh)
+    micro_ABT1 = batch_BT1.reshape(B // accum, accum, -1).swapaxes(0, 1)
+    micro_ABT1 = jax.lax.with_sharding_constraint(micro_ABT1, micro_sh)
     key = jax.random.fold_in(jax.random.key(seed), state.step)
-    grad_fn = jax.value_and_grad(_loss)
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
 
-    def micro(grads, xs):
-        inputs_BT, targets_BT, i = xs
-        loss, g = grad_fn(state.params, graphdef, inputs_BT, targets_BT,
-                          jax.random.fold_in(key, i), not dropout)
+    def micro(acc, xs):
+        grads, total, count = acc
+        batch_BT1, i = xs
+        (loss_sum, n), g = grad_fn(state.params, graphdef, batch_BT1,
+                                   jax.random.fold_in(key, i), not dropout)
         # Gradients take the parameters' layout: with fsdp > 1 they are reduce-scattered (ZeRO),
         # never all-reduced into full copies on every device.
         g = jax.lax.with_sharding_constraint(g, param_sh)
-        return jax.tree.map(jnp.add, grads, g), loss
+        return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, losses = jax.lax.scan(micro, zeros, (inputs_ABT, targets_ABT, jnp.arange(accum)))
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    loss, grad_norm = losses.mean(), optax.global_norm(grads)
+    init = (zeros, jnp.zeros(()), jnp.zeros(()))
+    (grads, total, count), _ = jax.lax.scan(micro, init, (micro_ABT1, jnp.arange(accum)))
+    count = jnp.maximum(count, 1.0)  # nothing scored: a zero gradient, never a division by zero
+    grads = jax.tree.map(lambda g: g / count, grads)
+    loss, grad_norm = total / count, optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Checked before anything is applied: a non-finite step leaves params and optimizer untouched.
@@ -92,7 +103,8 @@ def _train_step(state: TrainState, batch_BT1, *, graphdef, tx, accum: int, seed:
 
 
 def _eval_step(params, batch_BT1, *, graphdef):
-    return _loss(params, graphdef, batch_BT1[:, :-1], batch_BT1[:, 1:], None, True)
+    """(summed loss, scored targets): summed over batches, their ratio is the exact mean."""
+    return _loss(params, graphdef, batch_BT1, None, True)
 
 
 @dataclasses.dataclass
@@ -154,23 +166,58 @@ def _meta(run: Run, step: int) -> dict:
             "model": dataclasses.asdict(run.model_cfg)}
 
 
-def evaluate(run: Run, params) -> float:
-    """Mean loss over the first `train.eval_batches` validation batches (the same every time)."""
+def is_instruct(cfg: ml_collections.ConfigDict) -> bool:
+    """A file (JSON/JSONL conversations) means finetuning; a directory of shards, pretraining."""
+    return os.path.isfile(cfg.data.path)
+
+
+def _instruct_rows(cfg: ml_collections.ConfigDict, tok: Tokenizer) -> dict[str, np.ndarray]:
+    if "<|assistant|>" not in tok.special:
+        raise data.DataError(f"data.path={cfg.data.path!r} is an instruction dataset but "
+                             f"data.tokenizer={cfg.data.tokenizer!r} has no chat tokens "
+                             "(use gpt2-chat or bytes-chat)")
+    rows, counts = instruct.encode_split(tok, cfg.data.path, cfg.data.seq_len, 0.05)
+    metrics.console(f"instructions: {counts['train']} train / {counts['val']} val examples, "
+                    f"{counts['truncated']} truncated to {cfg.data.seq_len + 1} tokens")
+    return rows
+
+
+def evaluate(run: Run, params, val_rows: np.ndarray | None = None) -> float:
+    """Mean loss per scored target over the validation batches (the same every time): the first
+    `train.eval_batches` of the shards, or every held-out instruction example."""
     cfg = run.cfg
-    batches = data.val_batches(
-        cfg.data.path, seq_len=cfg.data.seq_len, batch=cfg.data.batch_size // cfg.optim.grad_accum,
-        vocab_size=run.model_cfg.valid_vocab_size, num_batches=cfg.train.eval_batches,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    losses = [run.eval_step(params, sharding.put_batch(b, run.mesh)) for b in batches]
-    return float(np.mean(jax.device_get(losses)))
+    batch = cfg.data.batch_size // cfg.optim.grad_accum
+    rows = data.process_rows(batch, jax.process_index(), jax.process_count())
+    if val_rows is None:
+        batches = data.val_batches(
+            cfg.data.path, seq_len=cfg.data.seq_len, batch=batch,
+            vocab_size=run.model_cfg.valid_vocab_size, num_batches=cfg.train.eval_batches,
+            process_index=jax.process_index(), process_count=jax.process_count())
+    else:
+        batches = instruct.val_batches(val_rows, batch=batch, rows_slice=rows)
+    sums = [run.eval_step(params, sharding.put_batch(b, run.mesh)) for b in batches]
+    total, count = np.sum(jax.device_get(sums), axis=0)
+    return float(total / count)
 
 
 def sample_text(run: Run, params, tok: Tokenizer, prompt: str, n: int, seed: int) -> str:
+    """A continuation of `prompt`, or for a chat model its answers to the fixed questions."""
     model = nnx.merge(run.graphdef, jax.device_get(params))
-    ids = tok.encode(prompt) or [tok.eot_id]
-    n = min(n, run.model_cfg.block_size - len(ids))
-    out = generate(model, [ids], n, temperature=0.8, top_k=40, seed=seed, eot_id=tok.eot_id)[0]
-    return prompt + tok.decode(out)
+    chat = "<|assistant|>" in tok.special
+    if chat:
+        prompts = [instruct.render(tok, [{"role": "user", "content": q}],
+                                   add_generation_prompt=True)[0]
+                   for q in instruct.SAMPLE_QUESTIONS]
+        stop = tok.special["<|end|>"]
+    else:
+        prompts, stop = [tok.encode(prompt) or [tok.eot_id]], tok.eot_id
+    n = min(n, run.model_cfg.block_size - max(map(len, prompts)))
+    outs = generate(model, prompts, n, temperature=0.8, top_k=40, seed=seed, eot_id=stop)
+    texts = [tok.decode([t for t in out if t != stop]) for out in outs]
+    if chat:
+        return "\n".join(f"Q: {q}\nA: {a}" for q, a in zip(instruct.SAMPLE_QUESTIONS, texts,
+                                                            strict=True))
+    return prompt + texts[0]
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -178,7 +225,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     workdir = os.path.abspath(workdir)
     t = cfg.train
     tok = get_tokenizer(cfg.data.tokenizer)
-    data.check_dataset(cfg.data.path, cfg.data.tokenizer, cfg.data.seq_len)
+    if is_instruct(cfg):
+        rows = _instruct_rows(cfg, tok)
+    else:
+        data.check_dataset(cfg.data.path, cfg.data.tokenizer, cfg.data.seq_len)
+        rows = None
     run = build(cfg)
     mngr = checkpoint.manager(workdir, t.keep_ckpts)
     latest = mngr.latest_step()
@@ -202,11 +253,17 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         f"mesh {dict(run.mesh.shape)}; {tokens_per_step:,} tokens/step; "
         f"attention {run.model_cfg.attention}; steps {start} -> {t.steps}")
 
-    batches = data.train_batches(
-        cfg.data.path, seq_len=cfg.data.seq_len, batch=cfg.data.batch_size,
-        vocab_size=run.model_cfg.valid_vocab_size, seed=t.seed, start_step=start, steps=t.steps,
-        workers=cfg.data.workers, prefetch=cfg.data.prefetch,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    if rows is None:
+        batches = data.train_batches(
+            cfg.data.path, seq_len=cfg.data.seq_len, batch=cfg.data.batch_size,
+            vocab_size=run.model_cfg.valid_vocab_size, seed=t.seed, start_step=start,
+            steps=t.steps, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
+            process_index=jax.process_index(), process_count=jax.process_count())
+    else:
+        batches = instruct.train_batches(
+            rows["train"], batch=cfg.data.batch_size, seed=t.seed, start_step=start, steps=t.steps,
+            rows_slice=data.process_rows(cfg.data.batch_size, jax.process_index(),
+                                         jax.process_count()))
     t0 = time.time()
     # Compiled once, ahead of time, so the first logged throughput measures steps, not compilation.
     batch_spec = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32,
@@ -250,7 +307,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
                     f"{row['train/loss']}, grad norm {row['train/grad_norm']}, lr "
                     f"{row['train/lr']:.3e}); last good checkpoint: step {mngr.latest_step()}")
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-            loss = evaluate(run, state.params)
+            loss = evaluate(run, state.params, None if rows is None else rows["val"])
             writer.scalars(done, {"eval/loss": loss})
             progress.clear()
             metrics.console(f"step {done:>6}/{t.steps} | eval loss {loss:.4f}")

@@ -1,0 +1,182 @@
+"""Instruction data for finetuning: the chat template, datasets, and step-addressed batches.
+
+Template (Phi-3 style), one turn per role, each closed by <|end|>:
+
+    <|system|>\\n{system}<|end|>\\n<|user|>\\n{question}<|end|>\\n<|assistant|>\\n{answer}<|end|>\\n
+
+Only assistant content and its closing <|end|> are scored. Batches are int32 [B, T+1] like the
+pretraining ones; a token that is context only (template, system and user turns, padding) is stored
+as -1 - id: the model reads it as `id`, the loss skips it as a target. So one train step serves both
+pretraining and finetuning, and examples are padded (not packed): one example per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+# Asked every `train.sample_every` steps of a finetuning run; the answers are logged as text.
+SAMPLE_QUESTIONS = (
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Rewrite the sentence in passive voice: The cat chased the mouse.",
+    "What is the opposite of 'ancient'?",
+)
+
+
+class InstructError(ValueError):
+    """A dataset file that cannot be used; the message names the file and the record."""
+
+
+def context_only(ids: np.ndarray) -> np.ndarray:
+    """Marks tokens as read-but-not-scored (the encoding described in the module docstring)."""
+    return -1 - ids
+
+
+def render(tok: Tokenizer, messages: list[dict], *, add_generation_prompt: bool = False
+           ) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation and, per token, whether it is scored (assistant content).
+
+    With `add_generation_prompt`, the ids end with an open assistant turn for the model to fill.
+    """
+    sp = tok.special
+    ids: list[int] = []
+    scored: list[bool] = []
+    newline = tok.encode("\n")
+    for m in messages:
+        role, content = m["role"], m["content"]
+        head = [sp[f"<|{role}|>"]] + newline
+        body = tok.encode(content) + [sp["<|end|>"]]
+        ids += head + body + newline
+        train = role == "assistant"
+        scored += [False] * len(head) + [train] * len(body) + [False] * len(newline)
+    if add_generation_prompt:
+        ids += [sp["<|assistant|>"]] + newline
+        scored += [False] * (1 + len(newline))
+    return ids, scored
+
+
+def parse(tok: Tokenizer, ids: list[int]) -> list[dict]:
+    """The inverse of `render` (without generation prompt): ids -> messages."""
+    sp = tok.special
+    role_of = {sp[f"<|{r}|>"]: r for r in ROLES}
+    messages, i = [], 0
+    while i < len(ids):
+        role = role_of[ids[i]]
+        end = ids.index(sp["<|end|>"], i)
+        text = tok.decode(ids[i + 1:end])
+        messages.append({"role": role, "content": text.removeprefix("\n")})
+        i = end + 1 + len(tok.encode("\n"))
+    return messages
+
+
+def alpaca_to_messages(ex: dict) -> list[dict]:
+    """Alpaca (instruction, input, output) -> a user turn and an assistant turn."""
+    question = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": ex["output"]}]
+
+
+def load_examples(path: str) -> list[list[dict]]:
+    """Conversations from a JSON list or JSONL file, Alpaca or messages format."""
+    if not os.path.isfile(path):
+        raise InstructError(f"data.path={path!r}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise InstructError(f"{path}: not JSON or JSONL ({e})") from e
+    out = []
+    for n, r in enumerate(records):
+        msgs = r.get("messages") if isinstance(r, dict) else None
+        if msgs is None and isinstance(r, dict) and {"instruction", "output"} <= r.keys():
+            msgs = alpaca_to_messages(r)
+        ok = isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+            for m in msgs)
+        if not ok or not any(m["role"] == "assistant" for m in msgs):
+            raise InstructError(f"{path}: record {n} is neither Alpaca (instruction, input, "
+                                "output) nor messages ([{role: user|assistant|system, content}]) "
+                                "with an assistant turn")
+        out.append(msgs)
+    if not out:
+        raise InstructError(f"{path}: no examples")
+    return out
+
+
+def _is_val(messages: list[dict], val_fraction: float) -> bool:
+    h = hashlib.blake2b(json.dumps(messages, sort_keys=True).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < val_fraction
+
+
+def encode_split(tok: Tokenizer, path: str, seq_len: int, val_fraction: float
+                 ) -> tuple[dict[str, np.ndarray], dict]:
+    """Rows [N, seq_len+1] per split (context-only tokens encoded), and counts for the log.
+
+    The split is by a hash of each example, so it does not depend on file order. Examples longer
+    than seq_len+1 tokens are truncated (counted); padding is the EOT id, context-only.
+    """
+    examples = load_examples(path)
+    rows: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    truncated = 0
+    for msgs in examples:
+        ids, scored = render(tok, msgs)
+        truncated += len(ids) > seq_len + 1
+        ids, scored = np.asarray(ids[:seq_len + 1]), np.asarray(scored[:seq_len + 1])
+        row = np.full(seq_len + 1, context_only(np.int32(tok.eot_id)), np.int32)
+        row[:len(ids)] = np.where(scored, ids, context_only(ids))
+        rows["val" if _is_val(msgs, val_fraction) else "train"].append(row)
+    if not rows["val"]:  # at least one validation example, chosen deterministically
+        rows["val"].append(rows["train"].pop())
+    if not rows["train"]:
+        raise InstructError(f"{path}: too few examples for a train/val split")
+    counts = {"examples": len(examples), "truncated": truncated,
+              "train": len(rows["train"]), "val": len(rows["val"])}
+    return {k: np.stack(v) for k, v in rows.items()}, counts
+
+
+class _Epochs:
+    """Step -> this process's rows: example order reshuffled every epoch from (seed, epoch)."""
+
+    def __init__(self, rows: np.ndarray, seed: int, batch: int, sl: slice):
+        self.rows, self.seed, self.batch, self.sl = rows, seed, batch, sl
+
+    def __call__(self, step: int) -> np.ndarray:
+        n = len(self.rows)
+        j = np.arange(step * self.batch, (step + 1) * self.batch)[self.sl]
+        perms = {e: np.random.default_rng([self.seed, e]).permutation(n) for e in set(j // n)}
+        return self.rows[[perms[e][i] for e, i in zip(j // n, j % n, strict=True)]]
+
+
+def train_batches(rows: np.ndarray, *, batch: int, seed: int, start_step: int, steps: int,
+                  rows_slice: slice) -> Iterator[np.ndarray]:
+    ds = grain.MapDataset.range(start_step, steps).map(_Epochs(rows, seed, batch, rows_slice))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+
+
+def val_batches(rows: np.ndarray, *, batch: int, rows_slice: slice) -> Iterator[np.ndarray]:
+    """Every validation example once, in order; the last batch is padded with rows that score
+    nothing, so the mean over scored targets is exact."""
+    pad = np.full((-len(rows) % batch, rows.shape[1]), context_only(np.int32(0)), np.int32)
+    padded = np.concatenate([rows, pad])
+    for k in range(len(padded) // batch):
+        yield padded[k * batch:(k + 1) * batch][rows_slice]
+
+
+def init_chat_rows(params: dict, base_vocab: int, vocab: int) -> dict:
+    """Embedding rows base_vocab..vocab-1 (new chat tokens of a pretrained model) set to the mean of
+    the pretrained rows: a neutral start the finetune moves from, rather than random noise whose
+    logits could dominate the first samples."""
+    wte_VD = jnp.asarray(params["wte"]["embedding"])
+    wte_VD = wte_VD.at[base_vocab:vocab].set(wte_VD[:base_vocab].mean(axis=0))
+    return {**params, "wte": {**params["wte"], "embedding": wte_VD}}
