@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from llmjax.data import HEADER_BYTES, HEADER_INTS, MAGIC, PREPARE_STATE, VERSION, shard_name
 from llmjax.tokenizer import get_tokenizer
@@ -493,7 +493,7 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
             print(f"prepare: {out} is already complete", file=sys.stderr)
         return done
     state = _resume_state(out, options) or {
-        "options": options, "consumed": 0, "seconds": 0.0, "text_bytes": 0,
+        "options": options, "consumed": 0, "seconds": 0.0, "text_bytes": 0, "kept_bytes": 0,
         "documents": {"seen": 0, "kept": 0, "dropped_empty": 0, "dropped_duplicate": 0,
                       "dropped_short": 0},
         "splits": {s: {"shards": [], "partial": 0, "docs": 0} for s in ("train", "val")},
@@ -501,7 +501,8 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
     _remove_stale(out, state)
     writers = {s: ShardWriter(out, s, shard_tokens, **state["splits"][s]) for s in state["splits"]}
     router = Router(writers, val_fraction, val_docs, Router.held_from(state["held"]))
-    docs, consumed, text_bytes = state["documents"], state["consumed"], state["text_bytes"]
+    docs, consumed = state["documents"], state["consumed"]
+    text_bytes, kept_bytes = state["text_bytes"], state["kept_bytes"]
     total_tokens = sum(w.tokens for w in writers.values()) + sum(len(t) for *_, t in router.held)
     texts, total_docs = open_source(source, text_field, hf_config, hf_split)
     if max_docs:
@@ -524,6 +525,7 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
             w.sync()
             w.finished = False
         state.update(consumed=consumed, seconds=time.time() - t0, text_bytes=text_bytes,
+                     kept_bytes=kept_bytes,
                      splits={s: w.state() for s, w in writers.items()}, held=router.state())
         tmp = os.path.join(out, PREPARE_STATE + ".tmp")
         with open(tmp, "w") as f:
@@ -553,6 +555,7 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
                         continue
                     seen_digests.add(digest)
                 docs["kept"] += 1
+                kept_bytes += int(enc.nbytes[i])
                 router.route(doc_hash(digest), consumed - 1, tokens)
                 total_tokens += n
                 if any(w.finished for w in writers.values()) or (
@@ -586,7 +589,7 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
                    "dtype": "uint16", "eot": "before every document"},
         "options": options,
         "documents": {**docs, **{s: w.docs for s, w in writers.items()}},
-        "text_bytes": text_bytes, "capped": capped,
+        "text_bytes": {"seen": text_bytes, "kept": kept_bytes}, "capped": capped,
         "tokens": {s: w.tokens for s, w in writers.items()},
         "shards": {s: w.shards for s, w in writers.items()},
         "command": " ".join(sys.argv), "seconds": round(seconds, 3),
@@ -617,10 +620,11 @@ def summary(meta: dict, out: str) -> str:
         n, t = meta["documents"][s], meta["tokens"][s]
         rows.append(f"{s:<6} {n:>12,} {t:>16,} {len(meta['shards'][s]):>7} "
                     f"{t / max(n, 1):>11,.1f}")
-    rows += ["", f"text       {meta['text_bytes'] / 1e6:,.1f} MB, "
-             f"{meta['text_bytes'] / max(tokens, 1):.2f} bytes/token",
+    seen, kept = meta["text_bytes"]["seen"], meta["text_bytes"]["kept"]
+    rows += ["", f"text       {seen / 1e6:,.1f} MB read, {kept / 1e6:,.1f} MB kept, "
+             f"{kept / max(tokens - d['kept'], 1):.2f} bytes/token (EOTs aside)",
              f"time       {secs:,.1f}s ({tokens / secs:,.0f} tokens/s, "
-             f"{meta['text_bytes'] / secs / 1e6:,.1f} MB/s)"]
+             f"{seen / secs / 1e6:,.1f} MB/s)"]
     return "\n".join(rows)
 
 
@@ -629,6 +633,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # `datasets` logs at INFO on import
     if FLAGS["val_fraction"].present and FLAGS.val_docs:
         print("prepare: pass --val_fraction or --val_docs, not both", file=sys.stderr)
         sys.exit(2)
