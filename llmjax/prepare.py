@@ -634,6 +634,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # `datasets` logs at INFO on import
+    # Else `datasets` imports torch (seconds) for every stream, only to share ints with a
+    # DataLoader's workers, which prepare never uses.
+    os.environ.setdefault("USE_TORCH", "0")
     if FLAGS["val_fraction"].present and FLAGS.val_docs:
         print("prepare: pass --val_fraction or --val_docs, not both", file=sys.stderr)
         sys.exit(2)
