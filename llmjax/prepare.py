@@ -15,7 +15,6 @@ the source is re-read (not re-tokenized) up to that point.
 
 from __future__ import annotations
 
-import ast
 import base64
 import collections
 import dataclasses
@@ -27,7 +26,6 @@ import json
 import multiprocessing
 import os
 import sys
-import sysconfig
 import time
 from collections.abc import Iterator
 
@@ -35,130 +33,13 @@ import numpy as np
 from absl import app, flags, logging
 
 from llmjax.data import HEADER_BYTES, HEADER_INTS, MAGIC, PREPARE_STATE, VERSION, shard_name
+from llmjax.sources import open_source
 from llmjax.tokenizer import get_tokenizer
 
-# The offline corpus's modules: docstrings of these stdlib modules, after pydoc's topic pages.
-PYDOCS_MODULES = (
-    "abc argparse ast asyncio/base_events asyncio/tasks asyncio/streams base64 bisect calendar "
-    "collections/__init__ contextlib copy csv dataclasses datetime decimal difflib dis "
-    "email/message enum fileinput fnmatch fractions ftplib functools getopt gettext glob gzip "
-    "hashlib heapq hmac "
-    "html/parser http/client http/server imaplib inspect ipaddress json/__init__ json/decoder "
-    "json/encoder logging/__init__ logging/handlers mailbox mimetypes multiprocessing/pool "
-    "numbers operator optparse os pathlib pickle pickletools platform plistlib poplib pprint "
-    "pydoc queue random re/__init__ secrets selectors shlex shutil smtplib socket socketserver "
-    "statistics string subprocess tarfile tempfile textwrap threading timeit tokenize trace "
-    "traceback turtle typing unittest/case urllib/parse urllib/request uuid warnings wave weakref "
-    "xml/dom/minidom zipfile/__init__ zipfile"
-).split()
 BATCH_CHARS = 1 << 20  # text per tokenizer task: large enough to amortise IPC, small for smooth ETA
 CHECKPOINT_SECONDS = 60.0  # also checkpoint between shards, so a crash loses at most this much
 EMPTY, SHORT = 1, 2  # per-document filter verdicts computed by the tokenizer workers
 
-
-# ---------------------------------------------------------------------------------------------
-# Sources: each yields document texts in a fixed order, and its document count when known.
-
-
-def pydocs_documents() -> Iterator[str]:
-    """Python's own documentation: pydoc's topic pages, then stdlib docstrings (about 1 MB).
-
-    Ships with every Python, so the demo needs no network and no data files.
-    """
-    from pydoc_data.topics import topics
-
-    for name in sorted(topics):
-        yield topics[name]
-    stdlib = sysconfig.get_paths()["stdlib"]
-    for mod in PYDOCS_MODULES:
-        path = os.path.join(stdlib, mod + ".py")
-        if not os.path.exists(path):
-            continue  # modules come and go between Python versions
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-        nodes = [tree] + [n for n in ast.walk(tree)
-                          if isinstance(n, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)]
-        docs = [ast.get_docstring(n) for n in nodes]
-        text = "\n\n".join(d for d in docs if d)
-        if text:
-            yield text
-
-
-def _glob(source: str, pattern: str) -> list[str]:
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
-    if not paths:
-        raise ValueError(f"--source={source}: no file matches {pattern!r}")
-    return paths
-
-
-def text_documents(paths: list[str]) -> Iterator[str]:
-    for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield f.read()
-
-
-def dataset_rows(source: str, builder: str, text_field: str, **kwargs) -> tuple[Iterator[str],
-                                                                                  int | None]:
-    """One `text_field` per row of a `datasets` stream: the hub (builder = the dataset's name) and
-    local jsonl/parquet files (builder "json"/"parquet" with data_files) take this same path.
-    Streaming reads record batches as it goes, so no dataset is ever downloaded whole."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(builder, streaming=True, **kwargs)
-    except Exception as e:  # the hub raises many kinds (offline, gated, missing config, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"--source={source}: cannot open ({type(e).__name__}: {first})") from e
-    if ds.column_names is not None:
-        if text_field not in ds.column_names:
-            raise ValueError(f"--source={source}: no field --text_field={text_field!r} "
-                             f"(fields: {', '.join(ds.column_names)})")
-        ds = ds.select_columns([text_field])  # parquet then skips the other columns' bytes
-    total = None
-    split = kwargs.get("split")
-    try:
-        total = ds.info.splits[split].num_examples or None
-    except (AttributeError, KeyError, TypeError):
-        pass
-
-    def rows() -> Iterator[str]:
-        for batch in ds.iter(batch_size=1024):
-            if text_field not in batch:
-                raise ValueError(f"--source={source}: no field --text_field={text_field!r} "
-                                 f"(fields: {', '.join(batch)})")
-            for text in batch[text_field]:
-                if text is not None and not isinstance(text, str):
-                    raise ValueError(f"--source={source}: field {text_field!r} holds "
-                                     f"{type(text).__name__}, not text")
-                yield text or ""
-
-    return rows(), total
-
-
-def open_source(source: str, text_field: str = "text", hf_config: str | None = None,
-                hf_split: str = "train") -> tuple[Iterator[str], int | None]:
-    """Documents of `source` in their fixed order, and how many there are when that is known."""
-    kind, _, arg = source.partition(":")
-    if kind == "hf" and arg:
-        return dataset_rows(source, arg, text_field, name=hf_config or None, split=hf_split)
-    if kind in ("jsonl", "parquet") and arg:
-        paths = _glob(source, arg)
-        total = None
-        if kind == "parquet":
-            import pyarrow.parquet as pq
-
-            total = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
-        rows, _ = dataset_rows(source, "json" if kind == "jsonl" else kind, text_field,
-                               data_files=paths, split="train")
-        return rows, total
-    if kind == "text" and arg:
-        paths = _glob(source, arg)
-        return text_documents(paths), len(paths)
-    if kind == "builtin" and arg == "pydocs":
-        return pydocs_documents(), None
-    raise ValueError(f"--source={source!r}: expected hf:NAME, jsonl:GLOB, parquet:GLOB, "
-                     "text:GLOB or builtin:pydocs")
 
 
 # ---------------------------------------------------------------------------------------------
