@@ -514,7 +514,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # `datasets` logs at INFO on import
+    logging.set_verbosity(logging.WARNING)  # `datasets` logs at INFO on import...
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # ...and the errors we report
     # Else `datasets` imports torch (seconds) for every stream, only to share ints with a
     # DataLoader's workers, which prepare never uses.
     os.environ.setdefault("USE_TORCH", "0")

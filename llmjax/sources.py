@@ -68,6 +68,11 @@ def text_documents(paths: list[str]) -> Iterator[str]:
             yield f.read()
 
 
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def dataset_rows(source: str, builder: str, text_field: str, **kwargs) -> tuple[Iterator[str],
                                                                                   int | None]:
     """One `text_field` per row of a `datasets` stream: the hub (builder = the dataset's name) and
@@ -78,8 +83,7 @@ def dataset_rows(source: str, builder: str, text_field: str, **kwargs) -> tuple[
     try:
         ds = datasets.load_dataset(builder, streaming=True, **kwargs)
     except Exception as e:  # the hub raises many kinds (offline, gated, missing config, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"--source={source}: cannot open ({type(e).__name__}: {first})") from e
+        raise ValueError(f"--source={source}: cannot open ({_one_line(e)})") from e
     if ds.column_names is not None:
         if text_field not in ds.column_names:
             raise ValueError(f"--source={source}: no field --text_field={text_field!r} "
@@ -92,8 +96,21 @@ def dataset_rows(source: str, builder: str, text_field: str, **kwargs) -> tuple[
     except (AttributeError, KeyError, TypeError):
         pass
 
+    def batches() -> Iterator[dict]:
+        it, n = ds.iter(batch_size=1024), 0
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as e:  # malformed JSON, a truncated parquet file, a dropped stream
+                raise ValueError(f"--source={source}: cannot read past row {n:,} "
+                                 f"({_one_line(e)})") from e
+            n += len(next(iter(batch.values()), []))
+            yield batch
+
     def rows() -> Iterator[str]:
-        for batch in ds.iter(batch_size=1024):
+        for batch in batches():
             if text_field not in batch:
                 raise ValueError(f"--source={source}: no field --text_field={text_field!r} "
                                  f"(fields: {', '.join(batch)})")
@@ -118,7 +135,13 @@ def open_source(source: str, text_field: str = "text", hf_config: str | None = N
         if kind == "parquet":
             import pyarrow.parquet as pq
 
-            total = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+            total = 0
+            for path in paths:
+                try:
+                    total += pq.ParquetFile(path).metadata.num_rows
+                except Exception as e:  # pyarrow's errors do not name the file
+                    raise ValueError(f"--source={source}: {path}: not a readable parquet file "
+                                     f"({_one_line(e)})") from e
         rows, _ = dataset_rows(source, "json" if kind == "jsonl" else kind, text_field,
                                data_files=paths, split="train")
         return rows, total

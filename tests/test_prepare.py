@@ -234,6 +234,12 @@ def test_bad_inputs_named(tmp_path, jsonl, monkeypatch):
         prepare(f"jsonl:{jsonl}", str(tmp_path / "o"), val_fraction=1.5)
     with pytest.raises(ValueError, match="no document went to train"):
         prepare(f"jsonl:{jsonl}", str(tmp_path / "o"), "bytes", max_docs=1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": "b"\n')
+    with pytest.raises(ValueError, match=r"jsonl:.*bad.jsonl: cannot read past row 0 \(Arrow"):
+        prepare(f"jsonl:{bad}", str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"bad.jsonl: not a readable parquet file"):
+        prepare(f"parquet:{bad}", str(tmp_path / "o"))
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "train_000000.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="prepare did not start"):
