@@ -459,7 +459,10 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
     if progress:
         progress.update(docs["seen"], total_tokens, done=True)
     for split, w in writers.items():
-        if not w.shards:
+        if not w.shards:  # a useless dataset: leave the directory as if never started
+            _remove_stale(out, {"splits": {s: {"shards": [], "partial": 0} for s in writers}})
+            if os.path.exists(os.path.join(out, PREPARE_STATE)):
+                os.remove(os.path.join(out, PREPARE_STATE))
             raise ValueError(f"--source={source}: no document went to {split} ({docs['kept']} "
                              f"kept of {docs['seen']}); a dataset needs at least 2 kept documents")
     seconds = time.time() - t0

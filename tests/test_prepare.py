@@ -234,6 +234,7 @@ def test_bad_inputs_named(tmp_path, jsonl, monkeypatch):
         prepare(f"jsonl:{jsonl}", str(tmp_path / "o"), val_fraction=1.5)
     with pytest.raises(ValueError, match="no document went to train"):
         prepare(f"jsonl:{jsonl}", str(tmp_path / "o"), "bytes", max_docs=1)
+    assert os.listdir(tmp_path / "o") == []  # nothing half-made is left behind
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{"text": "b"\n')
     with pytest.raises(ValueError, match=r"jsonl:.*bad.jsonl: cannot read past row 0 \(Arrow"):
