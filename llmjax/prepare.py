@@ -41,7 +41,6 @@ CHECKPOINT_SECONDS = 60.0  # also checkpoint between shards, so a crash loses at
 EMPTY, SHORT = 1, 2  # per-document filter verdicts computed by the tokenizer workers
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Tokenization: a pure function of a batch of texts, run in-process or in a pool of processes.
 
@@ -162,7 +161,7 @@ class ShardWriter:
         self.finished = False  # a shard was completed since the last checkpoint
         tmp = self._tmp()
         if partial:
-            self.f = open(tmp, "r+b")  # noqa: SIM115 (held open across calls)
+            self.f = open(tmp, "r+b")  # held open across add() calls
             self.f.truncate(HEADER_BYTES + 2 * partial)
             self.f.seek(0, os.SEEK_END)
             self.n = partial
@@ -176,7 +175,7 @@ class ShardWriter:
         arr = np.ascontiguousarray(tokens, np.uint16)
         while len(arr):
             if self.f is None:
-                self.f = open(self._tmp(), "wb", buffering=1 << 20)  # noqa: SIM115
+                self.f = open(self._tmp(), "wb", buffering=1 << 20)
                 self.f.write(bytes(HEADER_BYTES))
             take = min(len(arr), self.shard_tokens - self.n)
             self.f.write(arr[:take].data)
@@ -313,14 +312,19 @@ def _resume_state(out: str, options: dict) -> dict | None:
                 if state["options"].get(k) != options[k]]
         raise ValueError(f"--out={out} holds an unfinished prepare with other options "
                          f"({', '.join(diff)}); rerun it with those, or use an empty --out")
-    for split in ("train", "val"):
-        for s in state["splits"][split]["shards"]:
+    for split, st in state["splits"].items():
+        for s in st["shards"]:
             p = os.path.join(out, s["name"])
             ok = (os.path.exists(p) and os.path.getsize(p) == HEADER_BYTES + 2 * s["tokens"]
                   and file_sha256(p) == s["sha256"])
             if not ok:
                 print(f"prepare: {p} does not match its checkpoint; starting over", file=sys.stderr)
                 return None
+        tmp = os.path.join(out, shard_name(split, len(st["shards"])) + ".tmp")
+        if st["partial"] and not (os.path.exists(tmp) and
+                                  os.path.getsize(tmp) >= HEADER_BYTES + 2 * st["partial"]):
+            print(f"prepare: {tmp} is shorter than its checkpoint; starting over", file=sys.stderr)
+            return None
     return state
 
 
