@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from absl import app, flags, logging
@@ -125,15 +126,19 @@ def encoded_batches(texts: Iterator[str], tokenizer: str, min_chars: int,
         for batch in _text_batches(texts):
             yield encode_batch(batch, tokenizer, min_chars)
         return
-    # spawn, not fork: the parent may hold threads (JAX, datasets' HTTP), which fork breaks.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pending: collections.deque = collections.deque()
+    # spawn, not fork: the parent may hold threads (JAX, datasets' HTTP), which fork breaks. An
+    # executor, not a Pool: a worker that dies (out of memory) raises instead of hanging.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pending: collections.deque = collections.deque()
+    try:
         for batch in _text_batches(texts):
-            pending.append(pool.apply_async(encode_batch, (batch, tokenizer, min_chars)))
+            pending.append(pool.submit(encode_batch, batch, tokenizer, min_chars))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
