@@ -118,27 +118,38 @@ def _text_batches(texts: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def encoded_batches(texts: Iterator[str], tokenizer: str, min_chars: int,
-                    workers: int) -> Iterator[Encoded]:
-    """Batches in source order. With workers, at most 2 per worker are in flight, so reading
-    never runs far ahead of tokenizing (a hub stream is never buffered whole)."""
+def start_pool(workers: int, tokenizer: str) -> ProcessPoolExecutor | None:
+    """Tokenizer processes, started (and their tokenizer built) while the source opens.
+
+    spawn, not fork: the parent may hold threads (JAX, datasets' HTTP), which fork breaks. An
+    executor, not a Pool: a process that dies (out of memory) raises instead of hanging."""
     if workers == 0:
+        return None
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    for _ in range(workers):  # each submit finds no idle process and spawns one
+        pool.submit(_build_tokenizer, tokenizer)
+    return pool
+
+
+def _build_tokenizer(tokenizer: str) -> None:
+    get_tokenizer(tokenizer)  # cached in the process; returns None, not a 50k-entry pickle
+
+
+def encoded_batches(texts: Iterator[str], tokenizer: str, min_chars: int,
+                    pool: ProcessPoolExecutor | None, workers: int) -> Iterator[Encoded]:
+    """Batches in source order. With a pool, at most 2 per worker are in flight, so reading
+    never runs far ahead of tokenizing (a hub stream is never buffered whole)."""
+    if pool is None:
         for batch in _text_batches(texts):
             yield encode_batch(batch, tokenizer, min_chars)
         return
-    # spawn, not fork: the parent may hold threads (JAX, datasets' HTTP), which fork breaks. An
-    # executor, not a Pool: a worker that dies (out of memory) raises instead of hanging.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     pending: collections.deque = collections.deque()
-    try:
-        for batch in _text_batches(texts):
-            pending.append(pool.submit(encode_batch, batch, tokenizer, min_chars))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
+    for batch in _text_batches(texts):
+        pending.append(pool.submit(encode_batch, batch, tokenizer, min_chars))
+        if len(pending) >= 2 * workers:
             yield pending.popleft().result()
-    finally:
-        pool.shutdown(cancel_futures=True)
+    while pending:
+        yield pending.popleft().result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,12 +400,28 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
         "splits": {s: {"shards": [], "partial": 0, "docs": 0} for s in ("train", "val")},
         "held": []}
     _remove_stale(out, state)
-    writers = {s: ShardWriter(out, s, shard_tokens, **state["splits"][s]) for s in state["splits"]}
-    router = Router(writers, val_fraction, val_docs, Router.held_from(state["held"]))
+    pool = start_pool(workers, tokenizer)
+    try:
+        return _run(state, out, tok, pool, workers, verbose)
+    finally:
+        if pool is not None:
+            # No waiting for the processes to exit: each finishes its task (if any) and goes.
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run(state: dict, out: str, tok, pool: ProcessPoolExecutor | None, workers: int,
+         verbose: bool) -> dict:
+    """The document loop of `prepare`, from `state` (fresh or a checkpoint) to meta.json."""
+    o = state["options"]
+    source, tokenizer, dedup, min_chars = o["source"], o["tokenizer"], o["dedup"], o["min_chars"]
+    max_docs, max_tokens = o["max_docs"], o["max_tokens"]
+    writers = {s: ShardWriter(out, s, o["shard_tokens"], **state["splits"][s])
+               for s in state["splits"]}
+    router = Router(writers, o["val_fraction"], o["val_docs"], Router.held_from(state["held"]))
     docs, consumed = state["documents"], state["consumed"]
     text_bytes, kept_bytes = state["text_bytes"], state["kept_bytes"]
     total_tokens = sum(w.tokens for w in writers.values()) + sum(len(t) for *_, t in router.held)
-    texts, total_docs = open_source(source, text_field, hf_config, hf_split)
+    texts, total_docs = open_source(source, o["text_field"], o["hf_config"], o["hf_split"])
     if max_docs:
         total_docs = min(total_docs or max_docs, max_docs)
         texts = itertools.islice(texts, max_docs)
@@ -423,7 +450,7 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
         os.replace(tmp, os.path.join(out, PREPARE_STATE))
 
     capped = False
-    batches = encoded_batches(texts, tokenizer, min_chars, workers)
+    batches = encoded_batches(texts, tokenizer, min_chars, pool, workers)
     try:
         for enc in batches:
             offset = 0
@@ -460,7 +487,7 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
             if capped:
                 break
     finally:
-        batches.close()  # stops the worker pool, also when interrupted
+        batches.close()
     capped = capped or bool(max_docs and docs["seen"] >= max_docs)
     router.finish()
     for w in writers.values():
@@ -480,7 +507,7 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
         "eot_id": tok.eot_id,
         "format": {"magic": MAGIC, "version": VERSION, "header_bytes": HEADER_BYTES,
                    "dtype": "uint16", "eot": "before every document"},
-        "options": options,
+        "options": o,
         "documents": {**docs, **{s: w.docs for s, w in writers.items()}},
         "text_bytes": {"seen": text_bytes, "kept": kept_bytes}, "capped": capped,
         "tokens": {s: w.tokens for s, w in writers.items()},
