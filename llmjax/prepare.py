@@ -377,7 +377,12 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
             dedup: bool = False, min_chars: int = 0, max_docs: int = 0, max_tokens: int = 0,
             text_field: str = "text", hf_config: str = "", hf_split: str = "train",
             verbose: bool = False) -> dict:
-    """Tokenizes `source` into shards under `out` and returns the meta.json contents."""
+    """Tokenizes `source` into shards under `out` and returns the meta.json contents.
+
+    The arguments are the CLI's flags (see _define_flags), except that `workers` defaults to 0
+    here (tokenize in this process) and to the CPU count on the command line. Starting it again
+    on the same `out` with the same options resumes an interrupted run, or returns a finished
+    run's meta; other options, or shards prepare did not write, are refused (ValueError)."""
     options = {"source": source, "tokenizer": tokenizer, "val_fraction": val_fraction,
                "val_docs": val_docs, "shard_tokens": shard_tokens, "dedup": dedup,
                "min_chars": min_chars, "max_docs": max_docs, "max_tokens": max_tokens,
