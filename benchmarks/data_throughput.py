@@ -7,7 +7,8 @@ into ~4 KB documents and repeated up to --mb), then measures, in one run on the 
   tiktoken  encode_ordinary_batch(texts, num_threads=N) on the same documents
   prepare   python -m llmjax.prepare's pipeline (jsonl via `datasets`, N tokenizer processes,
             hashing, shards written); wall time from call to return
-            (the two alternate for --rounds; the best time of each is reported, and all times)
+            (the two alternate for --rounds; the best time of each is reported, and all times,
+            and CPU seconds, which other load on a shared machine disturbs far less than wall time)
   loader    llmjax.data.train_batches ready batches per second (int32 [batch, seq_len+1])
 Goals on a 2-core machine: prepare >= 80% of tiktoken; loader >= 20M tokens/s.
 Prints one JSON object on its last line.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -46,6 +48,11 @@ def corpus(mb: float) -> list[str]:
             docs.append(f"{len(docs)} {d}")
             size += len(docs[-1])
     return docs
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def bare_tiktoken(docs: list[str], threads: int) -> tuple[float, int]:
@@ -90,14 +97,21 @@ def main() -> None:
                 f.write(json.dumps({"text": d}) + "\n")
         # Interleaved rounds, best of each: on a shared machine the fastest run is the one least
         # disturbed by others, so best-vs-best compares the two pipelines on equal terms.
-        bare, prep = [], []
+        # CPU seconds (this process and its reaped children) are less disturbed by other
+        # machines' load than wall time: they say how much work each pipeline does per token.
+        bare, prep, bare_cpu, prep_cpu = [], [], [], []
         for r in range(args.rounds):
+            c = cpu_seconds()
             t, n_tok = bare_tiktoken(docs, args.workers)
             bare.append(t)
-            t = time.perf_counter()
+            bare_cpu.append(cpu_seconds() - c)
+            c, t = cpu_seconds(), time.perf_counter()
             meta = prepare(f"jsonl:{src}", os.path.join(tmp, f"shards{r}"), "gpt2", 0.01,
                            shard_tokens=10_000_000, workers=args.workers)
             prep.append(time.perf_counter() - t)
+            while multiprocessing.active_children():  # reaps the tokenizer processes
+                time.sleep(0.05)
+            prep_cpu.append(cpu_seconds() - c)
             assert sum(meta["tokens"].values()) == n_tok + len(docs)  # + one EOT per document
         tt, tp = min(bare), min(prep)
         out.update(
@@ -105,7 +119,10 @@ def main() -> None:
             prepare_tokens_per_sec=round(n_tok / tp), prepare_mb_per_sec=round(mb / tp, 2),
             prepare_vs_tiktoken=round(tt / tp, 3),
             tiktoken_runs_sec=[round(t, 2) for t in bare],
-            prepare_runs_sec=[round(t, 2) for t in prep])
+            prepare_runs_sec=[round(t, 2) for t in prep],
+            tiktoken_cpu_sec=[round(t, 2) for t in bare_cpu],
+            prepare_cpu_sec=[round(t, 2) for t in prep_cpu],
+            prepare_vs_tiktoken_cpu=round(min(bare_cpu) / min(prep_cpu), 3))
         print(json.dumps(out), file=sys.stderr)
         path = os.path.join(tmp, "shards0")
         for workers, prefetch in [(0, 4), (2, 4)]:
