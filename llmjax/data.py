@@ -15,12 +15,12 @@ import json
 import os
 from collections.abc import Iterator
 
-import grain
 import numpy as np
 from absl import flags
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
+PREPARE_STATE = "prepare_state.json"  # prepare's checkpoint, present only while it is unfinished
 
 
 class DataError(ValueError):
@@ -64,9 +64,15 @@ def read_meta(path: str) -> dict:
     """meta.json written by prepare, or {} for shards made elsewhere (llm.c, modded-nanogpt)."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
+        if os.path.exists(os.path.join(path, PREPARE_STATE)):
+            raise DataError(f"data.path={path!r}: prepare has not finished there (found "
+                            f"{PREPARE_STATE}); run the same prepare command again to finish it")
         return {}
-    with open(meta_path) as f:
-        return json.load(f)
+    try:
+        with open(meta_path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path}: unreadable ({e})") from e
 
 
 def check_dataset(path: str, tokenizer: str, seq_len: int) -> None:
@@ -76,11 +82,24 @@ def check_dataset(path: str, tokenizer: str, seq_len: int) -> None:
         raise DataError(f"data.path={path!r} was tokenized with {meta.get('tokenizer')!r} "
                         f"but data.tokenizer={tokenizer!r}")
     for split in ("train", "val"):
-        n = sum(len(read_shard(p)) for p in split_paths(path, split))
-        longest = max(len(read_shard(p)) for p in split_paths(path, split))
+        paths = split_paths(path, split)
+        lengths = {os.path.basename(p): len(read_shard(p)) for p in paths}
+        if meta and "shards" in meta:
+            listed = {s["name"]: s["tokens"] for s in meta["shards"][split]}
+            for name in sorted(listed.keys() - lengths.keys()):
+                raise DataError(f"{os.path.join(path, name)}: listed in meta.json but missing")
+            for name in sorted(lengths.keys() - listed.keys()):
+                raise DataError(f"{os.path.join(path, name)}: not listed in meta.json "
+                                "(left over from another dataset?)")
+            for name, n in sorted(lengths.items()):
+                if n != listed[name]:
+                    raise DataError(f"{os.path.join(path, name)}: {n} tokens, but meta.json "
+                                    f"says {listed[name]}")
+        longest = max(lengths.values())
         if longest < seq_len + 1:
-            raise DataError(f"data.path={path!r}: the {split} split ({n} tokens, longest shard "
-                            f"{longest}) is smaller than one window of seq_len+1={seq_len + 1}")
+            raise DataError(f"data.path={path!r}: the {split} split ({sum(lengths.values())} "
+                            f"tokens, longest shard {longest}) is smaller than one window of "
+                            f"seq_len+1={seq_len + 1}")
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -102,6 +121,9 @@ class _Windows:
         self.counts = np.maximum((lengths - seq_len - 1) // stride + 1, 0)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
         self.total = int(self.offsets[-1])
+        if self.total == 0:
+            raise DataError(f"{', '.join(paths)}: no shard holds one window of seq_len+1="
+                            f"{seq_len + 1} tokens (longest: {int(lengths.max())})")
 
     @functools.cached_property
     def shards(self) -> list[np.ndarray]:
@@ -154,7 +176,12 @@ def process_rows(batch: int, process_index: int, process_count: int) -> slice:
     return slice(process_index * per, (process_index + 1) * per)
 
 
-def _iterate(ds: grain.MapDataset, workers: int, prefetch: int) -> Iterator[np.ndarray]:
+def _iterate(start: int, stop: int, fn, workers: int, prefetch: int) -> Iterator[np.ndarray]:
+    """fn(i) for i in [start, stop), read `prefetch` batches ahead in threads (and `workers`
+    processes), so the train step never waits on reading."""
+    import grain  # here, not at the top: prepare's tokenizer processes need only the format
+
+    ds = grain.MapDataset.range(start, stop).map(fn)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(prefetch, 8)),
                                               prefetch_buffer_size=prefetch))
     if workers > 0:
@@ -171,7 +198,7 @@ def train_batches(path: str, *, seq_len: int, batch: int, vocab_size: int, seed:
     """Yields int32 [batch/process_count, seq_len+1] for steps start_step .. steps-1."""
     windows = _Windows(split_paths(path, "train"), seq_len, vocab_size, stride=1)
     fn = _TrainBatch(windows, seed, batch, process_rows(batch, process_index, process_count))
-    return _iterate(grain.MapDataset.range(start_step, steps).map(fn), workers, prefetch)
+    return _iterate(start_step, steps, fn, workers, prefetch)
 
 
 def val_batches(path: str, *, seq_len: int, batch: int, vocab_size: int, num_batches: int,
@@ -180,4 +207,4 @@ def val_batches(path: str, *, seq_len: int, batch: int, vocab_size: int, num_bat
     """Yields the same `num_batches` validation batches every time it is called."""
     windows = _Windows(split_paths(path, "val"), seq_len, vocab_size, stride=seq_len)
     fn = _ValBatch(windows, batch, process_rows(batch, process_index, process_count))
-    return _iterate(grain.MapDataset.range(num_batches).map(fn), workers, prefetch)
+    return _iterate(0, num_batches, fn, workers, prefetch)

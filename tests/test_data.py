@@ -119,3 +119,55 @@ def test_windows_are_real_text_and_val_is_fixed(byte_data):
     np.testing.assert_array_equal(np.stack(v1), np.stack(v2))
     val = np.concatenate([data.read_shard(p) for p in data.split_paths(byte_data, "val")])
     np.testing.assert_array_equal(v1[0][1], val[32:65])  # window 1 starts at seq_len
+
+
+def test_resume_mid_stream_sees_the_same_batches(byte_data):
+    # A run reads ahead (prefetch) and is cut after step 2; its checkpoint holds data_step=2.
+    # The resumed loader, with other worker/prefetch settings, continues exactly where it stopped.
+    first = data.train_batches(byte_data, seq_len=32, batch=8, vocab_size=257, seed=3,
+                               start_step=0, steps=7, prefetch=4)
+    seen = [next(first) for _ in range(2)]
+    rest = list(first)
+    resumed = _take(byte_data, batch=8, start_step=2, steps=7, workers=1, prefetch=1)
+    np.testing.assert_array_equal(np.stack(resumed), np.stack(rest))
+    assert not any(np.array_equal(s, r) for s in seen for r in rest)
+
+
+def test_shards_must_match_meta(tmp_path, byte_data):
+    import shutil
+
+    path = tmp_path / "d"
+    shutil.copytree(byte_data, path)
+    extra = path / "train_000007.bin"
+    shutil.copy(path / "train_000000.bin", extra)
+    with pytest.raises(data.DataError, match="train_000007.bin: not listed in meta.json"):
+        data.check_dataset(str(path), "bytes", 32)
+    extra.unlink()
+    (path / "val_000000.bin").unlink()
+    with pytest.raises(data.DataError, match="no val_"):
+        data.check_dataset(str(path), "bytes", 32)
+    shutil.copy(path / "train_000000.bin", path / "val_000000.bin")
+    with pytest.raises(data.DataError, match="val_000000.bin: .* tokens, but meta.json says"):
+        data.check_dataset(str(path), "bytes", 32)
+    (path / "meta.json").write_text("{not json")
+    with pytest.raises(data.DataError, match="meta.json: unreadable"):
+        data.check_dataset(str(path), "bytes", 32)
+    # Shards from elsewhere (llm.c, modded-nanogpt) come without meta.json and still load.
+    (path / "meta.json").unlink()
+    data.check_dataset(str(path), "bytes", 32)
+
+
+def test_split_smaller_than_a_window_named_by_the_loader(tmp_path):
+    from llmjax.prepare import ShardWriter
+
+    for split in ("train", "val"):
+        w = ShardWriter(str(tmp_path), split, shard_tokens=100)
+        w.add(list(range(20)))
+        w.flush()
+    with pytest.raises(data.DataError, match=r"train_000000.bin: no shard holds one window of "
+                                             r"seq_len\+1=33 tokens \(longest: 20\)"):
+        data.train_batches(str(tmp_path), seq_len=32, batch=2, vocab_size=257, seed=0,
+                           start_step=0, steps=1)
+    with pytest.raises(data.DataError, match="batch_size=6 is not divisible by 4 processes"):
+        data.train_batches(str(tmp_path), seq_len=8, batch=6, vocab_size=257, seed=0,
+                           start_step=0, steps=1, process_count=4)
