@@ -36,12 +36,16 @@ def main(argv: list[str]) -> None:
     from llmjax import checkpoint, data, train  # late: jax starts after the config is known good
 
     logging.set_verbosity(logging.WARNING)  # Orbax narrates every save at INFO
+    checkpoint.handle_signals()  # SIGTERM/SIGINT: finish the step, save, exit 0
 
     try:
         train.train_and_evaluate(cfg, FLAGS.workdir)
-    except (data.DataError, checkpoint.CheckpointError) as e:
+    except (config.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
         print(f"llmjax: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # diverged; the last good checkpoint is on disk
+        print(f"llmjax: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
