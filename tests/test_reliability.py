@@ -29,9 +29,9 @@ from llmjax.data import DataError
 from tests.conftest import ROOT, tiny_config
 
 STEPS = 16
-ARGS = ["--config=configs/tiny.py", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
-        "--config.train.ckpt_every=4", "--config.train.eval_every=8",
-        "--config.train.eval_batches=1"]
+ARGS = [f"--config={ROOT}/configs/tiny.py", f"--config.train.steps={STEPS}",
+        "--config.train.log_every=1", "--config.train.ckpt_every=4",
+        "--config.train.eval_every=8", "--config.train.eval_batches=1"]
 OVERRIDES = {"train.steps": STEPS, "train.log_every": 1, "train.ckpt_every": 4,
              "train.eval_every": 8, "train.eval_batches": 1}
 
@@ -39,7 +39,8 @@ OVERRIDES = {"train.steps": STEPS, "train.log_every": 1, "train.ckpt_every": 4,
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     cache = str(tmp_path_factory.mktemp("jax_cache"))
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+    # PYTHONPATH: this checkout's llmjax, whatever the working directory.
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache, PYTHONPATH=ROOT,
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
@@ -49,8 +50,8 @@ def _cmd(workdir, data_path, *extra) -> list[str]:
             f"--config.data.path={data_path}", *extra]
 
 
-def _run(env, workdir, data_path, *extra, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(workdir, data_path, *extra), cwd=ROOT, env=env,
+def _run(env, workdir, data_path, *extra, timeout=300, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(workdir, data_path, *extra), cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -65,10 +66,10 @@ def _logged(workdir) -> list[tuple]:
             for r in _rows(workdir)]
 
 
-def _start_and_signal(env, workdir, data_path, sig) -> tuple[subprocess.Popen, int, str]:
+def _start_and_signal(env, workdir, data_path, sig, cwd=ROOT) -> tuple[subprocess.Popen, int, str]:
     """Starts a run, sends `sig` once a random step has been logged; returns (proc, step, out)."""
     at = random.randint(2, STEPS - 6)
-    proc = subprocess.Popen(_cmd(workdir, data_path), cwd=ROOT, env=env, text=True,
+    proc = subprocess.Popen(_cmd(workdir, data_path), cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = ""
     for line in proc.stdout:
@@ -109,8 +110,9 @@ def test_sigkill_at_a_random_step_resumes_bit_for_bit(byte_data, env, reference,
 
 
 def test_sigterm_saves_the_current_step_and_exits_0(byte_data, env, reference, tmp_path):
+    # A relative --workdir: made absolute at start-up (Orbax's save thread rejects relative ones).
+    proc, at, out = _start_and_signal(env, "preempted", byte_data, signal.SIGTERM, cwd=tmp_path)
     workdir = str(tmp_path / "preempted")
-    proc, at, out = _start_and_signal(env, workdir, byte_data, signal.SIGTERM)
     t0 = time.time()
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -121,7 +123,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(byte_data, env, reference, t
     assert at <= step < STEPS
     assert checkpoint._steps_on_disk(checkpoint.directory(workdir))[-1] == step
     assert [r["step"] for r in _rows(workdir) if "train/loss" in r] == list(range(1, step + 1))
-    resumed = _run(env, workdir, byte_data)
+    resumed = _run(env, "preempted", byte_data, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {checkpoint.directory(workdir)}/{step}" in resumed.stdout
     assert _logged(workdir) == _logged(reference)
@@ -238,22 +240,27 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(tiny_disk):
 
 def test_nan_run_stops_with_a_message_and_a_good_checkpoint(byte_data, env, tmp_path):
     workdir = str(tmp_path / "nan")
-    # An absurd learning rate: step 2 applies a 5e29 update, every later loss is NaN.
-    proc = _run(env, workdir, byte_data, "--config.optim.lr=1e30",
+    # An absurd learning rate: step 2 applies a 5e5 update, step 3's loss is 4e12 (a spike) and
+    # every later loss is NaN.
+    proc = _run(env, workdir, byte_data, "--config.optim.lr=1e6",
                 "--config.train.max_bad_steps=3")
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert re.fullmatch(
-        r"llmjax: training diverged: 3 consecutive non-finite steps up to step 5 \(loss nan, "
-        r"grad norm nan, lr 1\.000e\+30; 3 steps skipped in all\); last good checkpoint: "
+        r"llmjax: training diverged: 3 consecutive non-finite steps up to step 6 \(loss nan, "
+        r"grad norm nan, lr [0-9.]+e\+05; 3 steps skipped in all\); last good checkpoint: "
         + re.escape(checkpoint.directory(workdir)) + "/4", last), last
-    rows = [r for r in _rows(workdir) if "train/loss" in r]
-    assert [r["train/skipped_steps"] for r in rows] == [0, 0, 1, 2, 3]
-    assert [r["train/loss"] for r in rows][2:] == [None] * 3  # NaN is written as null
-    run = train.build(tiny_config(byte_data, **OVERRIDES, **{"optim.lr": 1e30}))
+    rows = _rows(workdir)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["train/skipped_steps"] for r in train_rows] == [0, 0, 0, 1, 2, 3]
+    assert [r["train/loss"] for r in train_rows][3:] == [None] * 3  # NaN is written as null
+    spikes = [r for r in rows if "event/loss_spike" in r]
+    assert [r["step"] for r in spikes] == [3] and spikes[0]["event/loss_spike"] > 1e9
+    assert "step      3/16 | loss spike" in proc.stdout
+    run = train.build(tiny_config(byte_data, **OVERRIDES, **{"optim.lr": 1e6}))
     step, state, _ = checkpoint.restore_latest(workdir, run.abstract_state,
                                                dataclasses.asdict(run.model_cfg))
-    assert step == 4 and int(state.skipped) == 2
+    assert step == 4 and int(state.skipped) == 1
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
@@ -330,3 +337,49 @@ def test_bad_input_is_refused_before_compiling(byte_data, reference, tmp_path, c
     with pytest.raises((CheckpointError, DataError), match=re.escape(needle)):
         train.train_and_evaluate(cfg, workdir)
     assert _snapshot(tmp_path) == before
+
+
+TWO_PROCESS_DRIVER = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid, data_path, workdir = sys.argv[1:5]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(pid))
+from llmjax import checkpoint, train
+from tests.conftest import tiny_config
+checkpoint.handle_signals()
+cfg = tiny_config(data_path, **{"train.steps": 24, "train.log_every": 1, "train.ckpt_every": 8,
+                                "train.eval_every": 0})
+print(f"returned at step {int(train.train_and_evaluate(cfg, workdir).step)}", flush=True)
+"""
+
+
+def _two_processes(env, data_path, workdir) -> list[subprocess.Popen]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_DRIVER, str(port), str(i),
+                              data_path, workdir], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(byte_data, env, tmp_path):
+    reference = str(tmp_path / "reference")
+    assert all(p.wait(timeout=600) == 0 for p in _two_processes(env, byte_data, reference))
+    workdir = str(tmp_path / "preempted")
+    procs = _two_processes(env, byte_data, workdir)
+    at = random.randint(2, 14)
+    for line in procs[0].stdout:  # process 0 logs; process 1 gets the signal
+        if line.startswith(f"step {at:>6}/"):
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    steps = {int(re.search(r"returned at step (\d+)", o).group(1)) for o in outs}
+    assert len(steps) == 1 and at <= min(steps) < 24  # both saved the same step
+    assert checkpoint._steps_on_disk(checkpoint.directory(workdir))[-1] == steps.pop()
+    assert all(p.wait(timeout=600) == 0 for p in _two_processes(env, byte_data, workdir))
+    assert _logged(workdir) == _logged(reference)
