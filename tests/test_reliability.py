@@ -188,6 +188,18 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(byte_data, referenc
     assert os.listdir(os.path.join(workdir, "checkpoints_corrupt"))[0].startswith("16-")
 
 
+def test_run_resumes_past_a_truncated_latest_checkpoint(byte_data, env, reference, tmp_path):
+    workdir = _copy_reference(reference, tmp_path)
+    target = _largest_file(os.path.join(checkpoint.directory(workdir), "16", "state"))
+    os.truncate(target, os.path.getsize(target) // 2)
+    proc = _run(env, workdir, byte_data)
+    assert proc.returncode == 0, proc.stderr
+    assert f"checkpoint {checkpoint.directory(workdir)}/16 is corrupt" in proc.stderr
+    assert f"resumed from {checkpoint.directory(workdir)}/12" in proc.stdout
+    assert _logged(workdir) == _logged(reference)  # steps 13..16 again, exactly
+    assert checkpoint._steps_on_disk(checkpoint.directory(workdir)) == [8, 12, 16]
+
+
 def test_restored_buffers_are_donatable(byte_data, reference):
     run = train.build(tiny_config(byte_data, **OVERRIDES))
     _, state, _ = checkpoint.restore_latest(reference, run.abstract_state,
