@@ -207,8 +207,9 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
             if _all_agree(why is None):
                 mngr.close()
                 return step, state, {**meta, "corrupt": corrupt}
+        why = why or "not restorable on another process"
         logging.warning("checkpoint %s is corrupt or truncated (%s); trying the one before", where,
-                        why or "not restorable on another process")
+                        why)
         corrupt.append(step)
         reasons.append(f"{step}: {why}")
     mngr.close()
