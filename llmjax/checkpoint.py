@@ -1,36 +1,133 @@
 """Orbax checkpoints under WORKDIR/checkpoints/<step>/: train state, data position and config.
 
 Two items per step: `state` (params, optimizer state, step; sharded arrays, restored straight onto
-the current mesh, whatever mesh saved them) and `meta` (JSON: the config, the model config and the
-data position). The data position is the step itself, since batches are addressed by step.
+the current mesh, whatever mesh saved them) and `meta` (JSON: the config, the model config, the
+data position, the loop's log position and a fingerprint of `state`). The data position is the step
+itself, since batches are addressed by step.
+
+Safety, in the order things can go wrong:
+- Saves are asynchronous and atomic: Orbax writes `<step>.orbax-checkpoint-tmp` and renames it
+  when complete, so only committed checkpoints are ever listed or restored. Old checkpoints are
+  deleted only after the newer one has committed, so one committed checkpoint always exists.
+- A failed save (full disk, unwritable directory) raises CheckpointError naming the step and the
+  reason; the checkpoints already on disk are untouched.
+- A restored state must match the fingerprint saved with it (a wrapping uint32 sum of every
+  leaf's bits, exact under any sharding), so truncated or bit-flipped files are never trained on:
+  such a checkpoint is reported with a warning, set aside under checkpoints_corrupt/, and the run
+  resumes from the previous good one.
+- SIGTERM and SIGINT, once `handle_signals()` is installed, make `should_stop` true at the next
+  step: the loop saves and exits. With several processes, JAX's preemption sync point makes all
+  of them stop at the same step.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import threading
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used for this run; the message names it."""
+    """A checkpoint that cannot be used or written; the message names it."""
 
 
-def manager(workdir: str, keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int = 3, keep_every: int = 0, *,
+            read_only: bool = False) -> ocp.CheckpointManager:
+    """`keep` most recent checkpoints, plus every step that is a multiple of `keep_every` (> 0).
+
+    `read_only`: creates, deletes and cleans up nothing (Orbax's own read_only mode says so in
+    three warnings, which would bury the one line a user needs to read).
+    """
     # Orbax rejects relative paths, but only later, from its asynchronous save thread.
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=True,
+        max_to_keep=None if read_only else keep, keep_period=keep_every or None,
+        create=not read_only, enable_async_checkpointing=True,
+        # Half-written `<step>.orbax-checkpoint-tmp` folders of a killed run are never restored;
+        # removing them at start-up only frees their space.
+        cleanup_tmp_directories=not read_only,
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+    return ocp.CheckpointManager(directory(workdir), options=options, item_names=("state", "meta"))
+
+
+def directory(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _reason(e: BaseException) -> str:
+    """The useful part of an Orbax/TensorStore error, on one line."""
+    text = str(e)
+    for needle, short in (("No space left", "no space left on device"),
+                          ("Read-only file system", "read-only file system"),
+                          ("Permission denied", "permission denied")):
+        if needle in text:
+            return short
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = line if len(line) <= 200 else line[:200] + "..."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def _steps_on_disk(path: str) -> list[int]:
+    return sorted(int(p) for p in os.listdir(path) if p.isdigit()) if os.path.isdir(path) else []
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Blocks until the save in flight has committed; its failure becomes a CheckpointError."""
+    step = mngr.latest_step()
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # raised in Orbax's save thread, surfaced here
+        raise CheckpointError(
+            f"cannot save checkpoint {mngr.directory}/{step}: {_reason(e)}; the checkpoints "
+            f"already on disk ({_steps_on_disk(str(mngr.directory))}) are intact") from e
+
+
+@jax.jit
+def _fingerprint(state) -> list[jax.Array]:
+    # Integer sums are exact and associative, so any sharding gives the same answer; one flipped
+    # bit changes a leaf's sum by a power of two.
+    def one(x):
+        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[
+            x.dtype.itemsize])
+        return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+    return [one(x) for x in jax.tree.leaves(state)]
+
+
+def fingerprint(state) -> list[int]:
+    # 0-d outputs are replicated: every process holds the whole value, also across hosts.
+    return [int(np.asarray(x.addressable_data(0))) for x in _fingerprint(state)]
+
+
+def describe(abstract_state) -> dict[str, list]:
+    """Leaf path -> [shape, dtype]: what a checkpoint must match to be restored into this run."""
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    return {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)] for p, x in leaves}
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-    """Starts an asynchronous save; training continues while it is written."""
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
+    """Starts an asynchronous save; training continues while it is written.
+
+    Waits first for the previous save, so its failure is reported (CheckpointError) before a new
+    one starts.
+    """
+    wait(mngr)
+    meta = {**meta, "fingerprint": fingerprint(state), "leaves": describe(state)}
+    try:
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot save checkpoint {mngr.directory}/{step}: {_reason(e)}; the checkpoints "
+            f"already on disk ({_steps_on_disk(str(mngr.directory))}) are intact") from e
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -54,11 +151,138 @@ def restore_params(mngr: ocp.CheckpointManager, step: int, target):
     return mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
 
-def check_compatible(meta: dict, model_config: dict, path: str) -> None:
-    """A workdir's checkpoint must come from the same model shape, or resuming is meaningless."""
+def check_compatible(meta: dict, model_config: dict, path: str,
+                     abstract_state=None) -> None:
+    """A workdir's checkpoint must come from the same model and train-state shapes, or resuming
+    is meaningless (or would silently cast)."""
     saved = meta.get("model", {})
     diff = [f"{k}: checkpoint {saved.get(k)!r} != config {v!r}" for k, v in model_config.items()
-            if k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size")
+            if k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "param_dtype")
             and saved.get(k) != v]
+    if not diff and abstract_state is not None and "leaves" in meta:
+        want, have = describe(abstract_state), meta["leaves"]
+        diff = [f"{k}: checkpoint {have.get(k)} != config {want.get(k)}"
+                for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)][:2]
     if diff:
-        raise CheckpointError(f"{path} holds an incompatible model ({'; '.join(diff)})")
+        raise CheckpointError(f"{path} holds an incompatible train state ({'; '.join(diff)}); "
+                              "use another --workdir or the config it was trained with")
+
+
+def _all_agree(ok: bool) -> bool:
+    """Every process must pick the same checkpoint, or the collective restore would hang."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def restore_latest(workdir: str, abstract_state, model_config: dict):
+    """(step, state, meta) of the newest checkpoint that restores intact, or None if there is none.
+
+    Reads only. Raises CheckpointError if the newest readable checkpoint belongs to another
+    model, or if checkpoints exist but none restores. Unusable newer ones are reported with a
+    warning and listed in the returned meta under "corrupt" (see `set_aside`).
+    """
+    path = directory(workdir)
+    if not os.path.isdir(path):
+        return None
+    mngr = manager(workdir, read_only=True)
+    steps = sorted(mngr.all_steps(), reverse=True)
+    corrupt, reasons = [], []
+    for step in steps:
+        where = f"{path}/{step}"
+        meta, why = None, "unreadable on another process"
+        try:
+            meta = read_meta(mngr, step)
+        except Exception as e:
+            why = _reason(e)
+        if _all_agree(meta is not None):
+            check_compatible(meta, model_config, where, abstract_state)
+            try:
+                state = restore(mngr, step, abstract_state)
+                saved = meta.get("fingerprint")
+                why = None if saved is None or fingerprint(state) == saved else \
+                    "its contents do not match the fingerprint saved with it"
+            except Exception as e:
+                why = _reason(e)
+            if _all_agree(why is None):
+                mngr.close()
+                return step, state, {**meta, "corrupt": corrupt}
+        why = why or "not restorable on another process"
+        logging.warning("checkpoint %s is corrupt or truncated (%s); trying the one before", where,
+                        why)
+        corrupt.append(step)
+        reasons.append(f"{step}: {why}")
+    mngr.close()
+    if steps:
+        raise CheckpointError(f"{path}: no checkpoint restores ({'; '.join(reasons)}); move the "
+                              "folder away to start over")
+    return None
+
+
+def set_aside(workdir: str, steps: list[int]) -> None:
+    """Moves unrestorable checkpoints to checkpoints_corrupt/ (kept for inspection), so the
+    resumed run can save those steps again."""
+    if steps and jax.process_index() == 0:
+        dest = os.path.join(os.path.abspath(workdir), "checkpoints_corrupt")
+        os.makedirs(dest, exist_ok=True)
+        for step in steps:
+            target = os.path.join(dest, f"{step}-{int(time.time())}")
+            shutil.move(os.path.join(directory(workdir), str(step)), target)
+            logging.warning("moved corrupt checkpoint %s/%d to %s", directory(workdir), step,
+                            target)
+    if steps and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("llmjax:set_aside")
+
+
+def check_writable(workdir: str) -> None:
+    """Creates the workdir and proves a file can be written there, before any compiling."""
+    probe = os.path.join(os.path.abspath(workdir), f".write_test.{jax.process_index()}")
+    try:
+        os.makedirs(os.path.dirname(probe), exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"--workdir={os.path.abspath(workdir)!r} is not writable "
+                              f"({e.strerror or e})") from e
+
+
+# Stop requests: SIGTERM (preemption notice) and SIGINT (Ctrl-C) set this flag; the loop reads it
+# after every step, saves and returns. A second signal acts at once.
+_stop_reason: list[str] = []
+
+
+def handle_signals() -> None:
+    """Installs the SIGTERM/SIGINT handlers (main thread only; called by the CLI).
+
+    With several processes JAX's preemption notifier owns SIGTERM and agrees on a step across
+    processes; SIGINT is forwarded to it, so Ctrl-C on one process stops them all together.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    multi = jax.process_count() > 1
+    for sig in (signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum, frame, previous=previous):
+            signal.signal(signum, previous)  # a second signal acts at once
+            if multi:
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                request_stop(signal.Signals(signum).name)
+
+        signal.signal(sig, handler)
+
+
+def request_stop(reason: str) -> None:
+    _stop_reason.append(reason)
+
+
+def should_stop(step: int) -> str | None:
+    """Why the loop should save and stop after `step` (None: carry on). Called every step on every
+    process; the request is consumed."""
+    if jax.process_count() > 1:
+        return "preemption notice" if multihost_utils.reached_preemption_sync_point(step) else None
+    reason = _stop_reason[0] if _stop_reason else None
+    _stop_reason.clear()
+    return reason

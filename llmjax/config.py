@@ -60,10 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_batches = 20  # validation batches per evaluation (same batches every time)
     t.ckpt_every = 1000  # steps between checkpoints (one is always written at the end)
     t.keep_ckpts = 3  # most recent checkpoints kept on disk
+    t.keep_every = 0  # also keep forever the checkpoints at multiples of this step; 0 = none
     t.sample_every = 1000  # steps between text samples from sample_prompt; 0 disables
     t.sample_prompt = "Hello, I'm a language model,"  # prompt for periodic samples
     t.sample_tokens = 64  # tokens generated per periodic sample
     t.max_bad_steps = 10  # consecutive non-finite steps (skipped) before the run stops
+    t.spike_factor = 1.3  # loss-spike event when a step's loss > this x its running mean; 0 = off
 
     c.mesh = h = ml_collections.ConfigDict()
     h.data = -1  # data-parallel axis; -1 takes the devices the other axes leave
@@ -91,8 +93,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                    ("train.eval_batches", t.eval_batches), ("optim.warmup_steps", o.warmup_steps),
                    ("data.workers", d.workers), ("data.prefetch", d.prefetch),
                    ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
-                   ("model.vocab_size", m.vocab_size), ("train.sample_tokens", t.sample_tokens)]:
+                   ("model.vocab_size", m.vocab_size), ("train.sample_tokens", t.sample_tokens),
+                   ("train.keep_every", t.keep_every)]:
         _check(v >= 0, f"{key}={v} must be >= 0")
+    _check(t.keep_every % t.ckpt_every == 0,
+           f"train.keep_every={t.keep_every} is not a multiple of train.ckpt_every={t.ckpt_every}")
+    _check(t.spike_factor == 0 or t.spike_factor > 1,
+           f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
     _check(m.n_embd % m.n_head == 0,
            f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
     _check(d.seq_len <= m.block_size,

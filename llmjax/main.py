@@ -44,14 +44,18 @@ def main(argv: list[str]) -> None:
     from llmjax import checkpoint, data, sharding, train
 
     logging.set_verbosity(logging.WARNING)  # Orbax narrates every save at INFO
-
     try:
         sharding.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
+        # After jax.distributed: with several processes, a signal to one stops all at one step.
+        checkpoint.handle_signals()  # SIGTERM/SIGINT: finish the step, save, exit 0
         train.train_and_evaluate(cfg, FLAGS.workdir)
-    except (data.DataError, checkpoint.CheckpointError, config.ConfigError) as e:
+    except (config.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
         print(f"llmjax: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # diverged; the last good checkpoint is on disk
+        print(f"llmjax: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 import time
 
 import jax
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -65,6 +65,25 @@ class Writer:
         self.jsonl.write(json.dumps({"step": step, tag: text}) + "\n")
         self.jsonl.flush()
         self.tb.add_event(Event(wall_time=time.time(), step=step, summary=text_pb(tag, text)))
+        self.tb.flush()
+
+    def log_bytes(self) -> int:
+        """Length of metrics.jsonl so far: saved with each checkpoint for `truncate`."""
+        if not self.enabled:
+            return 0
+        self.jsonl.flush()
+        return os.path.getsize(self.jsonl.name)
+
+    def truncate(self, log_bytes: int, step: int) -> None:
+        """Forgets what a run logged after its checkpoint at `step` (metrics.jsonl beyond
+        `log_bytes`), since the resumed run logs those steps again: the logs read as one run."""
+        if not self.enabled:
+            return
+        if log_bytes < self.log_bytes():
+            self.jsonl.truncate(log_bytes)
+        # TensorBoard drops events at or after a START event's step when it meets one.
+        self.tb.add_event(Event(wall_time=time.time(), step=step + 1,
+                                session_log=SessionLog(status=SessionLog.START)))
         self.tb.flush()
 
     def close(self) -> None:

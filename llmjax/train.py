@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from llmjax import checkpoint, data, instruct, metrics, optim, sharding
-from llmjax.config import model_config
+from llmjax.config import ConfigError, model_config
 from llmjax.model import GPT, GPTConfig, count_params, flops_per_token
 from llmjax.sample import generate
 from llmjax.tokenizer import Tokenizer, get_tokenizer
@@ -124,7 +124,10 @@ class Run:
 
 
 def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
-    mesh = sharding.make_mesh(cfg.mesh, devices)
+    try:
+        mesh = sharding.make_mesh(cfg.mesh, devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     model_cfg = model_config(cfg, jax.default_backend())
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
 
@@ -161,9 +164,28 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
     )
 
 
-def _meta(run: Run, step: int) -> dict:
+def _meta(run: Run, step: int, loop: dict) -> dict:
+    """`loop`: what the loop needs to log the resumed steps exactly as an uninterrupted run would
+    (per-step metrics not yet logged, the running loss mean, the length of metrics.jsonl)."""
     return {"step": step, "data_step": step, "config": run.cfg.to_dict(),
-            "model": dataclasses.asdict(run.model_cfg)}
+            "model": dataclasses.asdict(run.model_cfg), "loop": loop}
+
+
+SPIKE_DECAY = 0.98  # running mean of the loss for spike events: about the last 50 steps
+
+
+def _loss_spikes(losses: list[float], mean: float, count: int, factor: float):
+    """Steps (indices into `losses`) whose loss exceeds `factor` x the running mean of the finite
+    losses before it, as (index, loss, mean); and the updated (mean, count)."""
+    spikes = []
+    for i, loss in enumerate(losses):
+        if not np.isfinite(loss):
+            continue  # a skipped step: counted elsewhere, never averaged in
+        if factor and count and loss > factor * mean:
+            spikes.append((i, loss, mean))
+        mean = loss if count == 0 else SPIKE_DECAY * mean + (1 - SPIKE_DECAY) * loss
+        count += 1
+    return spikes, mean, count
 
 
 def is_instruct(cfg: ml_collections.ConfigDict) -> bool:
@@ -231,18 +253,28 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         data.check_dataset(cfg.data.path, cfg.data.tokenizer, cfg.data.seq_len)
         rows = None
     run = build(cfg)
-    mngr = checkpoint.manager(workdir, t.keep_ckpts)
-    latest = mngr.latest_step()
     lead = jax.process_index() == 0
-    if latest is not None:
-        checkpoint.check_compatible(checkpoint.read_meta(mngr, latest),
-                                    dataclasses.asdict(run.model_cfg), mngr.directory)
-        state = checkpoint.restore(mngr, latest, run.abstract_state)
-        metrics.console(f"resumed from {mngr.directory}/{latest}")
+    # Whatever can refuse the run only reads; the workdir is first written after these checks.
+    restored = checkpoint.restore_latest(workdir, run.abstract_state,
+                                         dataclasses.asdict(run.model_cfg))
+    checkpoint.check_writable(workdir)
+    if restored is not None:
+        latest, state, meta = restored
+        checkpoint.set_aside(workdir, meta["corrupt"])
+        metrics.console(f"resumed from {checkpoint.directory(workdir)}/{latest}")
     else:
-        state = run.init()
+        state, meta = run.init(), {"loop": {"pending": [], "loss_mean": [0.0, 0], "log_bytes": 0}}
+    mngr = checkpoint.manager(workdir, t.keep_ckpts, t.keep_every)
     start = int(jax.device_get(state.step))
     writer = metrics.Writer(workdir, enabled=lead)
+    # A resumed run logs again the steps after its checkpoint: what the interrupted run logged for
+    # them is cut off, so metrics.jsonl reads as one uninterrupted run. Per-step metrics not yet
+    # logged at the checkpoint come back from it, so every later row is bit for bit the same.
+    loop = meta.get("loop")  # absent in checkpoints of older versions: logs are left alone
+    if loop is not None:
+        writer.truncate(loop["log_bytes"], start)
+    loop = loop or {"pending": [], "loss_mean": [0.0, 0]}
+    loss_mean, loss_count = loop["loss_mean"]
     n_params = count_params(nnx.merge(run.graphdef, jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params)))
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -273,7 +305,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     metrics.console(sharding.describe(run.mesh))
     metrics.console(sharding.memory_report(state.params, state.opt_state, train_step))
     progress = metrics.Progress(t.steps, start)
-    pending: list[dict] = []
+    pending: list[dict] = [{k: np.float32(v) for k, v in m.items()} for m in loop["pending"]]
     t_log, step_log = time.time(), start
     for step in range(start, t.steps):
         state, m = train_step(state, sharding.put_batch(next(batches), run.mesh))
@@ -299,13 +331,24 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
                 f"step {done:>6}/{t.steps} | loss {row['train/loss']:.4f} | "
                 f"lr {row['train/lr']:.2e} | gnorm {row['train/grad_norm']:.3f} | "
                 f"{tps / 1e3:,.1f}k tok/s{mfu} | eta {metrics._hms(eta)}")
+            spikes, loss_mean, loss_count = _loss_spikes(
+                [float(f["train/loss"]) for f in fetched], loss_mean, loss_count, t.spike_factor)
+            for i, loss, mean in spikes:
+                at = done - len(fetched) + 1 + i
+                writer.scalars(at, {"event/loss_spike": loss, "event/loss_mean": mean})
+                metrics.console(f"step {at:>6}/{t.steps} | loss spike: {loss:.4f} is above "
+                                f"{t.spike_factor} x the running mean {mean:.4f}")
             t_log, step_log = time.time(), done
             if streak >= t.max_bad_steps:
-                mngr.wait_until_finished()
+                checkpoint.wait(mngr)
+                last, good = fetched[-1], mngr.latest_step()
+                # Skipped steps never change the state, so every checkpoint holds finite values.
                 raise FloatingPointError(
-                    f"{streak} consecutive non-finite steps ending at step {done} (loss "
-                    f"{row['train/loss']}, grad norm {row['train/grad_norm']}, lr "
-                    f"{row['train/lr']:.3e}); last good checkpoint: step {mngr.latest_step()}")
+                    f"training diverged: {streak} consecutive non-finite steps up to step {done} "
+                    f"(loss {float(last['train/loss'])}, grad norm "
+                    f"{float(last['train/grad_norm'])}, lr {float(last['train/lr']):.3e}; "
+                    f"{skipped} steps skipped in all); last good checkpoint: "
+                    f"{f'{mngr.directory}/{good}' if good is not None else 'none yet'}")
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             loss = evaluate(run, state.params, None if rows is None else rows["val"])
             writer.scalars(done, {"eval/loss": loss})
@@ -318,15 +361,25 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
                 writer.text(done, "sample", text)
                 progress.clear()
                 metrics.console(f"step {done:>6}/{t.steps} | sample: {text!r}")
-        if done % t.ckpt_every == 0 or done == t.steps:
-            checkpoint.save(mngr, done, state, _meta(run, done))
+        stop = checkpoint.should_stop(done)  # SIGTERM/SIGINT: save now and return
+        if done % t.ckpt_every == 0 or done == t.steps or stop:
+            pending = jax.device_get(pending)
+            loop = {"pending": [{k: float(v) for k, v in m.items()} for m in pending],
+                    "loss_mean": [loss_mean, loss_count], "log_bytes": writer.log_bytes()}
+            checkpoint.save(mngr, done, state, _meta(run, done, loop))
+        if stop:
+            checkpoint.wait(mngr)
+            progress.clear()
+            metrics.console(f"stopped by {stop} after step {done}: saved {mngr.directory}/{done}; "
+                            "the same command continues the run")
+            break
         if done == step_log and done != t.steps:
             # Evaluation, sampling and checkpointing happen right after a log; keep them out of
             # the next interval's tokens/s.
             jax.block_until_ready(state.step)
             t_log = time.time()
         progress.update(done)
-    mngr.wait_until_finished()
+    checkpoint.wait(mngr)
     mngr.close()
     writer.close()
     return state

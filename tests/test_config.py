@@ -12,6 +12,9 @@ from tests.conftest import run_main
     ("optim.min_lr", 1.0, "optim.min_lr=1.0"),
     ("optim.grad_accum", 3, "not divisible by optim.grad_accum=3"),
     ("train.steps", 0, "train.steps=0 must be >= 1"),
+    ("train.keep_every", 1500, "train.keep_every=1500 is not a multiple of train.ckpt_every=1000"),
+    ("train.keep_every", -1000, "train.keep_every=-1000 must be >= 0"),
+    ("train.spike_factor", 0.5, "train.spike_factor=0.5 must be 0"),
 ])
 def test_validate_names_the_key(key, value, needle):
     cfg = base_config()

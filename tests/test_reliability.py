@@ -1,0 +1,397 @@
+"""A run is never lost, never silently wrong, and bad input gets one clear line.
+
+The CLI tests share one uninterrupted reference run (tiny config, a log row every step) and a
+persistent compilation cache, so each further run of the same config only pays for start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax import checkpoint, train
+from llmjax.checkpoint import CheckpointError
+from llmjax.data import DataError
+from tests.conftest import ROOT, tiny_config
+
+STEPS = 16
+ARGS = [f"--config={ROOT}/configs/tiny.py", f"--config.train.steps={STEPS}",
+        "--config.train.log_every=1", "--config.train.ckpt_every=4",
+        "--config.train.eval_every=8", "--config.train.eval_batches=1"]
+OVERRIDES = {"train.steps": STEPS, "train.log_every": 1, "train.ckpt_every": 4,
+             "train.eval_every": 8, "train.eval_batches": 1}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    # PYTHONPATH: this checkout's llmjax, whatever the working directory.
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache, PYTHONPATH=ROOT,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _cmd(workdir, data_path, *extra) -> list[str]:
+    return [sys.executable, "-m", "llmjax.main", *ARGS, f"--workdir={workdir}",
+            f"--config.data.path={data_path}", *extra]
+
+
+def _run(env, workdir, data_path, *extra, timeout=300, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(workdir, data_path, *extra), cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _logged(workdir) -> list[tuple]:
+    """Every logged number that a resumed run must reproduce, in file order (no timings)."""
+    return [tuple(sorted((k, v) for k, v in r.items() if not k.startswith("perf/")))
+            for r in _rows(workdir)]
+
+
+def _start_and_signal(env, workdir, data_path, sig, cwd=ROOT) -> tuple[subprocess.Popen, int, str]:
+    """Starts a run, sends `sig` once a random step has been logged; returns (proc, step, out)."""
+    at = random.randint(2, STEPS - 6)
+    proc = subprocess.Popen(_cmd(workdir, data_path), cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = ""
+    for line in proc.stdout:
+        out += line
+        if line.startswith(f"step {at:>6}/"):
+            proc.send_signal(sig)
+            break
+    return proc, at, out
+
+
+@pytest.fixture(scope="module")
+def reference(byte_data, env, tmp_path_factory) -> str:
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    proc = _run(env, workdir, byte_data)
+    assert proc.returncode == 0, proc.stderr
+    return workdir
+
+
+def test_reference_run_logs_every_step_once(reference):
+    rows = _rows(reference)
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows if "eval/loss" in r] == [8, 16]
+    assert checkpoint._steps_on_disk(checkpoint.directory(reference)) == [8, 12, 16]
+
+
+def test_sigkill_at_a_random_step_resumes_bit_for_bit(byte_data, env, reference, tmp_path):
+    workdir = str(tmp_path / "killed")
+    proc, at, _ = _start_and_signal(env, workdir, byte_data, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    killed_rows = len(_rows(workdir))
+    resumed = _run(env, workdir, byte_data)
+    assert resumed.returncode == 0, resumed.stderr
+    # The log reads as one uninterrupted run: rows the killed run wrote after its last checkpoint
+    # are replaced by the resumed run's, and every number matches the reference exactly.
+    assert _logged(workdir) == _logged(reference), f"killed after step {at} ({killed_rows} rows)"
+    saved = [s for s in checkpoint._steps_on_disk(checkpoint.directory(workdir))]
+    assert saved == [8, 12, 16]
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(byte_data, env, reference, tmp_path):
+    # A relative --workdir: made absolute at start-up (Orbax's save thread rejects relative ones).
+    proc, at, out = _start_and_signal(env, "preempted", byte_data, signal.SIGTERM, cwd=tmp_path)
+    workdir = str(tmp_path / "preempted")
+    t0 = time.time()
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert time.time() - t0 < 30  # finish one step, save, flush: bounded
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)", out + rest)
+    assert stopped, out + rest
+    step = int(stopped.group(1))
+    assert at <= step < STEPS
+    assert checkpoint._steps_on_disk(checkpoint.directory(workdir))[-1] == step
+    assert [r["step"] for r in _rows(workdir) if "train/loss" in r] == list(range(1, step + 1))
+    resumed = _run(env, "preempted", byte_data, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {checkpoint.directory(workdir)}/{step}" in resumed.stdout
+    assert _logged(workdir) == _logged(reference)
+
+
+def test_sigint_and_sigterm_request_a_stop():
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        checkpoint.handle_signals()
+        assert checkpoint.should_stop(1) is None
+        os.kill(os.getpid(), signal.SIGINT)
+        assert checkpoint.should_stop(2) == "SIGINT"
+        assert checkpoint.should_stop(3) is None  # consumed
+        assert signal.getsignal(signal.SIGINT) is old[signal.SIGINT]  # a second Ctrl-C acts
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert checkpoint.should_stop(4) == "SIGTERM"
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _copy_reference(reference, tmp_path) -> str:
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(reference, workdir)
+    return workdir
+
+
+def _largest_file(folder: str) -> str:
+    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(byte_data, reference, tmp_path,
+                                                            caplog, damage):
+    workdir = _copy_reference(reference, tmp_path)
+    run = train.build(tiny_config(byte_data, **OVERRIDES))
+    model_cfg = dataclasses.asdict(run.model_cfg)
+    good_step, good, _ = checkpoint.restore_latest(workdir, run.abstract_state, model_cfg)
+    assert good_step == 16
+    target = _largest_file(os.path.join(checkpoint.directory(workdir), "16", "state"))
+    if damage == "truncate":
+        os.truncate(target, os.path.getsize(target) // 2)
+    else:  # a single flipped bit in the parameters: Orbax alone restores it without complaint
+        with open(target, "r+b") as f:
+            f.seek(os.path.getsize(target) // 2)
+            byte = f.read(1)[0]
+            f.seek(-1, 1)
+            f.write(bytes([byte ^ 0x10]))
+    # A save that was killed half way is never a candidate.
+    shutil.copytree(os.path.join(checkpoint.directory(workdir), "12"),
+                    os.path.join(checkpoint.directory(workdir), "20.orbax-checkpoint-tmp"))
+    with caplog.at_level(logging.WARNING):
+        step, state, meta = checkpoint.restore_latest(workdir, run.abstract_state, model_cfg)
+    assert step == 12 and meta["corrupt"] == [16]
+    assert f"checkpoint {checkpoint.directory(workdir)}/16 is corrupt" in caplog.text
+    expected = checkpoint.restore(checkpoint.manager(reference, read_only=True), 12,
+                                  run.abstract_state)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(expected))
+    checkpoint.set_aside(workdir, meta["corrupt"])
+    assert checkpoint._steps_on_disk(checkpoint.directory(workdir)) == [8, 12]
+    assert os.listdir(os.path.join(workdir, "checkpoints_corrupt"))[0].startswith("16-")
+
+
+def test_run_resumes_past_a_truncated_latest_checkpoint(byte_data, env, reference, tmp_path):
+    workdir = _copy_reference(reference, tmp_path)
+    target = _largest_file(os.path.join(checkpoint.directory(workdir), "16", "state"))
+    os.truncate(target, os.path.getsize(target) // 2)
+    proc = _run(env, workdir, byte_data)
+    assert proc.returncode == 0, proc.stderr
+    assert f"checkpoint {checkpoint.directory(workdir)}/16 is corrupt" in proc.stderr
+    assert f"resumed from {checkpoint.directory(workdir)}/12" in proc.stdout
+    assert _logged(workdir) == _logged(reference)  # steps 13..16 again, exactly
+    assert checkpoint._steps_on_disk(checkpoint.directory(workdir)) == [8, 12, 16]
+
+
+def test_restored_buffers_are_donatable(byte_data, reference):
+    run = train.build(tiny_config(byte_data, **OVERRIDES))
+    _, state, _ = checkpoint.restore_latest(reference, run.abstract_state,
+                                            dataclasses.asdict(run.model_cfg))
+    leaves = jax.tree.leaves(state)
+    bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    jax.block_until_ready(bump(state))
+    assert all(x.is_deleted() for x in leaves)  # updated in place: no second copy of the state
+
+
+def test_retention_keeps_recent_and_every_nth(tmp_path):
+    mngr = checkpoint.manager(str(tmp_path), keep=2, keep_every=4)
+    state = {"w": jnp.arange(4.0)}
+    for step in range(1, 11):
+        checkpoint.save(mngr, step, state, {"step": step})
+    checkpoint.wait(mngr)
+    mngr.close()
+    assert checkpoint._steps_on_disk(checkpoint.directory(str(tmp_path))) == [4, 8, 9, 10]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MB tmpfs (needs root and mount): a disk that really fills up."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs",
+                                            str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield str(mnt)
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(tiny_disk):
+    mngr = checkpoint.manager(tiny_disk, keep=1)  # the old one must survive a failed save
+    state = {"w": jnp.arange(64 * 1024, dtype=jnp.float32)}  # 256 KB
+    checkpoint.save(mngr, 1, state, {"step": 1})
+    checkpoint.wait(mngr)
+    stat = os.statvfs(tiny_disk)
+    with open(os.path.join(tiny_disk, "filler"), "wb") as f:
+        f.write(b"\0" * (stat.f_bavail * stat.f_frsize - 64 * 1024))
+    with pytest.raises(CheckpointError, match=r"cannot save checkpoint .*/checkpoints/2: no space "
+                                              r"left on device; .* \(\[1\]\) are intact"):
+        checkpoint.save(mngr, 2, state, {"step": 2})
+        checkpoint.wait(mngr)
+    abstract = jax.eval_shape(lambda: state)
+    step, restored, _ = checkpoint.restore_latest(tiny_disk, abstract, {})
+    assert step == 1
+    np.testing.assert_array_equal(restored["w"], state["w"])
+
+
+def test_nan_run_stops_with_a_message_and_a_good_checkpoint(byte_data, env, tmp_path):
+    workdir = str(tmp_path / "nan")
+    # An absurd learning rate: step 2 applies a 5e5 update, step 3's loss is 4e12 (a spike) and
+    # every later loss is NaN.
+    proc = _run(env, workdir, byte_data, "--config.optim.lr=1e6",
+                "--config.train.max_bad_steps=3")
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"llmjax: training diverged: 3 consecutive non-finite steps up to step 6 \(loss nan, "
+        r"grad norm nan, lr [0-9.]+e\+05; 3 steps skipped in all\); last good checkpoint: "
+        + re.escape(checkpoint.directory(workdir)) + "/4", last), last
+    rows = _rows(workdir)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["train/skipped_steps"] for r in train_rows] == [0, 0, 0, 1, 2, 3]
+    assert [r["train/loss"] for r in train_rows][3:] == [None] * 3  # NaN is written as null
+    spikes = [r for r in rows if "event/loss_spike" in r]
+    assert [r["step"] for r in spikes] == [3] and spikes[0]["event/loss_spike"] > 1e9
+    assert "step      3/16 | loss spike" in proc.stdout
+    run = train.build(tiny_config(byte_data, **OVERRIDES, **{"optim.lr": 1e6}))
+    step, state, _ = checkpoint.restore_latest(workdir, run.abstract_state,
+                                               dataclasses.asdict(run.model_cfg))
+    assert step == 4 and int(state.skipped) == 1
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def test_loss_spikes_are_found_against_the_running_mean():
+    d = train.SPIKE_DECAY
+    losses = [4.0, 4.0, float("nan"), 9.0, 4.0]
+    spikes, mean, count = train._loss_spikes(losses, 0.0, 0, 2.0)
+    assert spikes == [(3, 9.0, 4.0)]  # the NaN step is neither a spike nor averaged in
+    after9 = d * 4.0 + (1 - d) * 9.0
+    assert count == 4 and mean == pytest.approx(d * after9 + (1 - d) * 4.0, rel=1e-15)
+    assert train._loss_spikes(losses, 0.0, 0, 0.0)[0] == []  # 0 turns events off
+
+
+def _snapshot(folder) -> dict:
+    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)),
+                                 os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, fs in os.walk(folder) for f in fs}
+
+
+def _bad_tokens(folder) -> str:
+    """Shards with no meta.json whose token ids reach 300: beyond the byte vocabulary (257)."""
+    os.makedirs(folder)
+    for split in ("train", "val"):
+        tokens = np.arange(4000) % 257
+        tokens[::20] = 300
+        header = np.zeros(256, np.int32)
+        header[:3] = (20240520, 1, len(tokens))
+        with open(os.path.join(folder, f"{split}_000000.bin"), "wb") as f:
+            f.write(header.tobytes() + tokens.astype(np.uint16).tobytes())
+    return folder
+
+
+@pytest.mark.parametrize("case", ["incompatible_model", "devices", "token_ids"])
+def test_cli_bad_input_is_one_line_exit_2_and_changes_nothing(byte_data, env, reference,
+                                                              tmp_path, case):
+    workdir, data_path, extra, run_env = _copy_reference(reference, tmp_path), byte_data, [], env
+    if case == "incompatible_model":
+        extra, needle = ["--config.model.n_embd=128"], "n_embd: checkpoint 64 != config 128"
+    elif case == "devices":
+        run_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        extra = ["--config.data.batch_size=9"]
+        needle = "data.batch_size=9 is not divisible by data-parallel size 2"
+    else:
+        workdir, data_path = str(tmp_path / "fresh"), _bad_tokens(str(tmp_path / "bad"))
+        needle = "train_000000.bin: token id 300 >= vocabulary size 257"
+    before = _snapshot(tmp_path)
+    t0 = time.time()
+    proc = _run(run_env, workdir, data_path, *extra, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    if case != "token_ids":  # found before anything compiles (token ids: when a batch is read)
+        assert "compiled" not in proc.stdout and time.time() - t0 < 60
+        assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["incompatible_dtype", "unwritable", "no_shards", "tokenizer"])
+def test_bad_input_is_refused_before_compiling(byte_data, reference, tmp_path, case):
+    """The same checks as the CLI's, in process (main.py maps each error type to exit 2)."""
+    workdir, data_path, over = _copy_reference(reference, tmp_path), byte_data, {}
+    if case == "incompatible_dtype":
+        over = {"model.param_dtype": "bfloat16"}
+        needle = "param_dtype: checkpoint 'float32' != config 'bfloat16'"
+    elif case == "unwritable":
+        workdir = os.path.join(workdir, "metrics.jsonl", "run")
+        needle = "metrics.jsonl/run' is not writable (Not a directory)"
+    elif case == "no_shards":
+        data_path = str(tmp_path / "empty")
+        os.makedirs(data_path)
+        needle = f"data.path={data_path!r}: no train_*.bin shards"
+    else:
+        over, needle = {"data.tokenizer": "gpt2"}, "tokenized with 'bytes'"
+    cfg = tiny_config(data_path, **OVERRIDES, **over)
+    before = _snapshot(tmp_path)
+    with pytest.raises((CheckpointError, DataError), match=re.escape(needle)):
+        train.train_and_evaluate(cfg, workdir)
+    assert _snapshot(tmp_path) == before
+
+
+TWO_PROCESS_DRIVER = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid, data_path, workdir = sys.argv[1:5]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(pid))
+from llmjax import checkpoint, train
+from tests.conftest import tiny_config
+checkpoint.handle_signals()
+cfg = tiny_config(data_path, **{"train.steps": 24, "train.log_every": 1, "train.ckpt_every": 8,
+                                "train.eval_every": 0})
+print(f"returned at step {int(train.train_and_evaluate(cfg, workdir).step)}", flush=True)
+"""
+
+
+def _two_processes(env, data_path, workdir) -> list[subprocess.Popen]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_DRIVER, str(port), str(i),
+                              data_path, workdir], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(byte_data, env, tmp_path):
+    reference = str(tmp_path / "reference")
+    assert all(p.wait(timeout=600) == 0 for p in _two_processes(env, byte_data, reference))
+    workdir = str(tmp_path / "preempted")
+    procs = _two_processes(env, byte_data, workdir)
+    at = random.randint(2, 14)
+    for line in procs[0].stdout:  # process 0 logs; process 1 gets the signal
+        if line.startswith(f"step {at:>6}/"):
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    steps = {int(re.search(r"returned at step (\d+)", o).group(1)) for o in outs}
+    assert len(steps) == 1 and at <= min(steps) < 24  # both saved the same step
+    assert checkpoint._steps_on_disk(checkpoint.directory(workdir))[-1] == steps.pop()
+    assert all(p.wait(timeout=600) == 0 for p in _two_processes(env, byte_data, workdir))
+    assert _logged(workdir) == _logged(reference)
