@@ -145,6 +145,20 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
     )
 
 
+def initial_state(run: Run) -> TrainState:
+    """Step-0 state: random init, or the weights named by `model.init_from` (see convert.py)."""
+    if run.cfg.model.init_from == "scratch":
+        return run.init()
+    from llmjax.convert import load_params  # late: convert reads workdirs through this module
+
+    sh = run.state_shardings
+    params = jax.device_put(load_params(run.cfg.model.init_from, run.model_cfg), sh.params)
+    opt_state = jax.jit(run.tx.init, out_shardings=sh.opt_state)(params)
+    zero = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
+    metrics.console(f"initialised from {run.cfg.model.init_from}")
+    return TrainState(zero, params, opt_state, zero, zero)
+
+
 def _meta(run: Run, step: int) -> dict:
     return {"step": step, "data_step": step, "config": run.cfg.to_dict(),
             "model": dataclasses.asdict(run.model_cfg)}
@@ -185,8 +199,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         state = checkpoint.restore(mngr, latest, run.abstract_state)
         metrics.console(f"resumed from {mngr.directory}/{latest}")
     else:
-        state = run.init()
+        state = initial_state(run)
     start = int(jax.device_get(state.step))
+    hellaswag_items = None
+    if t.hellaswag_every:  # read (or downloaded) before anything compiles: a bad path fails fast
+        from llmjax import evaluate
+
+        hellaswag_items = evaluate.load_hellaswag(
+            evaluate.hellaswag_path(t.hellaswag_path), t.hellaswag_items)
     writer = metrics.Writer(workdir, enabled=lead)
     n_params = count_params(nnx.merge(run.graphdef, jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params)))
@@ -248,6 +268,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
             writer.scalars(done, {"eval/loss": loss})
             progress.clear()
             metrics.console(f"step {done:>6}/{t.steps} | eval loss {loss:.4f}")
+        if hellaswag_items and (done % t.hellaswag_every == 0 or done == t.steps):
+            hs = evaluate.hellaswag(run.graphdef, state.params, hellaswag_items, tok,
+                                    run.model_cfg.block_size)
+            writer.scalars(done, {"eval/hellaswag_acc": hs["hellaswag_acc"],
+                                  "eval/hellaswag_acc_norm": hs["hellaswag_acc_norm"]})
+            progress.clear()
+            metrics.console(f"step {done:>6}/{t.steps} | hellaswag acc {hs['hellaswag_acc']:.4f}"
+                            f" | acc_norm {hs['hellaswag_acc_norm']:.4f}")
         if t.sample_every and lead and (done % t.sample_every == 0 or done == t.steps):
             text = sample_text(run, state.params, tok, t.sample_prompt, t.sample_tokens, done)
             writer.text(done, "sample", text)
