@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -62,27 +61,28 @@ def test_logits_match_transformers(tmp_path):
     assert np.all(np.asarray(model(jnp.asarray(idx[:, :4])))[..., shape["vocab"]:] <= -1e8)
 
 
+@pytest.mark.slow  # ~25 s on 2 CPU cores: building and running the 124M model on both sides
 def test_logits_match_transformers_124m():
-    t0 = time.time()
     hf = hf_model(n_layer=12, n_head=12, n_embd=768, vocab=50257, n_positions=1024, std=0.02)
     model = convert.from_state_dict(hf.config.to_dict(), state_dict(hf))
     assert model.cfg.vocab_size == 50304
     idx = np.random.default_rng(1).integers(0, 50257, (1, 64))
     np.testing.assert_allclose(ours_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
-    assert time.time() - t0 < 120  # a regression here belongs in @pytest.mark.slow
 
 
 def test_greedy_generation_matches_transformers_generate():
-    # A wider init spreads the logits, so argmax ties cannot decide the comparison.
-    hf = hf_model(n_layer=2, n_head=4, n_embd=64, vocab=50257, n_positions=64, std=0.3, seed=3)
+    # With this seed the top-2 logit gap stays above 5e-4 at every step (logits agree to ~1e-5),
+    # so near-ties cannot decide the comparison, and the continuation is not one repeated token.
+    hf = hf_model(n_layer=2, n_head=4, n_embd=64, vocab=50257, n_positions=64, std=0.05, seed=3)
     model = convert.from_state_dict(hf.config.to_dict(), state_dict(hf))
-    for prompt in ([464, 3290, 318], [15496, 11, 314, 1101, 257, 3303, 2746, 11]):
-        ours = generate(model, [prompt], 24, temperature=0.0)[0]
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                              min_new_tokens=24, do_sample=False, pad_token_id=0)
-        assert ours == out[0, len(prompt):].tolist()
+    prompt = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    ours = generate(model, [prompt], 32, temperature=0.0)[0]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                          min_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert ours == out[0, len(prompt):].tolist()
+    assert len(set(ours)) > 4  # a real continuation, not one token repeated
 
 
 def test_key_layouts_and_round_trip(tmp_path):
