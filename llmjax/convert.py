@@ -25,7 +25,7 @@ from importlib import resources
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from llmjax.checkpoint import CheckpointError
@@ -355,6 +355,7 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax narrates every save and restore at INFO
     try:
         if FLAGS.from_hf and FLAGS.to_hf:
             raise ConvertError("give --from_hf (import) or --to_hf (export), not both")

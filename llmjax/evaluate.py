@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from llmjax import data
@@ -189,6 +189,7 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax narrates every save and restore at INFO
     from llmjax.train import load_model  # late: keeps `--help` fast
 
     try:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from llmjax.model import GPT, MASKED_LOGIT
@@ -145,6 +145,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax narrates every save and restore at INFO
     from llmjax.train import load_model  # late: keeps `--help` fast
 
     try:

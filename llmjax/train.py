@@ -203,10 +203,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     start = int(jax.device_get(state.step))
     hellaswag_items = None
     if t.hellaswag_every:  # read (or downloaded) before anything compiles: a bad path fails fast
-        from llmjax import evaluate
+        from llmjax import evaluate as evaluation  # `evaluate` here is the val-loss function
 
-        hellaswag_items = evaluate.load_hellaswag(
-            evaluate.hellaswag_path(t.hellaswag_path), t.hellaswag_items)
+        hellaswag_items = evaluation.load_hellaswag(
+            evaluation.hellaswag_path(t.hellaswag_path), t.hellaswag_items)
     writer = metrics.Writer(workdir, enabled=lead)
     n_params = count_params(nnx.merge(run.graphdef, jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params)))
@@ -269,8 +269,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
             progress.clear()
             metrics.console(f"step {done:>6}/{t.steps} | eval loss {loss:.4f}")
         if hellaswag_items and (done % t.hellaswag_every == 0 or done == t.steps):
-            hs = evaluate.hellaswag(run.graphdef, state.params, hellaswag_items, tok,
-                                    run.model_cfg.block_size)
+            hs = evaluation.hellaswag(run.graphdef, state.params, hellaswag_items, tok,
+                                      run.model_cfg.block_size)
             writer.scalars(done, {"eval/hellaswag_acc": hs["hellaswag_acc"],
                                   "eval/hellaswag_acc_norm": hs["hellaswag_acc_norm"]})
             progress.clear()

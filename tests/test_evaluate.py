@@ -108,7 +108,8 @@ def test_hellaswag_download_and_bad_files(tmp_path):
 
 
 def test_training_logs_hellaswag_and_cli_agrees(tmp_path, byte_data):
-    cfg = tiny_config(byte_data, **{"train.steps": 2, "train.log_every": 1, "train.eval_every": 0,
+    cfg = tiny_config(byte_data, **{"train.steps": 2, "train.log_every": 1, "train.eval_every": 2,
+                                    "train.eval_batches": 1,
                                     "train.ckpt_every": 2, "train.hellaswag_every": 2,
                                     "train.hellaswag_path": FIXTURE})
     work = str(tmp_path / "run")
@@ -117,6 +118,7 @@ def test_training_logs_hellaswag_and_cli_agrees(tmp_path, byte_data):
         rows = [json.loads(line) for line in f]
     logged = [r for r in rows if "eval/hellaswag_acc" in r]
     assert len(logged) == 1 and logged[0]["step"] == 2
+    assert [r["step"] for r in rows if "eval/loss" in r] == [2]
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-m", "llmjax.evaluate", f"--workdir={work}",
