@@ -61,7 +61,6 @@ def test_logits_match_transformers(tmp_path):
     assert np.all(np.asarray(model(jnp.asarray(idx[:, :4])))[..., shape["vocab"]:] <= -1e8)
 
 
-@pytest.mark.slow  # ~25 s on 2 CPU cores: building and running the 124M model on both sides
 def test_logits_match_transformers_124m():
     hf = hf_model(n_layer=12, n_head=12, n_embd=768, vocab=50257, n_positions=1024, std=0.02)
     model = convert.from_state_dict(hf.config.to_dict(), state_dict(hf))
