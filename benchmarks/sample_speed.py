@@ -42,7 +42,12 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--torch_threads", type=int, default=0,
+                   help="torch intra-op threads; 0 = torch's default (one per core). On a busy "
+                        "machine torch's spinning threads slow it badly: compare with 1 as well")
     args = p.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     torch.manual_seed(0)
     hf_cfg = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
