@@ -32,6 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (bf16 matmuls, f32 loss and softmax)
     m.param_dtype = "float32"  # dtype of the master weights and optimizer state
     m.attention = "auto"  # auto | xla | cudnn; auto = cudnn flash on GPU with bf16, else xla
+    # Weights a fresh run starts from: scratch (random init) | a hub id (gpt2, gpt2-medium, ...) |
+    # a local Hugging Face directory | an llmjax workdir (e.g. written by llmjax.convert). Shape
+    # keys above must match the source; a longer source context is cropped to block_size.
+    m.init_from = "scratch"
 
     c.data = d = ml_collections.ConfigDict()
     d.path = ""  # directory of shards written by `python -m llmjax.prepare`
@@ -66,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.sample_tokens = 64  # tokens generated per periodic sample
     t.max_bad_steps = 10  # consecutive non-finite steps (skipped) before the run stops
     t.spike_factor = 1.3  # loss-spike event when a step's loss > this x its running mean; 0 = off
+    t.hellaswag_every = 0  # steps between HellaSwag evaluations (eval/hellaswag_acc*); 0 disables
+    t.hellaswag_path = "download"  # HellaSwag val jsonl, or "download" (official file, cached)
+    t.hellaswag_items = 0  # first N items per evaluation; 0 = all 10,042
 
     c.mesh = h = ml_collections.ConfigDict()
     h.data = -1  # data-parallel axis; -1 takes the devices the other axes leave
@@ -94,7 +101,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                    ("data.workers", d.workers), ("data.prefetch", d.prefetch),
                    ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
                    ("model.vocab_size", m.vocab_size), ("train.sample_tokens", t.sample_tokens),
-                   ("train.keep_every", t.keep_every)]:
+                   ("train.keep_every", t.keep_every),
+                   ("train.hellaswag_every", t.hellaswag_every),
+                   ("train.hellaswag_items", t.hellaswag_items)]:
         _check(v >= 0, f"{key}={v} must be >= 0")
     _check(t.keep_every % t.ckpt_every == 0,
            f"train.keep_every={t.keep_every} is not a multiple of train.ckpt_every={t.ckpt_every}")
@@ -109,6 +118,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _check(v in DTYPES, f"{key}={v!r} is not one of {', '.join(DTYPES)}")
     _check(m.attention in ATTENTION,
            f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION)}")
+    _check(bool(m.init_from), "model.init_from is empty (use scratch for a random init)")
+    _check(not t.hellaswag_every or bool(t.hellaswag_path),
+           "train.hellaswag_path is empty but train.hellaswag_every > 0")
     _check(d.tokenizer in TOKENIZERS,
            f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")

@@ -18,7 +18,6 @@ import os
 from collections.abc import Iterator
 
 import grain
-import jax.numpy as jnp
 import numpy as np
 
 from llmjax.tokenizer import Tokenizer
@@ -172,11 +171,3 @@ def val_batches(rows: np.ndarray, *, batch: int, rows_slice: slice) -> Iterator[
     for k in range(len(padded) // batch):
         yield padded[k * batch:(k + 1) * batch][rows_slice]
 
-
-def init_chat_rows(params: dict, base_vocab: int, vocab: int) -> dict:
-    """Embedding rows base_vocab..vocab-1 (new chat tokens of a pretrained model) set to the mean of
-    the pretrained rows: a neutral start the finetune moves from, rather than random noise whose
-    logits could dominate the first samples."""
-    wte_VD = jnp.asarray(params["wte"]["embedding"])
-    wte_VD = wte_VD.at[base_vocab:vocab].set(wte_VD[:base_vocab].mean(axis=0))
-    return {**params, "wte": {**params["wte"], "embedding": wte_VD}}

@@ -17,22 +17,39 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
-from llmjax.model import GPT
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill(graphdef, params, idx_BT, cache):
-    logits_BTV, cache = nnx.merge(graphdef, params).decode(idx_BT, cache, 0)
-    return logits_BTV[:, -1], cache
+from llmjax.model import GPT, MASKED_LOGIT
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _decode(graphdef, params, tok_B, cache, pos):
+def _prefill(graphdef, params, idx_BT, cache, prompt_BS, lengths_B, key, temperature, top_k,
+             top_p):
+    """Runs the shared prompt prefix; returns the token at index T (sampled or forced) and cache."""
+    T = idx_BT.shape[1]
+    logits_BTV, cache = nnx.merge(graphdef, params).decode(idx_BT, cache, 0)
+    return _next(logits_BTV[:, -1], T, prompt_BS, lengths_B, key, temperature, top_k,
+                 top_p), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _decode(graphdef, params, tok_B, cache, pos, prompt_BS, lengths_B, key, temperature, top_k,
+            top_p):
+    """Feeds the token at index `pos`; returns the token at index pos+1 and the updated cache.
+
+    Sampling happens here too, so each new token costs one dispatch and one tiny transfer.
+    """
     logits_BTV, cache = nnx.merge(graphdef, params).decode(tok_B[:, None], cache, pos)
-    return logits_BTV[:, -1], cache
+    return _next(logits_BTV[:, -1], pos + 1, prompt_BS, lengths_B, key, temperature, top_k,
+                 top_p), cache
+
+
+def _next(logits_BV, index, prompt_BS, lengths_B, key, temperature, top_k, top_p):
+    # A row whose prompt is still running is fed its own prompt token instead of a sample.
+    sampled_B = sample_logits(logits_BV, jax.random.fold_in(key, index), temperature, top_k, top_p)
+    forced_B = jax.lax.dynamic_index_in_dim(prompt_BS, index, axis=1, keepdims=False)
+    return jnp.where(index < lengths_B, forced_B, sampled_B)
 
 
 @jax.jit
@@ -40,22 +57,34 @@ def sample_logits(logits_BV, key, temperature, top_k, top_p):
     """Temperature, then top-k and top-p (nucleus) filtering; temperature 0 is greedy.
 
     Excluded tokens (and the padded vocabulary, already at a huge negative logit) get -inf, so they
-    can never be drawn. top_k <= 0 and top_p >= 1 disable their filters.
+    can never be drawn. top_k <= 0 and top_p >= 1 disable their filters. Greedy decoding and
+    unfiltered sampling skip the vocabulary sort (`lax.cond` runs only the branch taken).
     """
     V = logits_BV.shape[-1]
+    valid_BV = logits_BV > MASKED_LOGIT / 10
     scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
-    sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth_B1 = jnp.take_along_axis(sorted_BV, (k - 1) * jnp.ones_like(sorted_BV[:, :1], jnp.int32),
-                                 axis=-1)
-    # Nucleus: keep the smallest prefix of sorted tokens whose probability reaches top_p.
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    cutoff_B1 = jnp.min(jnp.where(before_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-    keep_BV = (scaled_BV >= kth_B1) & (scaled_BV >= cutoff_B1) & (logits_BV > -1e8)
-    filtered_BV = jnp.where(keep_BV, scaled_BV, -jnp.inf)
-    sampled_B = jax.random.categorical(key, filtered_BV, axis=-1)
-    return jnp.where(temperature > 0, sampled_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+
+    def filtered(scaled_BV):
+        sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        kth_B1 = jax.lax.dynamic_slice_in_dim(sorted_BV, k - 1, 1, axis=-1)
+        # Nucleus: keep the smallest prefix of sorted tokens whose probability reaches top_p.
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        cutoff_B1 = jnp.min(jnp.where(before_BV < top_p, sorted_BV, jnp.inf), axis=-1,
+                            keepdims=True)
+        return jnp.where((scaled_BV >= kth_B1) & (scaled_BV >= cutoff_B1), scaled_BV, -jnp.inf)
+
+    def sample(_):
+        use_filter = (top_k > 0) | (top_p < 1.0)
+        logits = jax.lax.cond(use_filter, filtered, lambda x: x, scaled_BV)
+        logits = jnp.where(valid_BV, logits, -jnp.inf)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+    def greedy(_):
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *,
@@ -69,39 +98,45 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *,
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        return [[] for _ in prompts]
     B, lengths = len(prompts), [len(p) for p in prompts]
     total = max(lengths) + max_new_tokens
     if total > model.cfg.block_size:
         raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceeds the model's block_size ({model.cfg.block_size})")
+    bad = [t for p in prompts for t in p if not 0 <= t < model.cfg.valid_vocab_size]
+    if bad:
+        raise ValueError(f"prompt token {bad[0]} is outside the vocabulary "
+                         f"[0, {model.cfg.valid_vocab_size})")
     graphdef, params = nnx.split(model)
-    tokens = np.zeros((B, total), np.int32)
+    # Round the cache (and the prompt table) up so that nearby lengths share one compiled step.
+    S = min(-(-total // 64) * 64, model.cfg.block_size)
+    tokens = np.zeros((B, S), np.int32)
     for r, p in enumerate(prompts):
         tokens[r, :len(p)] = p
-    # Round the cache up so that nearby lengths share one compiled decode step.
-    cache = model.init_cache(B, min(-(-total // 64) * 64, model.cfg.block_size))
+    cache = model.init_cache(B, S)
     start = min(lengths)
-    logits_BV, cache = _prefill(graphdef, params, jnp.asarray(tokens[:, :start]), cache)
-    key = jax.random.key(seed)
+    consts = (jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32), jax.random.key(seed),
+              jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    tok_B, cache = _prefill(graphdef, params, jnp.asarray(tokens[:, :start]), cache, *consts)
     new: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
     for pos in range(start, total):
-        sampled = np.array(sample_logits(logits_BV, jax.random.fold_in(key, pos),
-                                           temperature, top_k, top_p))
-        for r in range(B):
-            if pos < lengths[r]:
-                sampled[r] = tokens[r, pos]  # still inside this row's prompt
-            elif not done[r] and pos - lengths[r] < max_new_tokens:
-                tokens[r, pos] = sampled[r]
-                new[r].append(int(sampled[r]))
-                if on_token:
-                    on_token(r, int(sampled[r]))
-                done[r] = eot_id is not None and sampled[r] == eot_id
-            else:
-                done[r] = True
-        if done.all() or pos == total - 1:
+        # Dispatch the next step before reading this token: the device computes while the host
+        # streams. At most one step past the end is wasted.
+        if pos + 1 < total:
+            next_B, cache = _decode(graphdef, params, tok_B, cache, pos, *consts)
+        for r, t in enumerate(np.asarray(tok_B).tolist()):
+            if pos < lengths[r] or done[r]:
+                continue  # still inside this row's prompt, or finished
+            new[r].append(t)
+            if on_token:
+                on_token(r, t)
+            done[r] = (eot_id is not None and t == eot_id) or len(new[r]) == max_new_tokens
+        if done.all():
             break
-        logits_BV, cache = _decode(graphdef, params, jnp.asarray(sampled), cache, pos)
+        tok_B = next_B
     return new
 
 
@@ -110,6 +145,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax narrates every save and restore at INFO
     from llmjax.train import load_model  # late: keeps `--help` fast
 
     try:

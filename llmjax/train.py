@@ -164,6 +164,20 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
     )
 
 
+def initial_state(run: Run) -> TrainState:
+    """Step-0 state: random init, or the weights named by `model.init_from` (see convert.py)."""
+    if run.cfg.model.init_from == "scratch":
+        return run.init()
+    from llmjax.convert import load_params  # late: convert reads workdirs through this module
+
+    sh = run.state_shardings
+    params = jax.device_put(load_params(run.cfg.model.init_from, run.model_cfg), sh.params)
+    opt_state = jax.jit(run.tx.init, out_shardings=sh.opt_state)(params)
+    zero = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
+    metrics.console(f"initialised from {run.cfg.model.init_from}")
+    return TrainState(zero, params, opt_state, zero, zero)
+
+
 def _meta(run: Run, step: int, loop: dict) -> dict:
     """`loop`: what the loop needs to log the resumed steps exactly as an uninterrupted run would
     (per-step metrics not yet logged, the running loss mean, the length of metrics.jsonl)."""
@@ -263,9 +277,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         checkpoint.set_aside(workdir, meta["corrupt"])
         metrics.console(f"resumed from {checkpoint.directory(workdir)}/{latest}")
     else:
-        state, meta = run.init(), {"loop": {"pending": [], "loss_mean": [0.0, 0], "log_bytes": 0}}
+        state = initial_state(run)
+        meta = {"loop": {"pending": [], "loss_mean": [0.0, 0], "log_bytes": 0}}
     mngr = checkpoint.manager(workdir, t.keep_ckpts, t.keep_every)
     start = int(jax.device_get(state.step))
+    hellaswag_items = None
+    if t.hellaswag_every:  # read (or downloaded) before anything compiles: a bad path fails fast
+        from llmjax import evaluate as evaluation  # `evaluate` here is the val-loss function
+
+        hellaswag_items = evaluation.load_hellaswag(
+            evaluation.hellaswag_path(t.hellaswag_path), t.hellaswag_items)
     writer = metrics.Writer(workdir, enabled=lead)
     # A resumed run logs again the steps after its checkpoint: what the interrupted run logged for
     # them is cut off, so metrics.jsonl reads as one uninterrupted run. Per-step metrics not yet
@@ -354,6 +375,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
             writer.scalars(done, {"eval/loss": loss})
             progress.clear()
             metrics.console(f"step {done:>6}/{t.steps} | eval loss {loss:.4f}")
+        if hellaswag_items and (done % t.hellaswag_every == 0 or done == t.steps):
+            hs = evaluation.hellaswag(run.graphdef, state.params, hellaswag_items, tok,
+                                      run.model_cfg.block_size)
+            writer.scalars(done, {"eval/hellaswag_acc": hs["hellaswag_acc"],
+                                  "eval/hellaswag_acc_norm": hs["hellaswag_acc_norm"]})
+            progress.clear()
+            metrics.console(f"step {done:>6}/{t.steps} | hellaswag acc {hs['hellaswag_acc']:.4f}"
+                            f" | acc_norm {hs['hellaswag_acc_norm']:.4f}")
         if t.sample_every and (done % t.sample_every == 0 or done == t.steps):
             params = sharding.gather(state.params)  # all processes: weights may span hosts
             if lead:

@@ -1,0 +1,238 @@
+"""Evaluation of a checkpoint: validation loss and perplexity, HellaSwag accuracy.
+
+    python -m llmjax.evaluate --workdir=DIR --data=PREPARED_DIR [--hellaswag=PATH|download] \
+        [--max_batches=N]
+
+Prints one JSON object. Validation loss is the mean of the same `eval_step` that training runs, over
+every non-overlapping seq_len window of the val split (or the first --max_batches batches).
+
+HellaSwag is scored completion-style, as the GPT-2 reproductions (nanoGPT's build-nanogpt, llm.c)
+do: each of the four endings is appended to the context (with a leading space), and the model's
+log-likelihood of the ending tokens given the context picks the answer. `acc` takes the largest
+sum, `acc_norm` the largest mean per token (the length-normalised score).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import urllib.request
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+
+from llmjax import data
+from llmjax.tokenizer import Tokenizer
+
+# The validation split (10,042 items) as published with the paper's code.
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_ITEMS_PER_BATCH = 8  # four rows each: 32 sequences per forward pass
+
+
+class EvalError(data.DataError):
+    """Evaluation input that cannot be used; the message names the path and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation loss
+
+
+def val_loss(graphdef, params, path: str, *, seq_len: int, batch: int, vocab_size: int,
+             max_batches: int = 0) -> dict:
+    """Mean eval_step loss over the val split: all of it (whole batches), or `max_batches`."""
+    from llmjax.train import _eval_step  # late: train imports this module
+
+    windows = data._Windows(data.split_paths(path, "val"), seq_len, vocab_size, stride=seq_len)
+    batch = max(1, min(batch, windows.total))
+    n = max(1, windows.total // batch)
+    n = min(n, max_batches) if max_batches else n
+    step = _jitted_eval_step(graphdef, _eval_step)
+    batches = data.val_batches(path, seq_len=seq_len, batch=batch, vocab_size=vocab_size,
+                               num_batches=n)
+    losses = [step(params, jnp.asarray(b)) for b in batches]
+    loss = float(np.mean(jax.device_get(losses)))
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)), "val_batches": n,
+            "val_tokens": n * batch * seq_len}
+
+
+@functools.cache
+def _jitted_eval_step(graphdef, eval_step):
+    return jax.jit(functools.partial(eval_step, graphdef=graphdef))
+
+
+# ---------------------------------------------------------------------------------------------
+# HellaSwag
+
+
+def fetch(url: str, dest: str) -> str:
+    """Downloads `url` to `dest` once (atomically: a partial download is never left as `dest`)."""
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    tmp = f"{dest}.part{os.getpid()}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise EvalError(f"cannot download {url} ({getattr(e, 'reason', e)}); pass "
+                        "--hellaswag=PATH to a local copy of hellaswag_val.jsonl") from e
+    return dest
+
+
+def hellaswag_path(spec: str, cache_dir: str | None = None, url: str = HELLASWAG_URL) -> str:
+    """`download` -> the official val jsonl (fetched into the cache once); anything else a path."""
+    if spec != "download":
+        return spec
+    cache_dir = cache_dir or os.environ.get("LLMJAX_CACHE",
+                                            os.path.expanduser("~/.cache/llmjax"))
+    return fetch(url, os.path.join(cache_dir, "hellaswag_val.jsonl"))
+
+
+def load_hellaswag(path: str, limit: int = 0) -> list[dict]:
+    """Items {ctx, endings[4], label} of an official-format HellaSwag jsonl (first `limit`)."""
+    if not os.path.isfile(path):
+        raise EvalError(f"hellaswag={path!r}: no such file (or use 'download')")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                ok = (isinstance(item["ctx"], str) and len(item["endings"]) == 4
+                      and all(isinstance(e, str) for e in item["endings"])
+                      and item["label"] in (0, 1, 2, 3))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise EvalError(f"{path}:{n}: not a HellaSwag item ({e})") from e
+            if not ok:
+                raise EvalError(f"{path}:{n}: a HellaSwag item needs ctx, 4 string endings and a "
+                                "label in 0..3")
+            items.append({"ctx": item["ctx"], "endings": item["endings"], "label": item["label"]})
+            if limit and len(items) == limit:
+                break
+    if not items:
+        raise EvalError(f"{path}: no HellaSwag items")
+    return items
+
+
+def render(item: dict, tok: Tokenizer, block_size: int) -> list[tuple[list[int], int]]:
+    """Per ending: (context + ending tokens, number of ending tokens scored).
+
+    A row longer than block_size + 1 tokens loses its oldest tokens (the model sees block_size of
+    them and predicts the last); only ending tokens that are still predicted are scored.
+    """
+    ctx = tok.encode(item["ctx"])
+    rows = []
+    for ending in item["endings"]:
+        end = tok.encode(" " + ending)
+        row = (ctx + end)[-(block_size + 1):]
+        rows.append((row, min(len(end), len(row) - 1)))
+    return rows
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ending_logprobs(graphdef, params, tokens_RT, mask_RT):
+    """Sum of log p(token) over the masked (ending) tokens of each row, and their count."""
+    logits_RTV = nnx.merge(graphdef, params)(tokens_RT[:, :-1])
+    logp_RT = -optax.softmax_cross_entropy_with_integer_labels(logits_RTV, tokens_RT[:, 1:])
+    mask_RT = mask_RT[:, 1:]
+    return (logp_RT * mask_RT).sum(-1), mask_RT.sum(-1)
+
+
+def score_hellaswag(graphdef, params, items: list[dict], tok: Tokenizer,
+                    block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Log-likelihood sums [N, 4] and ending token counts [N, 4] of every item's endings."""
+    rows = [r for item in items for r in render(item, tok, block_size)]
+    R = 4 * HELLASWAG_ITEMS_PER_BATCH
+    results = []
+    for b in range(0, len(rows), R):
+        chunk = rows[b:b + R]
+        longest = max(len(t) for t, _ in chunk)
+        # Lengths rounded up to a power of two (>= 32): a handful of compiled shapes in all.
+        T = min(max(32, 1 << (longest - 1).bit_length()), block_size + 1)
+        tokens, mask = np.zeros((R, T), np.int32), np.zeros((R, T), np.float32)
+        for r, (t, n_end) in enumerate(chunk):
+            tokens[r, :len(t)] = t
+            mask[r, len(t) - n_end:len(t)] = 1.0
+        results.append(_ending_logprobs(graphdef, params, tokens, mask))
+    # One host sync at the end, so the device never waits for the host between batches.
+    sums, counts = (np.concatenate(x)[:len(rows)] for x in zip(*jax.device_get(results),
+                                                                  strict=True))
+    return sums.astype(np.float64).reshape(-1, 4), counts.astype(np.int64).reshape(-1, 4)
+
+
+def hellaswag(graphdef, params, items: list[dict], tok: Tokenizer, block_size: int) -> dict:
+    """HellaSwag accuracy (largest log-likelihood sum) and acc_norm (largest mean per token)."""
+    sums, counts = score_hellaswag(graphdef, params, items, tok, block_size)
+    labels = np.array([item["label"] for item in items])
+    return {"hellaswag_acc": float(np.mean(sums.argmax(1) == labels)),
+            "hellaswag_acc_norm": float(np.mean((sums / counts).argmax(1) == labels)),
+            "hellaswag_items": len(items)}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax narrates every save and restore at INFO
+    from llmjax.train import load_model  # late: keeps `--help` fast
+
+    try:
+        if not FLAGS.data and not FLAGS.hellaswag:
+            raise EvalError("nothing to evaluate: give --data=PREPARED_DIR and/or --hellaswag")
+        items = (load_hellaswag(hellaswag_path(FLAGS.hellaswag), FLAGS.hellaswag_items)
+                 if FLAGS.hellaswag else None)
+        model, tok, step = load_model(FLAGS.workdir)
+        graphdef, params = nnx.split(model)
+        out: dict = {"workdir": FLAGS.workdir, "step": step}
+        if FLAGS.data:
+            meta = checkpoint_seq_len(FLAGS.workdir, step)
+            seq_len = min(FLAGS.seq_len or meta, model.cfg.block_size)
+            data.check_dataset(FLAGS.data, tok.name, seq_len)
+            out.update(val_loss(graphdef, params, FLAGS.data, seq_len=seq_len,
+                                batch=FLAGS.batch_size, vocab_size=tok.vocab_size,
+                                max_batches=FLAGS.max_batches))
+        if items is not None:
+            out.update(hellaswag(graphdef, params, items, tok, model.cfg.block_size))
+    except (data.DataError, FileNotFoundError, ValueError) as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(out))
+
+
+def checkpoint_seq_len(workdir: str, step: int) -> int:
+    from llmjax import checkpoint
+
+    mngr = checkpoint.manager(workdir, read_only=True)
+    return int(checkpoint.read_meta(mngr, step)["config"]["data"]["seq_len"])
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "workdir whose latest checkpoint is evaluated",
+                        required=True)
+    flags.DEFINE_string("data", None, "directory of prepared shards (its val split is used)")
+    flags.DEFINE_string("hellaswag", None, "HellaSwag val jsonl path, or 'download'")
+    flags.DEFINE_integer("max_batches", 0, "validation batches; 0 = the whole val split")
+    flags.DEFINE_integer("batch_size", 8, "sequences per validation batch")
+    flags.DEFINE_integer("seq_len", 0, "validation window; 0 = the checkpoint's data.seq_len")
+    flags.DEFINE_integer("hellaswag_items", 0, "first N HellaSwag items; 0 = all")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
