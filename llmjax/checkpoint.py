@@ -196,6 +196,11 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
         except Exception as e:
             why = _reason(e)
         if _all_agree(meta is not None):
+            if "converted_from" in meta:  # weights only, written by llmjax.convert
+                raise CheckpointError(
+                    f"{workdir} holds weights converted from {meta['converted_from']}, not a "
+                    f"training run; train from them with --config.model.init_from={workdir} "
+                    "and a new --workdir")
             check_compatible(meta, model_config, where, abstract_state)
             try:
                 state = restore(mngr, step, abstract_state)

@@ -51,7 +51,8 @@ def test_cli_missing_data_dir(tmp_path):
 
 @pytest.mark.parametrize("name,params", [("gpt2_124m", 124_439_808), ("gpt2_350m", 354_823_168),
                                          ("gpt2_774m", 774_030_080), ("gpt2_1558m", 1_557_611_200),
-                                         ("quickstart", None), ("tiny", None)])
+                                         ("quickstart", None), ("tiny", None),
+                                         ("sft_gpt2", 124_439_808 + 4 * 768)])
 def test_config_files_are_valid(name, params):
     import importlib.util
     import os
@@ -70,4 +71,5 @@ def test_config_files_are_valid(name, params):
     if params:
         model = nnx.eval_shape(lambda: GPT(model_config(cfg), nnx.Rngs(0)))
         assert count_params(model, padding=False) == params
+    if name.startswith("gpt2_"):
         assert cfg.data.batch_size * cfg.data.seq_len == 524_288

@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from llmjax import convert, train
 from llmjax.convert import ConvertError
 from llmjax.sample import generate
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, run_main, tiny_config
 
 
 def hf_model(n_layer=2, n_head=4, n_embd=64, vocab=257, n_positions=64, std=0.05, seed=0):
@@ -219,3 +219,7 @@ def test_cli_import_export_and_init_from(tmp_path, byte_data):
     cfg = tiny_config(byte_data, **{"model.init_from": work, "model.n_layer": 3})
     with pytest.raises(ConvertError, match="n_layer 2 != model.n_layer 3"):
         train.initial_state(train.build(cfg))
+    # Training directly in the converted workdir is refused with the way to do it.
+    r = run_main("--config=configs/tiny.py", f"--workdir={work}",
+                 f"--config.data.path={byte_data}", "--config.model.block_size=64")
+    assert r.returncode == 2 and f"--config.model.init_from={work}" in r.stderr.splitlines()[-1]

@@ -171,3 +171,21 @@ def test_context_drops_oldest_turns_first():
     ids, dropped = chat.fit_context(tok, msgs, len(full) - 1)
     assert dropped == 1 and ids[:len(instruct.render(tok, CONVO[:1])[0])] == \
         instruct.render(tok, CONVO[:1])[0]  # the system message survives
+
+
+def test_init_from_gpt2_adds_chat_rows_at_the_mean(tmp_path):
+    from llmjax.config import model_config
+    from llmjax.convert import load_params
+    from tests.test_convert import hf_model
+
+    hf = hf_model(n_layer=1, n_head=2, n_embd=32, vocab=50257, n_positions=64)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = tiny_config("", **{"data.tokenizer": "gpt2-chat", "model.n_layer": 1,
+                             "model.n_head": 2, "model.n_embd": 32, "model.block_size": 64})
+    params = load_params(str(tmp_path / "hf"), model_config(cfg))
+    wte = np.asarray(params["wte"]["embedding"])
+    ref = hf.transformer.wte.weight.detach().numpy()
+    assert wte.shape == (50304, 32)
+    np.testing.assert_array_equal(wte[:50257], ref)
+    np.testing.assert_allclose(wte[50257:50261], np.tile(ref.mean(0), (4, 1)), rtol=1e-6)
+    assert not wte[50261:].any()  # padding rows stay zero
