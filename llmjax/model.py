@@ -8,8 +8,9 @@ axes with one rules table. The model never sees a mesh.
 
 With `scan_layers` the blocks are one Block whose every weight has a leading layer axis (logical
 name "layers"), still stored under `h`, and the forward pass is one `lax.scan`: compile time and
-program size stop growing with depth. `stack_layers` / `unstack_layers` convert parameter dicts between the
-two layouts. `remat` recomputes activations of each block in the backward pass to save memory.
+program size stop growing with depth. `stack_layers` / `unstack_layers` convert parameter dicts
+between the two layouts. `remat` recomputes each block's activations in the backward pass to save
+memory.
 """
 
 from __future__ import annotations
