@@ -6,6 +6,7 @@ paths compute the same numbers as the plain one.
 
 import dataclasses
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from flax import nnx
 
 from llmjax import xla_flags
@@ -219,3 +220,39 @@ def test_xla_accepts_every_gpu_flag():
     out = subprocess.run([sys.executable, "-c", "import jax.numpy as j; print(j.ones(3).sum())"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-500:]
+
+
+def _bench(script: str, *args: str) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.join("benchmarks", script),
+                          "--config=configs/tiny.py", "--steps=3", "--warmup=1", *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check_result(r: dict, B: int, T: int, n_params: int) -> None:
+    assert r["batch_size"] == B and r["seq_len"] == T and r["n_params"] == n_params
+    assert r["tokens_per_sec"] == pytest.approx(B * T / (r["ms_per_step"] / 1e3))
+    assert r["flops_per_token"] == 6 * n_params + 6 * 2 * 64 * T  # tiny: L=2, D=64
+    assert r["mfu"] is None and r["peak_memory_bytes"] is None  # CPU: no peak FLOP/s, no stats
+    assert np.isfinite(r["loss_last"])
+
+
+# tiny (2 layers, width 64, 320 padded byte-vocab rows): 320*64 + 64*64 + 2*(12*64^2 + 13*64) + 128
+TINY_CONFIG_PARAMS = 320 * 64 + 64 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64
+
+
+@pytest.mark.slow  # ~30 s on a busy 2-core machine (a process start and a compile)
+def test_step_time_benchmark_smoke():
+    r = _bench("step_time.py", "--batch_size=4", "--seq_len=16", "--config.model.scan_layers=True")
+    _check_result(r, 4, 16, TINY_CONFIG_PARAMS)
+    assert r["scan_layers"] is True and r["ms_per_step"] > 0
+
+
+@pytest.mark.slow  # ~40 s: imports torch and transformers as well
+def test_compare_torch_benchmark_smoke():
+    r = _bench("compare_torch.py", "--batch_size=4", "--seq_len=16")
+    for side in ("llmjax", "torch"):
+        _check_result(r[side], 4, 16, TINY_CONFIG_PARAMS)
+    assert r["ratio"] == pytest.approx(r["llmjax"]["tokens_per_sec"] / r["torch"]["tokens_per_sec"])
