@@ -243,14 +243,13 @@ def _check_result(r: dict, B: int, T: int, n_params: int) -> None:
 TINY_CONFIG_PARAMS = 320 * 64 + 64 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64
 
 
-@pytest.mark.slow  # ~30 s on a busy 2-core machine (a process start and a compile)
 def test_step_time_benchmark_smoke():
     r = _bench("step_time.py", "--batch_size=4", "--seq_len=16", "--config.model.scan_layers=True")
     _check_result(r, 4, 16, TINY_CONFIG_PARAMS)
     assert r["scan_layers"] is True and r["ms_per_step"] > 0
 
 
-@pytest.mark.slow  # ~40 s: imports torch and transformers as well
+@pytest.mark.slow  # ~15 s quiet, ~40 s on a busy machine: imports torch and transformers too
 def test_compare_torch_benchmark_smoke():
     r = _bench("compare_torch.py", "--batch_size=4", "--seq_len=16")
     for side in ("llmjax", "torch"):
