@@ -200,6 +200,15 @@ def test_bf16_compute_matmuls_bf16_master_weights_f32(tmp_path):
     assert jax.eval_shape(lambda: model(batch[:, :8])).dtype == jnp.float32
 
 
+def test_config_keys_reach_the_model():
+    from llmjax.config import model_config
+
+    cfg = tiny_config("", **{"model.scan_layers": True, "model.remat": "full"})
+    mc = model_config(cfg, "gpu")
+    assert mc.scan_layers is True and mc.remat == "full"
+    assert model_config(tiny_config(""), "cpu").scan_layers is False  # unrolled by default
+
+
 def test_xla_flags_only_on_gpu_and_user_flags_win():
     env = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false --xla_dump_to=/tmp/d"}
     assert not xla_flags.apply(dict(env), gpu=False)
