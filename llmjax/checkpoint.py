@@ -157,8 +157,9 @@ def check_compatible(meta: dict, model_config: dict, path: str,
     is meaningless (or would silently cast)."""
     saved = meta.get("model", {})
     diff = [f"{k}: checkpoint {saved.get(k)!r} != config {v!r}" for k, v in model_config.items()
-            if k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "param_dtype")
-            and saved.get(k) != v]
+            if k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "param_dtype",
+                     "scan_layers")
+            and saved.get(k, False) != v]
     if not diff and abstract_state is not None and "leaves" in meta:
         want, have = describe(abstract_state), meta["leaves"]
         diff = [f"{k}: checkpoint {have.get(k)} != config {want.get(k)}"

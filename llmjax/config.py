@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from llmjax.model import GPTConfig, pad_vocab
+from llmjax.model import REMAT_POLICIES, GPTConfig, pad_vocab
 from llmjax.tokenizer import TOKENIZERS, get_tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -36,6 +36,12 @@ def base_config() -> ml_collections.ConfigDict:
     # a local Hugging Face directory | an llmjax workdir (e.g. written by llmjax.convert). Shape
     # keys above must match the source; a longer source context is cropped to block_size.
     m.init_from = "scratch"
+    # Stack the blocks on a leading "layers" axis and run them with one lax.scan: compile time stays
+    # flat with depth; unrolled layers (False) let XLA fuse across layer boundaries.
+    m.scan_layers = False
+    # Recompute each block's activations in the backward pass so bigger batches/models fit:
+    # none | dots_saveable (keep weight-matmul outputs) | full (keep only block inputs).
+    m.remat = "none"
 
     c.data = d = ml_collections.ConfigDict()
     d.path = ""  # directory of shards written by `python -m llmjax.prepare`
@@ -116,6 +122,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     for key, v in [("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype)]:
         _check(v in DTYPES, f"{key}={v!r} is not one of {', '.join(DTYPES)}")
+    _check(m.remat in REMAT_POLICIES,
+           f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
     _check(m.attention in ATTENTION,
            f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION)}")
     _check(bool(m.init_from), "model.init_from is empty (use scratch for a random init)")
@@ -151,4 +159,5 @@ def model_config(cfg: ml_collections.ConfigDict, backend: str = "cpu") -> GPTCon
         valid_vocab_size=tok.vocab_size,
         n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
         dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype, attention=attention,
+        scan_layers=m.scan_layers, remat=m.remat,
     )

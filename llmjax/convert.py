@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from llmjax.checkpoint import CheckpointError
-from llmjax.model import GPT, GPTConfig, pad_vocab
+from llmjax.model import GPT, GPTConfig, pad_vocab, stack_layers, unstack_layers
 
 # Vocabulary size -> the llmjax tokenizer whose ids those rows are.
 TOKENIZER_FOR_VOCAB = {50257: "gpt2", 257: "bytes"}
@@ -120,11 +120,13 @@ def hf_to_params(sd: dict[str, np.ndarray], cfg: GPTConfig, source: str = "check
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = x.astype(dtype)
-    return params
+    return stack_layers(params) if cfg.scan_layers else params
 
 
 def params_to_hf(params: dict, cfg: GPTConfig) -> dict[str, np.ndarray]:
     """The llmjax pure param dict -> Hugging Face GPT-2 tensors (no prefix, padding removed)."""
+    if cfg.scan_layers:
+        params = unstack_layers(params)
     out = {}
     for name, (path, shape) in _mapping(cfg).items():
         x = params

@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llmjax import config
+from llmjax import config, xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
@@ -34,6 +34,7 @@ def _parse(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
+    xla_flags.apply()  # GPU only; must precede the first use of a device
     cfg = FLAGS.config
     try:
         config.validate(cfg)

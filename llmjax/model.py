@@ -5,15 +5,23 @@ N heads, H head size, F MLP hidden size (4D), V padded vocabulary, L layers.
 
 Weights carry logical axis names (vocab, embed, heads, mlp, ...); `sharding.py` maps them to mesh
 axes with one rules table. The model never sees a mesh.
+
+With `scan_layers` the blocks are one Block whose every weight has a leading layer axis (logical
+name "layers"), still stored under `h`, and the forward pass is one `lax.scan`: compile time and
+program size stop growing with depth. `stack_layers` / `unstack_layers` convert parameter dicts
+between the two layouts. `remat` recomputes each block's activations in the backward pass to save
+memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # A padded logit must never win a sample or take probability mass in the loss. A large finite value
@@ -33,6 +41,18 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of the (master) weights
     attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+    scan_layers: bool = False  # blocks stacked on a leading layer axis and run by one lax.scan
+    remat: str = "none"  # per-block rematerialisation: none | dots_saveable | full (REMAT_POLICIES)
+
+
+# What each block keeps for the backward pass; everything else is recomputed. "dots_saveable"
+# keeps the weight matmuls' outputs (recomputing only cheap elementwise work and attention),
+# "full" keeps only the block's input.
+REMAT_POLICIES = {
+    "none": None,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -149,7 +169,10 @@ class GPT(nnx.Module):
         self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd,
                              embedding_init=_init(0.02, (None, "embed")), **embed)
         self.drop = nnx.Dropout(cfg.dropout)
-        self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        if cfg.scan_layers:
+            self.h = _stacked_blocks(cfg, rngs)
+        else:
+            self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, rngs)
 
     def __call__(self, idx_BT, *, deterministic: bool = True, rngs=None):
@@ -160,9 +183,13 @@ class GPT(nnx.Module):
         """Runs `idx_BT` at positions pos..pos+T-1 against a KV cache (see `init_cache`)."""
         return self._forward(idx_BT, cache, pos, True, None)
 
-    def init_cache(self, batch: int, max_len: int) -> list:
+    def init_cache(self, batch: int, max_len: int) -> list | tuple:
+        """Per-layer (k, v) pairs; with scan_layers one (k_LBSNH, v_LBSNH) pair stacked by layer."""
         H = self.cfg.n_embd // self.cfg.n_head
         shape = (batch, max_len, self.cfg.n_head, H)
+        if self.cfg.scan_layers:
+            shape = (self.cfg.n_layer, *shape)
+            return (jnp.zeros(shape, self.cfg.dtype), jnp.zeros(shape, self.cfg.dtype))
         return [(jnp.zeros(shape, self.cfg.dtype), jnp.zeros(shape, self.cfg.dtype))
                 for _ in range(self.cfg.n_layer)]
 
@@ -170,17 +197,69 @@ class GPT(nnx.Module):
         T = idx_BT.shape[1]
         x_BTD = self.wte(idx_BT) + self.wpe(pos + jnp.arange(T))[None]
         x_BTD = self.drop(x_BTD, deterministic=deterministic, rngs=rngs)
-        new_cache = []
-        for i, block in enumerate(self.h):
-            x_BTD, c = block(x_BTD, cache=None if cache is None else cache[i], pos=pos,
-                             deterministic=deterministic, rngs=rngs)
-            new_cache.append(c)
+        # One dropout key per layer, so scanned and unrolled layers draw the same masks.
+        keys_L = None if rngs is None else jax.random.split(rngs.dropout(), self.cfg.n_layer)
+        run = functools.partial(_run_block, deterministic=deterministic)
+        if self.cfg.remat != "none":
+            run = jax.checkpoint(run, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=0)
+        if self.cfg.scan_layers:
+            graphdef, params_L = nnx.split(self.h)
+
+            def layer(x_BTD, xs):
+                params, layer_cache, key = xs
+                return run(graphdef, params, x_BTD, layer_cache, pos, key)
+
+            x_BTD, new_cache = jax.lax.scan(layer, x_BTD, (params_L, cache, keys_L))
+        else:
+            new_cache = []
+            for i, block in enumerate(self.h):
+                graphdef, params = nnx.split(block)
+                x_BTD, c = run(graphdef, params, x_BTD, None if cache is None else cache[i], pos,
+                               None if keys_L is None else keys_L[i])
+                new_cache.append(c)
         x_BTD = self.ln_f(x_BTD)
         # Tied embedding: the output projection is wte itself (GPT-2 shares them).
         logits_BTV = self.wte.attend(x_BTD).astype(jnp.float32)
         valid_V = jnp.arange(self.cfg.vocab_size) < self.cfg.valid_vocab_size
         logits_BTV = jnp.where(valid_V, logits_BTV, MASKED_LOGIT)
         return logits_BTV, (None if cache is None else new_cache)
+
+
+def _stacked_blocks(cfg: GPTConfig, rngs: nnx.Rngs) -> Block:
+    """n_layer Blocks as one, every weight with a leading "layers" axis (its own init per layer)."""
+
+    @nnx.split_rngs(splits=cfg.n_layer)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs)
+
+    return make(rngs)
+
+
+def _run_block(graphdef, params, x_BTD, cache, pos, key, *, deterministic: bool):
+    # A pure function of arrays, so that jax.checkpoint and lax.scan can wrap it.
+    block = nnx.merge(graphdef, params)
+    rngs = None if key is None else nnx.Rngs(dropout=key)
+    return block(x_BTD, cache=cache, pos=pos, deterministic=deterministic, rngs=rngs)
+
+
+def _stack(xs):
+    return np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)
+
+
+def stack_layers(params: dict) -> dict:
+    """Unscanned params pure dict ({"h": {0: {...}, 1: {...}}, ...}) -> scanned layout (every leaf
+    under "h" stacked on a leading layer axis). Other entries are shared, not copied."""
+    h = params["h"]
+    layers = [h[k] for k in sorted(h, key=int)]
+    return {**params, "h": jax.tree.map(lambda *xs: _stack(xs), *layers)}
+
+
+def unstack_layers(params: dict) -> dict:
+    """The inverse of `stack_layers`: scanned params pure dict -> {"h": {0: {...}, 1: ...}}."""
+    h = params["h"]
+    n_layer = jax.tree.leaves(h)[0].shape[0]
+    return {**params, "h": {i: jax.tree.map(lambda a, i=i: a[i], h) for i in range(n_layer)}}
 
 
 def count_params(model: GPT, *, padding: bool = True) -> int:

@@ -32,6 +32,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "embed": "fsdp",  # model width: the ZeRO-3 axis of every weight
     "heads": "tensor",  # attention heads (q, k, v outputs and c_proj inputs)
     "mlp": "tensor",  # MLP hidden units
+    "layers": None,  # the stacked-block axis of scan_layers: every device holds all layers
 }
 
 

@@ -8,6 +8,7 @@ from tests.conftest import run_main
     ("model.n_embd", 100, "model.n_embd=100 is not divisible by model.n_head=12"),
     ("data.seq_len", 2048, "data.seq_len=2048 exceeds model.block_size=1024"),
     ("model.dtype", "float8", "model.dtype='float8'"),
+    ("model.remat", "all", "model.remat='all' is not one of none, dots_saveable, full"),
     ("data.tokenizer", "llama", "data.tokenizer='llama'"),
     ("optim.min_lr", 1.0, "optim.min_lr=1.0"),
     ("optim.grad_accum", 3, "not divisible by optim.grad_accum=3"),

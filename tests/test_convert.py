@@ -5,6 +5,7 @@ LayerNorms included, are drawn at random so that a swapped or mis-reshaped tenso
 behind GPT-2's zero/one initialisation.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from llmjax import convert, train
 from llmjax.convert import ConvertError
+from llmjax.model import GPT
 from llmjax.sample import generate
 from tests.conftest import ROOT, run_main, tiny_config
 
@@ -223,3 +225,19 @@ def test_cli_import_export_and_init_from(tmp_path, byte_data):
     r = run_main("--config=configs/tiny.py", f"--workdir={work}",
                  f"--config.data.path={byte_data}", "--config.model.block_size=64")
     assert r.returncode == 2 and f"--config.model.init_from={work}" in r.stderr.splitlines()[-1]
+
+
+def test_scanned_layout_imports_and_exports(tmp_path):
+    hf = hf_model(n_layer=3, n_head=4, n_embd=64, vocab=257, n_positions=64)
+    sd = state_dict(hf)
+    flat = convert.from_state_dict(hf.config.to_dict(), sd, "test")
+    cfg = dataclasses.replace(flat.cfg, scan_layers=True)
+    params = convert.hf_to_params(sd, cfg, "test")
+    assert params["h"]["attn"]["c_attn"]["kernel"].shape == (3, 64, 3, 64)  # [L, D, 3, D]
+    back = convert.params_to_hf(params, cfg)
+    for k, v in convert.normalize_keys(sd).items():
+        if not k.endswith((".attn.bias", ".attn.masked_bias")):
+            np.testing.assert_array_equal(back[k], v)
+    scanned = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))), params)
+    idx = np.random.default_rng(0).integers(0, 257, (1, 16))
+    np.testing.assert_allclose(ours_logits(scanned, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)

@@ -84,3 +84,17 @@ def test_flops_per_token_hand_count():
     # llm.c: 6N + 6*L*C*T with N the padded parameter count (124,475,904 for GPT-2 124M).
     n = 124_475_904
     assert flops_per_token(GPTConfig(), n, 1024) == 6 * n + 6 * 12 * 768 * 1024
+    # N by hand from the shapes: wte V*D, wpe T*D, per block 12*D^2 weights + 13*D biases/norms
+    # (c_attn 3D^2+3D, c_proj D^2+D, c_fc 4D^2+4D, mlp c_proj 4D^2+D, two LayerNorms 4D), ln_f 2D.
+    V, T, L, D = 50304, 1024, 12, 768
+    assert V * D + T * D + L * (12 * D * D + 13 * D) + 2 * D == n
+    for scan in (False, True):  # the stacked layout holds the same parameters
+        cfg = GPTConfig(scan_layers=scan)
+        assert count_params(nnx.eval_shape(lambda cfg=cfg: GPT(cfg, nnx.Rngs(0)))) == n
+    # Attention by hand: per layer and token, QK^T and AV are 2*T*D FLOPs each forward, halved by
+    # the causal mask (2*T*D), times 3 for forward + backward.
+    assert 6 * L * D * T == L * 3 * (2 * 2 * T * D) // 2
+    fpt = flops_per_token(GPTConfig(), n, 1024)
+    assert fpt == 803_478_528
+    # The goal: 500K tokens/s on one H100 SXM (989 TFLOP/s dense bf16) is 40.6% MFU.
+    assert 500_000 * fpt / 989e12 == pytest.approx(0.40621, abs=1e-5)
