@@ -46,7 +46,8 @@ class EvalError(data.DataError):
 
 def val_loss(graphdef, params, path: str, *, seq_len: int, batch: int, vocab_size: int,
              max_batches: int = 0) -> dict:
-    """Mean eval_step loss over the val split: all of it (whole batches), or `max_batches`."""
+    """Mean loss per target over the val split, all of it (whole batches) or `max_batches`, from
+    the same eval_step training uses."""
     from llmjax.train import _eval_step  # late: train imports this module
 
     windows = data._Windows(data.split_paths(path, "val"), seq_len, vocab_size, stride=seq_len)
@@ -56,8 +57,9 @@ def val_loss(graphdef, params, path: str, *, seq_len: int, batch: int, vocab_siz
     step = _jitted_eval_step(graphdef, _eval_step)
     batches = data.val_batches(path, seq_len=seq_len, batch=batch, vocab_size=vocab_size,
                                num_batches=n)
-    losses = [step(params, jnp.asarray(b)) for b in batches]
-    loss = float(np.mean(jax.device_get(losses)))
+    sums = [step(params, jnp.asarray(b)) for b in batches]  # (summed loss, scored targets)
+    total, count = np.sum(jax.device_get(sums), axis=0, dtype=np.float64)
+    loss = float(total / count)
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)), "val_batches": n,
             "val_tokens": n * batch * seq_len}
 

@@ -84,7 +84,7 @@ def _train_step(state: TrainState, batch_BT1, *, graphdef, tx, accum: int, seed:
     (grads, total, count), _ = jax.lax.scan(micro, init, (micro_ABT1, jnp.arange(accum)))
     count = jnp.maximum(count, 1.0)  # nothing scored: a zero gradient, never a division by zero
     grads = jax.tree.map(lambda g: g / count, grads)
-    loss, grad_norm = total / count, optax.global_norm(grads)
+    loss, grad_norm = total / count, optax.tree_utils.tree_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Checked before anything is applied: a non-finite step leaves params and optimizer untouched.

@@ -39,7 +39,9 @@ def test_val_loss_is_mean_of_eval_steps_over_whole_split(byte_data):
     step = jax.jit(lambda p, b: train._eval_step(p, b, graphdef=graphdef))
     batches = list(data.val_batches(byte_data, seq_len=32, batch=64, vocab_size=257,
                                     num_batches=out["val_batches"]))
-    losses = [float(step(params, jnp.asarray(b))) for b in batches]
+    sums = [step(params, jnp.asarray(b)) for b in batches]
+    assert all(int(n) == 64 * 32 for _, n in sums)  # every target of a val batch is scored
+    losses = [float(s) / float(n) for s, n in sums]
     assert out["val_loss"] == pytest.approx(np.mean(losses), rel=1e-6)
     assert out["val_perplexity"] == pytest.approx(math.exp(out["val_loss"]), rel=1e-6)
     # One batch by hand: mean next-token cross-entropy from the model's logits.
