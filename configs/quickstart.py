@@ -6,7 +6,7 @@
     python -m llmjax.main --config=configs/quickstart.py --workdir=runs/demo \
         --config.data.path=runs/demo/data
 
-Expect the training loss to fall from ~5.6 (ln 257, uniform over bytes) to about 1.7 and samples
+Expect the training loss to fall from ~5.6 (ln 257, uniform over bytes) to about 1.9 and samples
 that start to look like Python documentation: real words, then byte soup as the model loses its way.
 """
 

@@ -154,16 +154,22 @@ def main(argv):
         print(f"sample: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"# {FLAGS.workdir} at step {step}", file=sys.stderr)
-    ids = tok.encode(FLAGS.prompt)
+    # An empty prompt starts a fresh document, as GPT-2 was trained; a long one keeps its end.
+    ids = tok.encode(FLAGS.prompt)[-(model.cfg.block_size - 1):] or [tok.eot_id]
+    room = model.cfg.block_size - len(ids)
+    if FLAGS.max_new_tokens > room:
+        print(f"# {room} new tokens: the prompt ({len(ids)} tokens) and the continuation must "
+              f"fit the model's context of {model.cfg.block_size}", file=sys.stderr)
+    n = min(FLAGS.max_new_tokens, room)
     if FLAGS.num_samples == 1:
         sys.stdout.write(FLAGS.prompt)
         stream = Streamer(tok)
-        generate(model, [ids], FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+        generate(model, [ids], n, temperature=FLAGS.temperature,
                  top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, eot_id=tok.eot_id,
                  on_token=lambda _, t: stream(t))
         print()
         return
-    outs = generate(model, [ids] * FLAGS.num_samples, FLAGS.max_new_tokens,
+    outs = generate(model, [ids] * FLAGS.num_samples, n,
                     temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                     seed=FLAGS.seed, eot_id=tok.eot_id)
     for i, out in enumerate(outs):

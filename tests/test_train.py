@@ -101,3 +101,23 @@ def test_sampling_from_workdir(trained):
     assert step == 20 and tok.name == "bytes"
     out = generate(model, [tok.encode("The ")], 10, temperature=0.0)
     assert len(out[0]) == 10 and all(0 <= t < 257 for t in out[0])
+
+
+def test_sample_cli_fits_the_context(trained):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmjax.sample", f"--workdir={trained}", "--prompt=",
+         "--max_new_tokens=500", "--temperature=0"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr
+    assert "63 new tokens" in proc.stderr  # block_size 64, minus the EOT that starts the prompt
+    model, tok, _ = train.load_model(trained)
+    from llmjax.sample import generate
+
+    out = generate(model, [[tok.eot_id]], 63, temperature=0.0, eot_id=tok.eot_id)[0]
+    expect = tok.decode(out)
+    assert proc.stdout == expect + "\n"
