@@ -76,11 +76,25 @@ def read_meta(path: str) -> dict:
 
 
 def check_dataset(path: str, tokenizer: str, seq_len: int) -> None:
-    """Fails fast, before anything compiles, on data the run cannot use."""
+    """Fails fast, before anything compiles, on data the run cannot use.
+
+    Token ids: shards with a meta.json were written by `prepare` with the named tokenizer, whose
+    ids all fit; foreign shards (llm.c, modded-nanogpt) are scanned once here (about 1 s per GB),
+    because an out-of-range id would silently read a padding row or a clamped one in JAX.
+    """
     meta = read_meta(path)
     if meta and meta.get("tokenizer") != tokenizer:
         raise DataError(f"data.path={path!r} was tokenized with {meta.get('tokenizer')!r} "
                         f"but data.tokenizer={tokenizer!r}")
+    if not meta:
+        from llmjax.tokenizer import get_tokenizer  # late: keeps prepare's workers light
+
+        vocab = get_tokenizer(tokenizer).vocab_size
+        for p in split_paths(path, "train") + split_paths(path, "val"):
+            top = _max_token(read_shard(p))
+            if top >= vocab:
+                raise DataError(f"{p}: token id {top} >= vocabulary size {vocab} "
+                                f"(data.tokenizer={tokenizer})")
     for split in ("train", "val"):
         paths = split_paths(path, split)
         lengths = {os.path.basename(p): len(read_shard(p)) for p in paths}
@@ -100,6 +114,11 @@ def check_dataset(path: str, tokenizer: str, seq_len: int) -> None:
             raise DataError(f"data.path={path!r}: the {split} split ({sum(lengths.values())} "
                             f"tokens, longest shard {longest}) is smaller than one window of "
                             f"seq_len+1={seq_len + 1}")
+
+
+def _max_token(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
+    """The largest id in a memory-mapped shard, read in 128 MB chunks to bound memory."""
+    return max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
