@@ -30,9 +30,11 @@ from flax import nnx
 
 from llmjax.checkpoint import CheckpointError
 from llmjax.model import GPT, GPTConfig, pad_vocab, stack_layers, unstack_layers
+from llmjax.tokenizer import TOKENIZERS, get_tokenizer
 
 # Vocabulary size -> the llmjax tokenizer whose ids those rows are.
-TOKENIZER_FOR_VOCAB = {50257: "gpt2", 257: "bytes"}
+# A checkpoint's tokenizer, told by its vocabulary size (every llmjax tokenizer's size is distinct).
+TOKENIZER_FOR_VOCAB = {get_tokenizer(name).vocab_size: name for name in TOKENIZERS}
 HUB_FILES = ("config.json", "model.safetensors")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
 _LIST_LIMIT = 8  # names listed in an error before "... and N more"
@@ -294,8 +296,9 @@ def write_workdir(model: GPT, workdir: str, source: str) -> None:
 
     tokenizer = TOKENIZER_FOR_VOCAB.get(model.cfg.valid_vocab_size)
     if tokenizer is None:
+        known = ", ".join(f"{t}: {v}" for v, t in TOKENIZER_FOR_VOCAB.items())
         raise ConvertError(f"{source}: vocab_size={model.cfg.valid_vocab_size} matches no llmjax "
-                           f"tokenizer ({', '.join(f'{t}: {v}' for v, t in TOKENIZER_FOR_VOCAB.items())})")  # noqa: E501
+                           f"tokenizer ({known})")
     mngr = checkpoint.manager(workdir, keep=1)
     if mngr.latest_step() is not None:
         raise ConvertError(f"--workdir={workdir} already holds checkpoints; choose a new folder")

@@ -296,14 +296,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         writer.truncate(loop["log_bytes"], start)
     loop = loop or {"pending": [], "loss_mean": [0.0, 0]}
     loss_mean, loss_count = loop["loss_mean"]
-    n_params = count_params(nnx.merge(run.graphdef, jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params)))
+    shapes = nnx.merge(run.graphdef, jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params))
+    n_params = count_params(shapes)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_per_step = flops_per_token(run.model_cfg, n_params, cfg.data.seq_len) * tokens_per_step
     peak = metrics.peak_flops(jax.devices()[0])
     metrics.console(
-        f"model: {n_params:,} parameters ({n_params - (run.model_cfg.vocab_size - run.model_cfg.valid_vocab_size) * run.model_cfg.n_embd:,} without vocab padding); "  # noqa: E501
-        f"mesh {dict(run.mesh.shape)}; {tokens_per_step:,} tokens/step; "
+        f"model: {n_params:,} parameters ({count_params(shapes, padding=False):,} without vocab "
+        f"padding); mesh {dict(run.mesh.shape)}; {tokens_per_step:,} tokens/step; "
         f"attention {run.model_cfg.attention}; steps {start} -> {t.steps}")
 
     if rows is None:
