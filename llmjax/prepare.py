@@ -585,9 +585,9 @@ def _define_flags() -> None:
     # Defined only when run as a program, so importing this module never clashes with
     # another entry point's flags.
     flags.DEFINE_string("source", None, "hf:NAME | jsonl:GLOB | parquet:GLOB | text:GLOB | "
-                        "builtin:pydocs", required=True)
+                        "paragraphs:GLOB | builtin:pydocs", required=True)
     flags.DEFINE_string("out", None, "output directory for shards and meta.json", required=True)
-    flags.DEFINE_string("tokenizer", "gpt2", "gpt2 | bytes")
+    flags.DEFINE_string("tokenizer", "gpt2", "gpt2 | bytes (or their -chat variants)")
     flags.DEFINE_string("hf_config", "", "hf: the dataset's configuration, e.g. sample-10BT")
     flags.DEFINE_string("hf_split", "train", "hf: the split to stream")
     flags.DEFINE_string("text_field", "text", "hf/jsonl/parquet: the field holding the text")

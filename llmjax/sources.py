@@ -2,7 +2,9 @@
 
 hf:NAME streams a Hugging Face dataset through `datasets`; jsonl:GLOB and parquet:GLOB take the very
 same path (`datasets`' json/parquet builders over local files), so the hub code is the tested code.
-text:GLOB reads each file as one document; builtin:pydocs is Python's own documentation (offline).
+text:GLOB reads each file as one document; paragraphs:GLOB makes each blank-line-separated block of
+each file a document (single-file corpora such as tiny Shakespeare: its speeches); builtin:pydocs
+is Python's own documentation (offline).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import ast
 import glob
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 
@@ -66,6 +69,12 @@ def text_documents(paths: list[str]) -> Iterator[str]:
     for path in paths:
         with open(path, encoding="utf-8", errors="replace") as f:
             yield f.read()
+
+
+def paragraph_documents(paths: list[str]) -> Iterator[str]:
+    """Blocks separated by blank lines: a one-file corpus still splits into train and val."""
+    for text in text_documents(paths):
+        yield from (block for block in re.split(r"\n[ \t]*\n", text) if block.strip())
 
 
 def _one_line(e: Exception) -> str:
@@ -148,7 +157,9 @@ def open_source(source: str, text_field: str = "text", hf_config: str | None = N
     if kind == "text" and arg:
         paths = _glob(source, arg)
         return text_documents(paths), len(paths)
+    if kind == "paragraphs" and arg:
+        return paragraph_documents(_glob(source, arg)), None
     if kind == "builtin" and arg == "pydocs":
         return pydocs_documents(), None
     raise ValueError(f"--source={source!r}: expected hf:NAME, jsonl:GLOB, parquet:GLOB, "
-                     "text:GLOB or builtin:pydocs")
+                     "text:GLOB, paragraphs:GLOB or builtin:pydocs")

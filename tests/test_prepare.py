@@ -273,3 +273,18 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         r = _cli(*args)
         assert r.returncode == 2, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+
+
+def test_paragraphs_make_one_file_a_corpus(tmp_path, shakespeare, reference_tiktoken):
+    import re
+
+    from llmjax.prepare import prepare as run_prepare
+
+    path = tmp_path / "shakespeare.txt"
+    path.write_text(shakespeare[:50_000], encoding="utf-8")
+    meta = run_prepare(f"paragraphs:{path}", str(tmp_path / "out"), val_fraction=0.1)
+    blocks = [b for b in re.split(r"\n[ \t]*\n", shakespeare[:50_000]) if b.strip()]
+    assert meta["documents"]["kept"] == len(blocks) > 100
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == sum(
+        len(reference_tiktoken.encode_ordinary(b)) + 1 for b in blocks)
+    assert meta["tokens"]["val"] > 0
