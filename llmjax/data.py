@@ -195,7 +195,8 @@ def process_rows(batch: int, process_index: int, process_count: int) -> slice:
     return slice(process_index * per, (process_index + 1) * per)
 
 
-def _iterate(start: int, stop: int, fn, workers: int, prefetch: int) -> Iterator[np.ndarray]:
+def iterate_steps(start: int, stop: int, fn, workers: int = 0, prefetch: int = 4
+                  ) -> Iterator[np.ndarray]:
     """fn(i) for i in [start, stop), read `prefetch` batches ahead in threads (and `workers`
     processes), so the train step never waits on reading."""
     import grain  # here, not at the top: prepare's tokenizer processes need only the format
@@ -217,7 +218,7 @@ def train_batches(path: str, *, seq_len: int, batch: int, vocab_size: int, seed:
     """Yields int32 [batch/process_count, seq_len+1] for steps start_step .. steps-1."""
     windows = _Windows(split_paths(path, "train"), seq_len, vocab_size, stride=1)
     fn = _TrainBatch(windows, seed, batch, process_rows(batch, process_index, process_count))
-    return _iterate(start_step, steps, fn, workers, prefetch)
+    return iterate_steps(start_step, steps, fn, workers, prefetch)
 
 
 def val_batches(path: str, *, seq_len: int, batch: int, vocab_size: int, num_batches: int,
@@ -226,4 +227,4 @@ def val_batches(path: str, *, seq_len: int, batch: int, vocab_size: int, num_bat
     """Yields the same `num_batches` validation batches every time it is called."""
     windows = _Windows(split_paths(path, "val"), seq_len, vocab_size, stride=seq_len)
     fn = _ValBatch(windows, batch, process_rows(batch, process_index, process_count))
-    return _iterate(0, num_batches, fn, workers, prefetch)
+    return iterate_steps(0, num_batches, fn, workers, prefetch)

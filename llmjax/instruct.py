@@ -17,9 +17,9 @@ import json
 import os
 from collections.abc import Iterator
 
-import grain
 import numpy as np
 
+from llmjax import data
 from llmjax.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -159,8 +159,7 @@ class _Epochs:
 
 def train_batches(rows: np.ndarray, *, batch: int, seed: int, start_step: int, steps: int,
                   rows_slice: slice) -> Iterator[np.ndarray]:
-    ds = grain.MapDataset.range(start_step, steps).map(_Epochs(rows, seed, batch, rows_slice))
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+    return data.iterate_steps(start_step, steps, _Epochs(rows, seed, batch, rows_slice))
 
 
 def val_batches(rows: np.ndarray, *, batch: int, rows_slice: slice) -> Iterator[np.ndarray]:
