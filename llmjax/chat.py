@@ -70,7 +70,7 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:
         print(f"chat: {e}", file=sys.stderr)
         sys.exit(2)
-    if "<|assistant|>" not in tok.special:
+    if not tok.chat:
         print(f"chat: {FLAGS.workdir} was trained with tokenizer {tok.name!r}, which has no chat "
               "tokens; finetune it first (configs/sft_gpt2.py)", file=sys.stderr)
         sys.exit(2)

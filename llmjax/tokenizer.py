@@ -36,6 +36,7 @@ class Tokenizer(Protocol):
     eot_id: int
     vocab_size: int
     special: dict[str, int]
+    chat: bool  # has the chat template's tokens
 
     def encode(self, text: str) -> list[int]: ...
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
@@ -46,7 +47,7 @@ class GPT2Tokenizer:
     """tiktoken's GPT-2 encoding, built from the BPE files shipped inside the package."""
 
     def __init__(self, chat: bool = False) -> None:
-        self.name = "gpt2-chat" if chat else "gpt2"
+        self.name, self.chat = ("gpt2-chat" if chat else "gpt2"), chat
         self.special = {EOT: 50256}
         if chat:
             self.special.update({t: 50257 + i for i, t in enumerate(CHAT_TOKENS)})
@@ -76,7 +77,7 @@ class ByteTokenizer:
     eot_id = 256
 
     def __init__(self, chat: bool = False) -> None:
-        self.name = "bytes-chat" if chat else "bytes"
+        self.name, self.chat = ("bytes-chat" if chat else "bytes"), chat
         self.special = {EOT: 256}
         if chat:
             self.special.update({t: 257 + i for i, t in enumerate(CHAT_TOKENS)})

@@ -208,7 +208,7 @@ def is_instruct(cfg: ml_collections.ConfigDict) -> bool:
 
 
 def _instruct_rows(cfg: ml_collections.ConfigDict, tok: Tokenizer) -> dict[str, np.ndarray]:
-    if "<|assistant|>" not in tok.special:
+    if not tok.chat:
         raise data.DataError(f"data.path={cfg.data.path!r} is an instruction dataset but "
                              f"data.tokenizer={cfg.data.tokenizer!r} has no chat tokens "
                              "(use gpt2-chat or bytes-chat)")
@@ -239,7 +239,7 @@ def evaluate(run: Run, params, val_rows: np.ndarray | None = None) -> float:
 def sample_text(run: Run, params, tok: Tokenizer, prompt: str, n: int, seed: int) -> str:
     """A continuation of `prompt`, or for a chat model its answers to the fixed questions."""
     model = nnx.merge(run.graphdef, jax.device_get(params))
-    chat = "<|assistant|>" in tok.special
+    chat = tok.chat
     if chat:
         prompts = [instruct.render(tok, [{"role": "user", "content": q}],
                                    add_generation_prompt=True)[0]
