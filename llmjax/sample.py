@@ -26,23 +26,37 @@ from llmjax.model import GPT, MASKED_LOGIT
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _prefill(graphdef, params, idx_BT, cache, prompt_BS, lengths_B, key, temperature, top_k,
              top_p):
-    """Runs the shared prompt prefix; returns the token at index T (sampled or forced) and cache."""
+    """Runs the shared prompt prefix; returns the token at index T (sampled or forced), [B, 1]."""
     T = idx_BT.shape[1]
     logits_BTV, cache = nnx.merge(graphdef, params).decode(idx_BT, cache, 0)
     return _next(logits_BTV[:, -1], T, prompt_BS, lengths_B, key, temperature, top_k,
-                 top_p), cache
+                 top_p)[:, None], cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _decode(graphdef, params, tok_B, cache, pos, prompt_BS, lengths_B, key, temperature, top_k,
-            top_p):
-    """Feeds the token at index `pos`; returns the token at index pos+1 and the updated cache.
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=4)
+def _decode(graphdef, n, params, toks_BK, cache, pos, prompt_BS, lengths_B, key, temperature,
+            top_k, top_p):
+    """Feeds toks_BK[:, -1], the token at index `pos`, then n-1 of its own: returns the tokens at
+    indices pos+1..pos+n as [B, n] and the updated cache.
 
-    Sampling happens here too, so each new token costs one dispatch and one tiny transfer.
+    The n steps are one lax.scan with sampling inside, so n new tokens cost one dispatch and one
+    host sync instead of n.
     """
-    logits_BTV, cache = nnx.merge(graphdef, params).decode(tok_B[:, None], cache, pos)
-    return _next(logits_BTV[:, -1], pos + 1, prompt_BS, lengths_B, key, temperature, top_k,
-                 top_p), cache
+    model = nnx.merge(graphdef, params)
+    S = jax.tree.leaves(cache)[0].shape[-3]  # [(L,) B, S, N, H]
+
+    def step(carry, i):
+        tok_B, cache = carry
+        # The last chunk may run past the cache: those steps redo position S-1 and their tokens
+        # are discarded by the caller.
+        p = jnp.minimum(pos + i, S - 1)
+        logits_BTV, cache = model.decode(tok_B[:, None], cache, p)
+        tok_B = _next(logits_BTV[:, -1], p + 1, prompt_BS, lengths_B, key, temperature, top_k,
+                      top_p)
+        return (tok_B, cache), tok_B
+
+    (_, cache), toks_nB = jax.lax.scan(step, (toks_BK[:, -1], cache), jnp.arange(n))
+    return toks_nB.T, cache
 
 
 def _next(logits_BV, index, prompt_BS, lengths_B, key, temperature, top_k, top_p):
@@ -90,14 +104,19 @@ def sample_logits(logits_BV, key, temperature, top_k, top_p):
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eot_id: int | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None,
+             chunk: int = 8) -> list[list[int]]:
     """Continues each prompt by up to `max_new_tokens` tokens; a row stops after emitting `eot_id`.
 
-    `on_token(row, token)` is called for every new token as soon as it exists (for streaming).
-    Returns the new tokens of each row (the EOT included when it was produced).
+    `on_token(row, token)` is called for every new token as soon as the host has it (for
+    streaming); tokens arrive `chunk` at a time, one device dispatch each. The tokens do not depend
+    on `chunk` (each index draws from its own key). Returns the new tokens of each row (the EOT
+    included when it was produced).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     B, lengths = len(prompts), [len(p) for p in prompts]
@@ -116,28 +135,31 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *,
     for r, p in enumerate(prompts):
         tokens[r, :len(p)] = p
     cache = model.init_cache(B, S)
-    start = min(lengths)
+    first = min(lengths)  # the index of the first token in toks_BK
     consts = (jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32), jax.random.key(seed),
               jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
-    tok_B, cache = _prefill(graphdef, params, jnp.asarray(tokens[:, :start]), cache, *consts)
+    toks_BK, cache = _prefill(graphdef, params, jnp.asarray(tokens[:, :first]), cache, *consts)
     new: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
-    for pos in range(start, total):
-        # Dispatch the next step before reading this token: the device computes while the host
-        # streams. At most one step past the end is wasted.
-        if pos + 1 < total:
-            next_B, cache = _decode(graphdef, params, tok_B, cache, pos, *consts)
-        for r, t in enumerate(np.asarray(tok_B).tolist()):
-            if pos < lengths[r] or done[r]:
-                continue  # still inside this row's prompt, or finished
-            new[r].append(t)
-            if on_token:
-                on_token(r, t)
-            done[r] = (eot_id is not None and t == eot_id) or len(new[r]) == max_new_tokens
-        if done.all():
-            break
-        tok_B = next_B
-    return new
+    while True:
+        last = first + toks_BK.shape[1] - 1
+        # Dispatch the next chunk before reading this one: the device computes while the host
+        # streams. At most two chunks past the end are wasted.
+        if last + 1 < total:
+            next_BK, cache = _decode(graphdef, chunk, params, toks_BK, cache, last, *consts)
+        for j, col in enumerate(np.asarray(toks_BK).T.tolist()):
+            if first + j >= total:
+                break
+            for r, t in enumerate(col):
+                if first + j < lengths[r] or done[r]:
+                    continue  # still inside this row's prompt, or finished
+                new[r].append(t)
+                if on_token:
+                    on_token(r, t)
+                done[r] = (eot_id is not None and t == eot_id) or len(new[r]) == max_new_tokens
+        if done.all() or last + 1 >= total:
+            return new
+        toks_BK, first = next_BK, last + 1
 
 
 FLAGS = flags.FLAGS

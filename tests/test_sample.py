@@ -3,6 +3,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from llmjax.model import GPT
@@ -59,6 +60,21 @@ def test_stops_at_eot():
     first = _greedy_by_recompute(model, [1, 2, 3], 1)[0]
     out = generate(model, [[1, 2, 3]], 6, temperature=0.0, eot_id=first)
     assert out == [[first]]
+
+
+def test_tokens_do_not_depend_on_chunk():
+    """Each index samples with its own key, so tokens per dispatch change nothing. 4 + 28 tokens
+    fill the context (and the cache) exactly: the last chunks run past its end and are discarded."""
+    model = GPT(TINY, nnx.Rngs(4))
+    prompts = [[5], [1, 2, 3, 4]]
+    streamed: list[list[int]] = [[], []]
+    outs = [generate(model, prompts, 28, temperature=1.0, top_k=20, seed=7, chunk=c,
+                     on_token=lambda r, t: streamed[r].append(t) if c == 7 else None)
+            for c in (1, 7, 8)]
+    assert outs[0] == outs[1] == outs[2] == streamed
+    assert [len(o) for o in outs[0]] == [28, 28]
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        generate(model, prompts, 5, chunk=0)
 
 
 def test_decode_compiles_once_per_cache_size():
