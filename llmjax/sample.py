@@ -1,4 +1,4 @@
-"""Sampling with a KV cache: one jitted prefill, then one jitted decode step per token.
+"""Sampling with a KV cache: one jitted prefill, then a jitted decode loop, 8 tokens per call.
 
     python -m llmjax.sample --workdir=DIR --prompt="Once upon a time" --max_new_tokens=100 \
         --temperature=0.8 --top_k=40 --top_p=0.95 --seed=0
@@ -6,6 +6,8 @@
 The cache is preallocated for the whole generation, so the decode step has fixed shapes and compiles
 once; the prompt is never re-run. Prompts of different lengths share a batch: the shortest prefix is
 prefilled, and rows whose prompt is still running are fed their prompt token instead of a sample.
+Decode steps run `chunk` at a time in one lax.scan with sampling inside: one dispatch and one host
+sync per chunk rather than per token (on a GPU those cost more than a 124M decode step).
 """
 
 from __future__ import annotations
