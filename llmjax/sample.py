@@ -45,7 +45,7 @@ def _decode(graphdef, n, params, toks_BK, cache, pos, prompt_BS, lengths_B, key,
     host sync instead of n.
     """
     model = nnx.merge(graphdef, params)
-    S = jax.tree.leaves(cache)[0].shape[-3]  # [(L,) B, S, N, H]
+    S = prompt_BS.shape[1]  # the prompt table is as long as the cache
 
     def step(carry, i):
         tok_B, cache = carry
