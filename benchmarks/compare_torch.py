@@ -50,10 +50,18 @@ def torch_benchmark(cfg, steps: int, warmup: int, compile_model: bool | None) ->
     B, T, V = cfg.data.batch_size, cfg.data.seq_len, mc.vocab_size
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(
-        vocab_size=V, n_positions=mc.block_size, n_embd=mc.n_embd, n_layer=mc.n_layer,
-        n_head=mc.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=V,
+        n_positions=mc.block_size,
+        n_embd=mc.n_embd,
+        n_layer=mc.n_layer,
+        n_head=mc.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
         activation_function="gelu_new",
-        bos_token_id=mc.valid_vocab_size - 1, eos_token_id=mc.valid_vocab_size - 1)
+        bos_token_id=mc.valid_vocab_size - 1,
+        eos_token_id=mc.valid_vocab_size - 1,
+    )
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())  # tied wte counted once
@@ -61,9 +69,15 @@ def torch_benchmark(cfg, steps: int, warmup: int, compile_model: bool | None) ->
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, fused=True)
+        [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=o.lr,
+        betas=(o.b1, o.b2),
+        eps=o.eps,
+        fused=True,
+    )
     forward = torch.compile(model) if compile_model else model
     accum = o.grad_accum
     rng = torch.Generator().manual_seed(0)
@@ -108,19 +122,37 @@ def torch_benchmark(cfg, steps: int, warmup: int, compile_model: bool | None) ->
     # The same peak table as llmjax, keyed by the name jax would report for this GPU.
     kind = torch.cuda.get_device_name() if cuda else "cpu"
     peak = metrics.PEAK_FLOPS.get(kind) or next(
-        (v for k, v in metrics.PEAK_FLOPS.items() if kind.startswith(k)), None)
+        (v for k, v in metrics.PEAK_FLOPS.items() if kind.startswith(k)), None
+    )
     result = {
-        "framework": "torch", "device": kind, "n_devices": 1, "torch": torch.__version__,
-        "transformers": transformers.__version__, "batch_size": B, "seq_len": T,
-        "grad_accum": accum, "n_layer": mc.n_layer, "n_embd": mc.n_embd, "n_params": n_params,
-        "dtype": "bfloat16 autocast" if bf16 else "float32", "attention": "sdpa",
-        "torch_compile": compile_model, "fused_adamw": True, "steps": steps, "warmup": warmup,
-        "compile_s": round(compile_s, 2), "ms_per_step": ms,
-        "ms_per_step_min": 1e3 * min(times), "ms_per_step_max": 1e3 * max(times),
-        "tokens_per_sec": tokens_per_sec, "flops_per_token": fpt, "peak_flops": peak,
+        "framework": "torch",
+        "device": kind,
+        "n_devices": 1,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "batch_size": B,
+        "seq_len": T,
+        "grad_accum": accum,
+        "n_layer": mc.n_layer,
+        "n_embd": mc.n_embd,
+        "n_params": n_params,
+        "dtype": "bfloat16 autocast" if bf16 else "float32",
+        "attention": "sdpa",
+        "torch_compile": compile_model,
+        "fused_adamw": True,
+        "steps": steps,
+        "warmup": warmup,
+        "compile_s": round(compile_s, 2),
+        "ms_per_step": ms,
+        "ms_per_step_min": 1e3 * min(times),
+        "ms_per_step_max": 1e3 * max(times),
+        "tokens_per_sec": tokens_per_sec,
+        "flops_per_token": fpt,
+        "peak_flops": peak,
         "mfu": tokens_per_sec * fpt / peak if peak else None,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "loss_first": first_loss, "loss_last": float(loss),
+        "loss_first": first_loss,
+        "loss_last": float(loss),
     }
     return result
 
@@ -148,6 +180,10 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     step_time.define_flags()
-    flags.DEFINE_enum("torch_compile", "auto", ["auto", "true", "false"],
-                      "torch.compile the model; auto = on with CUDA, off on CPU")
+    flags.DEFINE_enum(
+        "torch_compile",
+        "auto",
+        ["auto", "true", "false"],
+        "torch.compile the model; auto = on with CUDA, off on CPU",
+    )
     app.run(main)

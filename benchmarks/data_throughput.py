@@ -31,8 +31,9 @@ from llmjax import data  # noqa: E402
 from llmjax.prepare import prepare  # noqa: E402
 from llmjax.tokenizer import get_tokenizer  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), "shared", "data")
+SHARED = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data"
+)
 
 
 def corpus(mb: float) -> list[str]:
@@ -40,7 +41,7 @@ def corpus(mb: float) -> list[str]:
         text = f.read()
     with open(os.path.join(SHARED, "instruction-data.json"), encoding="utf-8") as f:
         text += "\n\n".join(" ".join(str(v) for v in row.values()) for row in json.load(f))
-    base = [text[i:i + 4000] for i in range(0, len(text), 4000)]
+    base = [text[i : i + 4000] for i in range(0, len(text), 4000)]
     docs, size = [], 0
     while size < mb * 1e6:
         # A varying prefix keeps repeats distinct documents (distinct hashes, so a real split).
@@ -62,10 +63,20 @@ def bare_tiktoken(docs: list[str], threads: int) -> tuple[float, int]:
     return time.perf_counter() - t, sum(len(x) for x in ids)
 
 
-def loader(path: str, batch: int, seq_len: int, workers: int, prefetch: int,
-           seconds: float = 5.0) -> float:
-    it = data.train_batches(path, seq_len=seq_len, batch=batch, vocab_size=50257, seed=0,
-                            start_step=0, steps=10**9, workers=workers, prefetch=prefetch)
+def loader(
+    path: str, batch: int, seq_len: int, workers: int, prefetch: int, seconds: float = 5.0
+) -> float:
+    it = data.train_batches(
+        path,
+        seq_len=seq_len,
+        batch=batch,
+        vocab_size=50257,
+        seed=0,
+        start_step=0,
+        steps=10**9,
+        workers=workers,
+        prefetch=prefetch,
+    )
     for _ in range(3):  # warm up: threads, workers, page cache
         next(it)
     n, t = 0, time.perf_counter()
@@ -88,8 +99,12 @@ def main() -> None:
 
     docs = corpus(args.mb)
     mb = sum(len(d.encode()) for d in docs) / 1e6
-    out = {"cpus": os.cpu_count(), "workers": args.workers, "text_mb": round(mb, 1),
-           "documents": len(docs)}
+    out = {
+        "cpus": os.cpu_count(),
+        "workers": args.workers,
+        "text_mb": round(mb, 1),
+        "documents": len(docs),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "docs.jsonl")
         with open(src, "w", encoding="utf-8") as f:
@@ -106,8 +121,14 @@ def main() -> None:
             bare.append(t)
             bare_cpu.append(cpu_seconds() - c)
             c, t = cpu_seconds(), time.perf_counter()
-            meta = prepare(f"jsonl:{src}", os.path.join(tmp, f"shards{r}"), "gpt2", 0.01,
-                           shard_tokens=10_000_000, workers=args.workers)
+            meta = prepare(
+                f"jsonl:{src}",
+                os.path.join(tmp, f"shards{r}"),
+                "gpt2",
+                0.01,
+                shard_tokens=10_000_000,
+                workers=args.workers,
+            )
             prep.append(time.perf_counter() - t)
             while multiprocessing.active_children():  # reaps the tokenizer processes
                 time.sleep(0.05)
@@ -115,14 +136,17 @@ def main() -> None:
             assert sum(meta["tokens"].values()) == n_tok + len(docs)  # + one EOT per document
         tt, tp = min(bare), min(prep)
         out.update(
-            tiktoken_tokens_per_sec=round(n_tok / tt), tiktoken_mb_per_sec=round(mb / tt, 2),
-            prepare_tokens_per_sec=round(n_tok / tp), prepare_mb_per_sec=round(mb / tp, 2),
+            tiktoken_tokens_per_sec=round(n_tok / tt),
+            tiktoken_mb_per_sec=round(mb / tt, 2),
+            prepare_tokens_per_sec=round(n_tok / tp),
+            prepare_mb_per_sec=round(mb / tp, 2),
             prepare_vs_tiktoken=round(tt / tp, 3),
             tiktoken_runs_sec=[round(t, 2) for t in bare],
             prepare_runs_sec=[round(t, 2) for t in prep],
             tiktoken_cpu_sec=[round(t, 2) for t in bare_cpu],
             prepare_cpu_sec=[round(t, 2) for t in prep_cpu],
-            prepare_vs_tiktoken_cpu=round(min(bare_cpu) / min(prep_cpu), 3))
+            prepare_vs_tiktoken_cpu=round(min(bare_cpu) / min(prep_cpu), 3),
+        )
         print(json.dumps(out), file=sys.stderr)
         path = os.path.join(tmp, "shards0")
         for workers, prefetch in [(0, 4), (2, 4)]:

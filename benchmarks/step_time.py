@@ -72,14 +72,22 @@ def benchmark(cfg, steps: int, warmup: int) -> dict:
     state = run.init()
     rng = np.random.default_rng(0)
     batch = sharding.put_batch(
-        rng.integers(0, run.model_cfg.valid_vocab_size, (B, T + 1), dtype=np.int32), run.mesh)
+        rng.integers(0, run.model_cfg.valid_vocab_size, (B, T + 1), dtype=np.int32), run.mesh
+    )
     t0 = time.perf_counter()
     step = run.train_step.lower(run.abstract_state, batch).compile()
     compile_s = time.perf_counter() - t0
     mem = step.memory_analysis()
-    compiled_bytes = None if mem is None else (
-        mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-        - mem.alias_size_in_bytes)
+    compiled_bytes = (
+        None
+        if mem is None
+        else (
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
+    )
     for _ in range(warmup):
         state, m = step(state, batch)
     first_loss = float(m["train/loss"]) if warmup else None
@@ -98,40 +106,67 @@ def benchmark(cfg, steps: int, warmup: int) -> dict:
     peak = metrics.peak_flops(device)
     mfu = tokens_per_sec * fpt / (peak * jax.device_count()) if peak else None
     return {
-        "framework": "llmjax", "device": device.device_kind, "backend": jax.default_backend(),
-        "n_devices": jax.device_count(), "jax": jax.__version__,
-        "batch_size": B, "seq_len": T, "grad_accum": cfg.optim.grad_accum,
-        "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd, "n_params": n_params,
-        "dtype": cfg.model.dtype, "attention": run.model_cfg.attention,
-        "scan_layers": run.model_cfg.scan_layers, "remat": run.model_cfg.remat,
-        "steps": steps, "warmup": warmup, "compile_s": round(compile_s, 2),
-        "ms_per_step": ms, "ms_per_step_min": 1e3 * min(times),
-        "ms_per_step_max": 1e3 * max(times), "tokens_per_sec": tokens_per_sec,
-        "flops_per_token": fpt, "peak_flops": peak, "mfu": mfu,
-        "peak_memory_bytes": peak_memory_bytes(device), "compiled_memory_bytes": compiled_bytes,
-        "loss_first": first_loss, "loss_last": float(m["train/loss"]),
+        "framework": "llmjax",
+        "device": device.device_kind,
+        "backend": jax.default_backend(),
+        "n_devices": jax.device_count(),
+        "jax": jax.__version__,
+        "batch_size": B,
+        "seq_len": T,
+        "grad_accum": cfg.optim.grad_accum,
+        "n_layer": cfg.model.n_layer,
+        "n_embd": cfg.model.n_embd,
+        "n_params": n_params,
+        "dtype": cfg.model.dtype,
+        "attention": run.model_cfg.attention,
+        "scan_layers": run.model_cfg.scan_layers,
+        "remat": run.model_cfg.remat,
+        "steps": steps,
+        "warmup": warmup,
+        "compile_s": round(compile_s, 2),
+        "ms_per_step": ms,
+        "ms_per_step_min": 1e3 * min(times),
+        "ms_per_step_max": 1e3 * max(times),
+        "tokens_per_sec": tokens_per_sec,
+        "flops_per_token": fpt,
+        "peak_flops": peak,
+        "mfu": mfu,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "compiled_memory_bytes": compiled_bytes,
+        "loss_first": first_loss,
+        "loss_last": float(m["train/loss"]),
     }
 
 
 def report(r: dict) -> None:
     name = r["framework"]
-    print(f"{name}: {r['device']} x{r.get('n_devices', 1)}, B={r['batch_size']} T={r['seq_len']}, "
-          f"{r['n_params']:,} params, {r['dtype']}, median of {r['steps']} steps "
-          f"(after {r['warmup']} warm-up)")
-    print(f"{name}: {r['ms_per_step']:.2f} ms/step (min {r['ms_per_step_min']:.2f}, max "
-          f"{r['ms_per_step_max']:.2f}), {r['tokens_per_sec']:,.0f} tokens/s")
+    print(
+        f"{name}: {r['device']} x{r.get('n_devices', 1)}, B={r['batch_size']} T={r['seq_len']}, "
+        f"{r['n_params']:,} params, {r['dtype']}, median of {r['steps']} steps "
+        f"(after {r['warmup']} warm-up)"
+    )
+    print(
+        f"{name}: {r['ms_per_step']:.2f} ms/step (min {r['ms_per_step_min']:.2f}, max "
+        f"{r['ms_per_step_max']:.2f}), {r['tokens_per_sec']:,.0f} tokens/s"
+    )
     fpt = r["flops_per_token"]
     if r["mfu"] is None:
-        print(f"{name}: MFU n/a (no known peak for {r['device']}); {fpt:,.0f} FLOP/token "
-              "= 6N + 6*L*D*T")
+        print(
+            f"{name}: MFU n/a (no known peak for {r['device']}); {fpt:,.0f} FLOP/token "
+            "= 6N + 6*L*D*T"
+        )
     else:
-        print(f"{name}: MFU {100 * r['mfu']:.1f}% = tokens/s x {fpt:,.0f} FLOP/token "
-              f"(6N + 6*L*D*T) / ({r['peak_flops']:.3g} FLOP/s dense bf16 x devices)")
+        print(
+            f"{name}: MFU {100 * r['mfu']:.1f}% = tokens/s x {fpt:,.0f} FLOP/token "
+            f"(6N + 6*L*D*T) / ({r['peak_flops']:.3g} FLOP/s dense bf16 x devices)"
+        )
     peak = r["peak_memory_bytes"]
     compiled = r.get("compiled_memory_bytes")
-    print(f"{name}: peak device memory "
-          + (f"{peak / 2**30:.2f} GiB" if peak else "n/a (no device.memory_stats)")
-          + (f"; compiled step needs {compiled / 2**30:.3f} GiB" if compiled else ""))
+    print(
+        f"{name}: peak device memory "
+        + (f"{peak / 2**30:.2f} GiB" if peak else "n/a (no device.memory_stats)")
+        + (f"; compiled step needs {compiled / 2**30:.3f} GiB" if compiled else "")
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Tiny GPT for tests: 2 layers, width 64, byte tokenizer; compiles and steps in seconds on CPU.
 
-    python -m llmjax.main --config=configs/tiny.py --workdir=/tmp/tiny --config.data.path=DATA
+python -m llmjax.main --config=configs/tiny.py --workdir=/tmp/tiny --config.data.path=DATA
 """
 
 from llmjax.config import base_config

@@ -25,18 +25,28 @@ def fit_context(tok: Tokenizer, messages: list[dict], budget: int) -> tuple[list
     """The prompt ids of the newest turns that fit in `budget` tokens, and how many turns were
     dropped. The system message (first, if present) is always kept."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     for dropped in range(len(turns)):
         ids, _ = instruct.render(tok, system + turns[dropped:], add_generation_prompt=True)
         if len(ids) <= budget:
             return ids, dropped
-    raise ValueError(f"the last message alone needs more than the {budget} tokens of context "
-                     "left for it")
+    raise ValueError(
+        f"the last message alone needs more than the {budget} tokens of context left for it"
+    )
 
 
-def reply(model: GPT, tok: Tokenizer, messages: list[dict], *, max_new_tokens: int,
-          temperature: float, top_k: int, top_p: float, seed: int, stream: bool = True
-          ) -> tuple[str, int]:
+def reply(
+    model: GPT,
+    tok: Tokenizer,
+    messages: list[dict],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    stream: bool = True,
+) -> tuple[str, int]:
     """The assistant's answer to `messages` (streamed to stdout when `stream`) and the number of
     old turns dropped to fit the context."""
     end = tok.special["<|end|>"]
@@ -44,14 +54,24 @@ def reply(model: GPT, tok: Tokenizer, messages: list[dict], *, max_new_tokens: i
     ids, dropped = fit_context(tok, messages, model.cfg.block_size - max_new_tokens)
     printer = Streamer(tok) if stream else None
     on_token = (lambda _, t: t != end and printer(t)) if stream else None
-    out = generate(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, seed=seed, eot_id=end, on_token=on_token)[0]
+    out = generate(
+        model,
+        [ids],
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        eot_id=end,
+        on_token=on_token,
+    )[0]
     return tok.decode([t for t in out if t != end]), dropped
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "finetuned workdir (its latest checkpoint is used)",
-                        required=True)
+    flags.DEFINE_string(
+        "workdir", None, "finetuned workdir (its latest checkpoint is used)", required=True
+    )
     flags.DEFINE_string("prompt", None, "answer this one question and exit")
     flags.DEFINE_string("system", None, "optional system message")
     flags.DEFINE_integer("max_new_tokens", 256, "longest reply, in tokens")
@@ -71,16 +91,28 @@ def main(argv):
         print(f"chat: {e}", file=sys.stderr)
         sys.exit(2)
     if not tok.chat:
-        print(f"chat: {FLAGS.workdir} was trained with tokenizer {tok.name!r}, which has no chat "
-              "tokens; finetune it first (configs/sft_gpt2.py)", file=sys.stderr)
+        print(
+            f"chat: {FLAGS.workdir} was trained with tokenizer {tok.name!r}, which has no chat "
+            "tokens; finetune it first (configs/sft_gpt2.py)",
+            file=sys.stderr,
+        )
         sys.exit(2)
-    opts = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+    opts = dict(
+        max_new_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+    )
     system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
     if FLAGS.prompt is not None:
         try:
-            reply(model, tok, system + [{"role": "user", "content": FLAGS.prompt}],
-                  seed=FLAGS.seed, **opts)
+            reply(
+                model,
+                tok,
+                system + [{"role": "user", "content": FLAGS.prompt}],
+                seed=FLAGS.seed,
+                **opts,
+            )
         except ValueError as e:
             print(f"chat: {e}", file=sys.stderr)
             sys.exit(2)

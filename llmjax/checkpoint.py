@@ -40,8 +40,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used or written; the message names it."""
 
 
-def manager(workdir: str, keep: int = 3, keep_every: int = 0, *,
-            read_only: bool = False) -> ocp.CheckpointManager:
+def manager(
+    workdir: str, keep: int = 3, keep_every: int = 0, *, read_only: bool = False
+) -> ocp.CheckpointManager:
     """`keep` most recent checkpoints, plus every step that is a multiple of `keep_every` (> 0).
 
     `read_only`: creates, deletes and cleans up nothing (Orbax's own read_only mode says so in
@@ -49,8 +50,10 @@ def manager(workdir: str, keep: int = 3, keep_every: int = 0, *,
     """
     # Orbax rejects relative paths, but only later, from its asynchronous save thread.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else keep, keep_period=keep_every or None,
-        create=not read_only, enable_async_checkpointing=True,
+        max_to_keep=None if read_only else keep,
+        keep_period=keep_every or None,
+        create=not read_only,
+        enable_async_checkpointing=True,
         # Half-written `<step>.orbax-checkpoint-tmp` folders of a killed run are never restored;
         # removing them at start-up only frees their space.
         cleanup_tmp_directories=not read_only,
@@ -65,9 +68,11 @@ def directory(workdir: str) -> str:
 def _reason(e: BaseException) -> str:
     """The useful part of an Orbax/TensorStore error, on one line."""
     text = str(e)
-    for needle, short in (("No space left", "no space left on device"),
-                          ("Read-only file system", "read-only file system"),
-                          ("Permission denied", "permission denied")):
+    for needle, short in (
+        ("No space left", "no space left on device"),
+        ("Read-only file system", "read-only file system"),
+        ("Permission denied", "permission denied"),
+    ):
         if needle in text:
             return short
     line = text.strip().splitlines()[0] if text.strip() else ""
@@ -87,7 +92,8 @@ def wait(mngr: ocp.CheckpointManager) -> None:
     except Exception as e:  # raised in Orbax's save thread, surfaced here
         raise CheckpointError(
             f"cannot save checkpoint {mngr.directory}/{step}: {_reason(e)}; the checkpoints "
-            f"already on disk ({_steps_on_disk(str(mngr.directory))}) are intact") from e
+            f"already on disk ({_steps_on_disk(str(mngr.directory))}) are intact"
+        ) from e
 
 
 @jax.jit
@@ -95,8 +101,9 @@ def _fingerprint(state) -> list[jax.Array]:
     # Integer sums are exact and associative, so any sharding gives the same answer; one flipped
     # bit changes a leaf's sum by a power of two.
     def one(x):
-        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[
-            x.dtype.itemsize])
+        bits = jax.lax.bitcast_convert_type(
+            x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        )
         return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
 
     return [one(x) for x in jax.tree.leaves(state)]
@@ -122,12 +129,18 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
     wait(mngr)
     meta = {**meta, "fingerprint": fingerprint(state), "leaves": describe(state)}
     try:
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                meta=ocp.args.JsonSave(meta)), force=True)
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
     except Exception as e:
         raise CheckpointError(
             f"cannot save checkpoint {mngr.directory}/{step}: {_reason(e)}; the checkpoints "
-            f"already on disk ({_steps_on_disk(str(mngr.directory))}) are intact") from e
+            f"already on disk ({_steps_on_disk(str(mngr.directory))}) are intact"
+        ) from e
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -146,27 +159,37 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
 def restore_params(mngr: ocp.CheckpointManager, step: int, target):
     """Only the parameters (no optimizer state): what sampling and evaluation need."""
     item = {"params": target}
-    args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+    args = ocp.args.PyTreeRestore(
+        item=item,
+        partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+    )
     return mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
 
-def check_compatible(meta: dict, model_config: dict, path: str,
-                     abstract_state=None) -> None:
+def check_compatible(meta: dict, model_config: dict, path: str, abstract_state=None) -> None:
     """A workdir's checkpoint must come from the same model and train-state shapes, or resuming
     is meaningless (or would silently cast)."""
     saved = meta.get("model", {})
-    diff = [f"{k}: checkpoint {saved.get(k)!r} != config {v!r}" for k, v in model_config.items()
-            if k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "param_dtype",
-                     "scan_layers")
-            and saved.get(k, False) != v]
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r} != config {v!r}"
+        for k, v in model_config.items()
+        if k
+        in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "param_dtype", "scan_layers")
+        and saved.get(k, False) != v
+    ]
     if not diff and abstract_state is not None and "leaves" in meta:
         want, have = describe(abstract_state), meta["leaves"]
-        diff = [f"{k}: checkpoint {have.get(k)} != config {want.get(k)}"
-                for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)][:2]
+        diff = [
+            f"{k}: checkpoint {have.get(k)} != config {want.get(k)}"
+            for k in sorted(set(want) | set(have))
+            if want.get(k) != have.get(k)
+        ][:2]
     if diff:
-        raise CheckpointError(f"{path} holds an incompatible train state ({'; '.join(diff)}); "
-                              "use another --workdir or the config it was trained with")
+        raise CheckpointError(
+            f"{path} holds an incompatible train state ({'; '.join(diff)}); "
+            "use another --workdir or the config it was trained with"
+        )
 
 
 def _all_agree(ok: bool) -> bool:
@@ -201,27 +224,34 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
                 raise CheckpointError(
                     f"{workdir} holds weights converted from {meta['converted_from']}, not a "
                     f"training run; train from them with --config.model.init_from={workdir} "
-                    "and a new --workdir")
+                    "and a new --workdir"
+                )
             check_compatible(meta, model_config, where, abstract_state)
             try:
                 state = restore(mngr, step, abstract_state)
                 saved = meta.get("fingerprint")
-                why = None if saved is None or fingerprint(state) == saved else \
-                    "its contents do not match the fingerprint saved with it"
+                why = (
+                    None
+                    if saved is None or fingerprint(state) == saved
+                    else "its contents do not match the fingerprint saved with it"
+                )
             except Exception as e:
                 why = _reason(e)
             if _all_agree(why is None):
                 mngr.close()
                 return step, state, {**meta, "corrupt": corrupt}
         why = why or "not restorable on another process"
-        logging.warning("checkpoint %s is corrupt or truncated (%s); trying the one before", where,
-                        why)
+        logging.warning(
+            "checkpoint %s is corrupt or truncated (%s); trying the one before", where, why
+        )
         corrupt.append(step)
         reasons.append(f"{step}: {why}")
     mngr.close()
     if steps:
-        raise CheckpointError(f"{path}: no checkpoint restores ({'; '.join(reasons)}); move the "
-                              "folder away to start over")
+        raise CheckpointError(
+            f"{path}: no checkpoint restores ({'; '.join(reasons)}); move the "
+            "folder away to start over"
+        )
     return None
 
 
@@ -234,8 +264,9 @@ def set_aside(workdir: str, steps: list[int]) -> None:
         for step in steps:
             target = os.path.join(dest, f"{step}-{int(time.time())}")
             shutil.move(os.path.join(directory(workdir), str(step)), target)
-            logging.warning("moved corrupt checkpoint %s/%d to %s", directory(workdir), step,
-                            target)
+            logging.warning(
+                "moved corrupt checkpoint %s/%d to %s", directory(workdir), step, target
+            )
     if steps and jax.process_count() > 1:
         multihost_utils.sync_global_devices("llmjax:set_aside")
 
@@ -249,8 +280,9 @@ def check_writable(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise CheckpointError(f"--workdir={os.path.abspath(workdir)!r} is not writable "
-                              f"({e.strerror or e})") from e
+        raise CheckpointError(
+            f"--workdir={os.path.abspath(workdir)!r} is not writable ({e.strerror or e})"
+        ) from e
 
 
 # Stop requests: SIGTERM (preemption notice) and SIGINT (Ctrl-C) set this flag; the loop reads it

@@ -95,55 +95,95 @@ def _check(ok: bool, msg: str) -> None:
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first problem; touches no files and no devices."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    for key, v in [("model.n_layer", m.n_layer), ("model.n_head", m.n_head),
-                   ("model.n_embd", m.n_embd), ("model.block_size", m.block_size),
-                   ("data.batch_size", d.batch_size), ("data.seq_len", d.seq_len),
-                   ("optim.grad_accum", o.grad_accum), ("train.steps", t.steps),
-                   ("train.log_every", t.log_every), ("train.ckpt_every", t.ckpt_every),
-                   ("train.keep_ckpts", t.keep_ckpts), ("train.max_bad_steps", t.max_bad_steps)]:
+    for key, v in [
+        ("model.n_layer", m.n_layer),
+        ("model.n_head", m.n_head),
+        ("model.n_embd", m.n_embd),
+        ("model.block_size", m.block_size),
+        ("data.batch_size", d.batch_size),
+        ("data.seq_len", d.seq_len),
+        ("optim.grad_accum", o.grad_accum),
+        ("train.steps", t.steps),
+        ("train.log_every", t.log_every),
+        ("train.ckpt_every", t.ckpt_every),
+        ("train.keep_ckpts", t.keep_ckpts),
+        ("train.max_bad_steps", t.max_bad_steps),
+    ]:
         _check(v >= 1, f"{key}={v} must be >= 1")
-    for key, v in [("train.eval_every", t.eval_every), ("train.sample_every", t.sample_every),
-                   ("train.eval_batches", t.eval_batches), ("optim.warmup_steps", o.warmup_steps),
-                   ("data.workers", d.workers), ("data.prefetch", d.prefetch),
-                   ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
-                   ("model.vocab_size", m.vocab_size), ("train.sample_tokens", t.sample_tokens),
-                   ("train.keep_every", t.keep_every),
-                   ("train.hellaswag_every", t.hellaswag_every),
-                   ("train.hellaswag_items", t.hellaswag_items)]:
+    for key, v in [
+        ("train.eval_every", t.eval_every),
+        ("train.sample_every", t.sample_every),
+        ("train.eval_batches", t.eval_batches),
+        ("optim.warmup_steps", o.warmup_steps),
+        ("data.workers", d.workers),
+        ("data.prefetch", d.prefetch),
+        ("optim.weight_decay", o.weight_decay),
+        ("optim.grad_clip", o.grad_clip),
+        ("model.vocab_size", m.vocab_size),
+        ("train.sample_tokens", t.sample_tokens),
+        ("train.keep_every", t.keep_every),
+        ("train.hellaswag_every", t.hellaswag_every),
+        ("train.hellaswag_items", t.hellaswag_items),
+    ]:
         _check(v >= 0, f"{key}={v} must be >= 0")
-    _check(t.keep_every % t.ckpt_every == 0,
-           f"train.keep_every={t.keep_every} is not a multiple of train.ckpt_every={t.ckpt_every}")
-    _check(t.spike_factor == 0 or t.spike_factor > 1,
-           f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
-    _check(m.n_embd % m.n_head == 0,
-           f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
-    _check(d.seq_len <= m.block_size,
-           f"data.seq_len={d.seq_len} exceeds model.block_size={m.block_size}")
+    _check(
+        t.keep_every % t.ckpt_every == 0,
+        f"train.keep_every={t.keep_every} is not a multiple of train.ckpt_every={t.ckpt_every}",
+    )
+    _check(
+        t.spike_factor == 0 or t.spike_factor > 1,
+        f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1",
+    )
+    _check(
+        m.n_embd % m.n_head == 0,
+        f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}",
+    )
+    _check(
+        d.seq_len <= m.block_size,
+        f"data.seq_len={d.seq_len} exceeds model.block_size={m.block_size}",
+    )
     _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     for key, v in [("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype)]:
         _check(v in DTYPES, f"{key}={v!r} is not one of {', '.join(DTYPES)}")
-    _check(m.remat in REMAT_POLICIES,
-           f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
-    _check(m.attention in ATTENTION,
-           f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION)}")
+    _check(
+        m.remat in REMAT_POLICIES,
+        f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}",
+    )
+    _check(
+        m.attention in ATTENTION,
+        f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION)}",
+    )
     _check(bool(m.init_from), "model.init_from is empty (use scratch for a random init)")
-    _check(not t.hellaswag_every or bool(t.hellaswag_path),
-           "train.hellaswag_path is empty but train.hellaswag_every > 0")
-    _check(d.tokenizer in TOKENIZERS,
-           f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+    _check(
+        not t.hellaswag_every or bool(t.hellaswag_path),
+        "train.hellaswag_path is empty but train.hellaswag_every > 0",
+    )
+    _check(
+        d.tokenizer in TOKENIZERS,
+        f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}",
+    )
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
     _check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)")
-    _check(d.batch_size % o.grad_accum == 0,
-           f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
+    _check(
+        d.batch_size % o.grad_accum == 0,
+        f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={o.grad_accum}",
+    )
     vocab = get_tokenizer(d.tokenizer).vocab_size
-    _check(m.vocab_size == 0 or m.vocab_size >= vocab,
-           f"model.vocab_size={m.vocab_size} is below the {d.tokenizer} vocabulary ({vocab})")
-    for key, v in [("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp),
-                   ("mesh.tensor", cfg.mesh.tensor)]:
+    _check(
+        m.vocab_size == 0 or m.vocab_size >= vocab,
+        f"model.vocab_size={m.vocab_size} is below the {d.tokenizer} vocabulary ({vocab})",
+    )
+    for key, v in [
+        ("mesh.data", cfg.mesh.data),
+        ("mesh.fsdp", cfg.mesh.fsdp),
+        ("mesh.tensor", cfg.mesh.tensor),
+    ]:
         _check(v == -1 or v >= 1, f"{key}={v} must be >= 1 or -1")
-    _check([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
-           "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _check(
+        [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
+        "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
+    )
 
 
 def model_config(cfg: ml_collections.ConfigDict, backend: str = "cpu") -> GPTConfig:
@@ -157,7 +197,14 @@ def model_config(cfg: ml_collections.ConfigDict, backend: str = "cpu") -> GPTCon
     return GPTConfig(
         vocab_size=m.vocab_size or pad_vocab(tok.vocab_size),
         valid_vocab_size=tok.vocab_size,
-        n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
-        dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype, attention=attention,
-        scan_layers=m.scan_layers, remat=m.remat,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_embd=m.n_embd,
+        block_size=m.block_size,
+        dropout=m.dropout,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        attention=attention,
+        scan_layers=m.scan_layers,
+        remat=m.remat,
     )

@@ -56,16 +56,21 @@ def _listing(names: list[str]) -> str:
 def _mapping(cfg: GPTConfig) -> dict[str, tuple[tuple, tuple[int, ...]]]:
     """Hugging Face name (no prefix) -> (path in the llmjax param dict, Hugging Face shape)."""
     D, V, P = cfg.n_embd, cfg.valid_vocab_size, cfg.block_size
-    m = {"wte.weight": (("wte", "embedding"), (V, D)),
-         "wpe.weight": (("wpe", "embedding"), (P, D)),
-         "ln_f.weight": (("ln_f", "scale"), (D,)), "ln_f.bias": (("ln_f", "bias"), (D,))}
+    m = {
+        "wte.weight": (("wte", "embedding"), (V, D)),
+        "wpe.weight": (("wpe", "embedding"), (P, D)),
+        "ln_f.weight": (("ln_f", "scale"), (D,)),
+        "ln_f.bias": (("ln_f", "bias"), (D,)),
+    }
     per_layer = [
-        ("ln_1.weight", ("ln_1", "scale"), (D,)), ("ln_1.bias", ("ln_1", "bias"), (D,)),
+        ("ln_1.weight", ("ln_1", "scale"), (D,)),
+        ("ln_1.bias", ("ln_1", "bias"), (D,)),
         ("attn.c_attn.weight", ("attn", "c_attn", "kernel"), (D, 3 * D)),
         ("attn.c_attn.bias", ("attn", "c_attn", "bias"), (3 * D,)),
         ("attn.c_proj.weight", ("attn", "c_proj", "kernel"), (D, D)),
         ("attn.c_proj.bias", ("attn", "c_proj", "bias"), (D,)),
-        ("ln_2.weight", ("ln_2", "scale"), (D,)), ("ln_2.bias", ("ln_2", "bias"), (D,)),
+        ("ln_2.weight", ("ln_2", "scale"), (D,)),
+        ("ln_2.bias", ("ln_2", "bias"), (D,)),
         ("mlp.c_fc.weight", ("mlp", "c_fc", "kernel"), (D, 4 * D)),
         ("mlp.c_fc.bias", ("mlp", "c_fc", "bias"), (4 * D,)),
         ("mlp.c_proj.weight", ("mlp", "c_proj", "kernel"), (4 * D, D)),
@@ -88,8 +93,10 @@ def normalize_keys(sd: dict[str, np.ndarray], source: str = "checkpoint") -> dic
     if "lm_head.weight" in out:
         head = out.pop("lm_head.weight")
         if "wte.weight" in out and not np.array_equal(head, out["wte.weight"]):
-            raise ConvertError(f"{source}: lm_head.weight differs from wte.weight; llmjax ties the "
-                               "output projection to the token embedding")
+            raise ConvertError(
+                f"{source}: lm_head.weight differs from wte.weight; llmjax ties the "
+                "output projection to the token embedding"
+            )
     return out
 
 
@@ -99,15 +106,26 @@ def hf_to_params(sd: dict[str, np.ndarray], cfg: GPTConfig, source: str = "check
     mapping = _mapping(cfg)
     missing = sorted(set(mapping) - set(sd), key=_natural)
     unexpected = sorted(set(sd) - set(mapping), key=_natural)
-    shapes = [f"{k} {tuple(sd[k].shape)} != {shape}" for k, (_, shape) in mapping.items()
-              if k in sd and tuple(sd[k].shape) != shape]
-    problems = [f"{label}: {_listing(names)}" for label, names in
-                [("missing keys", missing), ("unexpected keys", unexpected),
-                 ("wrong shapes", shapes)] if names]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} != {shape}"
+        for k, (_, shape) in mapping.items()
+        if k in sd and tuple(sd[k].shape) != shape
+    ]
+    problems = [
+        f"{label}: {_listing(names)}"
+        for label, names in [
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", shapes),
+        ]
+        if names
+    ]
     if problems:
-        raise ConvertError(f"{source} does not match a GPT-2 with n_layer={cfg.n_layer}, "
-                           f"n_embd={cfg.n_embd}, vocab={cfg.valid_vocab_size}, "
-                           f"n_positions={cfg.block_size}: {'; '.join(problems)}")
+        raise ConvertError(
+            f"{source} does not match a GPT-2 with n_layer={cfg.n_layer}, "
+            f"n_embd={cfg.n_embd}, vocab={cfg.valid_vocab_size}, "
+            f"n_positions={cfg.block_size}: {'; '.join(problems)}"
+        )
     dtype = jnp.dtype(cfg.param_dtype)
     params: dict = {}
     for name, (path, _) in mapping.items():
@@ -136,7 +154,7 @@ def params_to_hf(params: dict, cfg: GPTConfig) -> dict[str, np.ndarray]:
             x = x[key]
         x = np.asarray(jax.device_get(x))
         if name == "wte.weight":
-            x = x[:cfg.valid_vocab_size]
+            x = x[: cfg.valid_vocab_size]
         out[name] = x.reshape(shape)
     return out
 
@@ -155,38 +173,64 @@ def config_from_hf(hf: dict, source: str = "config.json", *, vocab_multiple: int
         raise ConvertError(f"{source}: model_type={hf['model_type']!r} is not gpt2")
     D = hf["n_embd"]
     checks = [
-        ("activation_function", hf.get("activation_function", "gelu_new"),
-         ("gelu_new", "gelu_pytorch_tanh")),
+        (
+            "activation_function",
+            hf.get("activation_function", "gelu_new"),
+            ("gelu_new", "gelu_pytorch_tanh"),
+        ),
         ("layer_norm_epsilon", hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
         ("n_inner", hf.get("n_inner"), (None, 4 * D)),
         ("scale_attn_weights", hf.get("scale_attn_weights", True), (True,)),
-        ("scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False),
-         (False,)),
+        (
+            "scale_attn_by_inverse_layer_idx",
+            hf.get("scale_attn_by_inverse_layer_idx", False),
+            (False,),
+        ),
         ("reorder_and_upcast_attn", hf.get("reorder_and_upcast_attn", False), (False,)),
         ("tie_word_embeddings", hf.get("tie_word_embeddings", True), (True,)),
     ]
     for key, value, allowed in checks:
         if value not in allowed:
-            raise ConvertError(f"{source}: {key}={value!r} is not supported (llmjax computes "
-                               f"GPT-2 with {key} in {allowed})")
+            raise ConvertError(
+                f"{source}: {key}={value!r} is not supported (llmjax computes "
+                f"GPT-2 with {key} in {allowed})"
+            )
     if D % hf["n_head"]:
         raise ConvertError(f"{source}: n_embd={D} is not divisible by n_head={hf['n_head']}")
     V = hf["vocab_size"]
-    return GPTConfig(vocab_size=pad_vocab(V, vocab_multiple), valid_vocab_size=V,
-                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=D,
-                     block_size=hf["n_positions"])
+    return GPTConfig(
+        vocab_size=pad_vocab(V, vocab_multiple),
+        valid_vocab_size=V,
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=D,
+        block_size=hf["n_positions"],
+    )
 
 
 def config_to_hf(cfg: GPTConfig) -> dict:
     eot = cfg.valid_vocab_size - 1  # both llmjax tokenizers put end-of-text last
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": cfg.valid_vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
-        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
-        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
-        "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot,
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.valid_vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
         "torch_dtype": "float32",
     }
 
@@ -196,17 +240,21 @@ def _hub_download(repo_id: str) -> str:
     try:
         import huggingface_hub as hub
     except ImportError as e:
-        raise ConvertError(f"{repo_id!r} is not a directory and huggingface_hub is not installed"
-                           ) from e
+        raise ConvertError(
+            f"{repo_id!r} is not a directory and huggingface_hub is not installed"
+        ) from e
     try:
         path = hub.snapshot_download(repo_id, allow_patterns=list(HUB_FILES))
         if not os.path.exists(os.path.join(path, "model.safetensors")):
-            path = hub.snapshot_download(repo_id, allow_patterns=["config.json",
-                                                                  "pytorch_model.bin"])
+            path = hub.snapshot_download(
+                repo_id, allow_patterns=["config.json", "pytorch_model.bin"]
+            )
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for users
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({reason}); pass "
-                           "a local directory with config.json and model.safetensors") from e
+        raise ConvertError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({reason}); pass "
+            "a local directory with config.json and model.safetensors"
+        ) from e
     return path
 
 
@@ -215,8 +263,10 @@ def read_hf(src: str) -> tuple[dict, dict[str, np.ndarray], str]:
     path = src if os.path.isdir(src) else None
     if path is None:
         if os.path.exists(src) or src.startswith((".", "/")) or src.count("/") > 1:
-            raise ConvertError(f"{src}: not a directory in Hugging Face format (config.json + "
-                               "model.safetensors) nor a hub id")
+            raise ConvertError(
+                f"{src}: not a directory in Hugging Face format (config.json + "
+                "model.safetensors) nor a hub id"
+            )
         path = _hub_download(src)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
@@ -236,13 +286,15 @@ def read_hf(src: str) -> tuple[dict, dict[str, np.ndarray], str]:
         try:
             import torch
         except ImportError as e:
-            raise ConvertError(f"{pt}: reading PyTorch files needs torch; or convert it to "
-                               "model.safetensors") from e
+            raise ConvertError(
+                f"{pt}: reading PyTorch files needs torch; or convert it to model.safetensors"
+            ) from e
         try:
             loaded = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as e:  # e.g. a pickle holding arbitrary objects: refused, never run
-            raise ConvertError(f"{pt}: not loadable with torch.load(weights_only=True) ({e})"
-                               ) from e
+            raise ConvertError(
+                f"{pt}: not loadable with torch.load(weights_only=True) ({e})"
+            ) from e
         sd = {k: v.float().numpy() for k, v in loaded.items() if hasattr(v, "float")}
     else:
         raise ConvertError(f"{path}: no model.safetensors or pytorch_model.bin")
@@ -271,8 +323,10 @@ def to_hf(model: GPT, out: str) -> None:
     from safetensors.numpy import save_file
 
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tensors = {f"transformer.{k}": np.ascontiguousarray(v, np.float32)
-               for k, v in params_to_hf(params, cfg).items()}
+    tensors = {
+        f"transformer.{k}": np.ascontiguousarray(v, np.float32)
+        for k, v in params_to_hf(params, cfg).items()
+    }
     os.makedirs(out, exist_ok=True)
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -297,8 +351,10 @@ def write_workdir(model: GPT, workdir: str, source: str) -> None:
     tokenizer = TOKENIZER_FOR_VOCAB.get(model.cfg.valid_vocab_size)
     if tokenizer is None:
         known = ", ".join(f"{t}: {v}" for v, t in TOKENIZER_FOR_VOCAB.items())
-        raise ConvertError(f"{source}: vocab_size={model.cfg.valid_vocab_size} matches no llmjax "
-                           f"tokenizer ({known})")
+        raise ConvertError(
+            f"{source}: vocab_size={model.cfg.valid_vocab_size} matches no llmjax "
+            f"tokenizer ({known})"
+        )
     mngr = checkpoint.manager(workdir, keep=1)
     if mngr.latest_step() is not None:
         raise ConvertError(f"--workdir={workdir} already holds checkpoints; choose a new folder")
@@ -308,11 +364,18 @@ def write_workdir(model: GPT, workdir: str, source: str) -> None:
     cfg.model.block_size, cfg.model.vocab_size = m.block_size, m.vocab_size
     cfg.data.tokenizer = tokenizer
     cfg.data.seq_len = min(cfg.data.seq_len, m.block_size)
-    meta = {"step": 0, "data_step": 0, "config": cfg.to_dict(), "model": dataclasses.asdict(m),
-            "converted_from": source}
+    meta = {
+        "step": 0,
+        "data_step": 0,
+        "config": cfg.to_dict(),
+        "model": dataclasses.asdict(m),
+        "converted_from": source,
+    }
     # Weights only: training from them starts a fresh run (model.init_from=WORKDIR).
-    state = {"step": jnp.zeros((), jnp.int32),
-             "params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+    }
     checkpoint.save(mngr, 0, state, meta)
     mngr.wait_until_finished()
     mngr.close()
@@ -338,17 +401,22 @@ def load_params(src: str, cfg: GPTConfig) -> dict:
         hf_cfg, sd, path = read_hf(src)
         src_cfg = config_from_hf(hf_cfg, os.path.join(path, "config.json"))
         sd = normalize_keys(sd, src)
-    diff = [f"{k} {getattr(src_cfg, k)} != model.{k} {getattr(cfg, k)}"
-            for k in ("n_layer", "n_head", "n_embd") if getattr(src_cfg, k) != getattr(cfg, k)]
+    diff = [
+        f"{k} {getattr(src_cfg, k)} != model.{k} {getattr(cfg, k)}"
+        for k in ("n_layer", "n_head", "n_embd")
+        if getattr(src_cfg, k) != getattr(cfg, k)
+    ]
     if src_cfg.valid_vocab_size > cfg.valid_vocab_size:
-        diff.append(f"vocabulary {src_cfg.valid_vocab_size} > the tokenizer's "
-                    f"{cfg.valid_vocab_size}")
+        diff.append(
+            f"vocabulary {src_cfg.valid_vocab_size} > the tokenizer's {cfg.valid_vocab_size}"
+        )
     if src_cfg.block_size < cfg.block_size:
         diff.append(f"block_size {src_cfg.block_size} < model.block_size {cfg.block_size}")
     if diff:
-        raise ConvertError(f"model.init_from={src} does not fit the configured model: "
-                           f"{'; '.join(diff)}")
-    sd["wpe.weight"] = sd["wpe.weight"][:cfg.block_size]
+        raise ConvertError(
+            f"model.init_from={src} does not fit the configured model: {'; '.join(diff)}"
+        )
+    sd["wpe.weight"] = sd["wpe.weight"][: cfg.block_size]
     # Tokens the tokenizer adds (the chat template's, after GPT-2's 50257) start at the mean of
     # the pretrained rows: a neutral embedding, not noise whose logits could dominate early samples.
     wte = np.asarray(sd["wte.weight"], np.float32)
@@ -372,8 +440,10 @@ def main(argv) -> None:
         if FLAGS.from_hf:
             model = from_hf(FLAGS.from_hf)
             write_workdir(model, FLAGS.workdir, FLAGS.from_hf)
-            print(f"convert: {FLAGS.from_hf} -> {FLAGS.workdir} ({model.cfg.n_layer} layers, "
-                  f"width {model.cfg.n_embd})")
+            print(
+                f"convert: {FLAGS.from_hf} -> {FLAGS.workdir} ({model.cfg.n_layer} layers, "
+                f"width {model.cfg.n_embd})"
+            )
         elif FLAGS.to_hf:
             from llmjax.train import load_model
 
@@ -392,8 +462,9 @@ def main(argv) -> None:
 def _define_flags() -> None:
     flags.DEFINE_string("from_hf", None, "hub id (gpt2, gpt2-medium, ...) or local HF directory")
     flags.DEFINE_string("to_hf", None, "output directory for a Hugging Face GPT-2 export")
-    flags.DEFINE_string("workdir", None, "llmjax workdir: written by --from_hf, read by --to_hf",
-                        required=True)
+    flags.DEFINE_string(
+        "workdir", None, "llmjax workdir: written by --from_hf, read by --to_hf", required=True
+    )
 
 
 if __name__ == "__main__":

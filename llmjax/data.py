@@ -46,8 +46,10 @@ def read_shard(path: str) -> np.ndarray:
     n = int(header[2])
     size = os.path.getsize(path)
     if size != HEADER_BYTES + 2 * n:
-        raise DataError(f"{path}: header says {n} tokens ({HEADER_BYTES + 2 * n} bytes) "
-                        f"but the file has {size} bytes")
+        raise DataError(
+            f"{path}: header says {n} tokens ({HEADER_BYTES + 2 * n} bytes) "
+            f"but the file has {size} bytes"
+        )
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
@@ -65,8 +67,10 @@ def read_meta(path: str) -> dict:
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
         if os.path.exists(os.path.join(path, PREPARE_STATE)):
-            raise DataError(f"data.path={path!r}: prepare has not finished there (found "
-                            f"{PREPARE_STATE}); run the same prepare command again to finish it")
+            raise DataError(
+                f"data.path={path!r}: prepare has not finished there (found "
+                f"{PREPARE_STATE}); run the same prepare command again to finish it"
+            )
         return {}
     try:
         with open(meta_path) as f:
@@ -84,8 +88,10 @@ def check_dataset(path: str, tokenizer: str, seq_len: int) -> None:
     """
     meta = read_meta(path)
     if meta and meta.get("tokenizer") != tokenizer:
-        raise DataError(f"data.path={path!r} was tokenized with {meta.get('tokenizer')!r} "
-                        f"but data.tokenizer={tokenizer!r}")
+        raise DataError(
+            f"data.path={path!r} was tokenized with {meta.get('tokenizer')!r} "
+            f"but data.tokenizer={tokenizer!r}"
+        )
     if not meta:
         from llmjax.tokenizer import get_tokenizer  # late: keeps prepare's workers light
 
@@ -93,8 +99,9 @@ def check_dataset(path: str, tokenizer: str, seq_len: int) -> None:
         for p in split_paths(path, "train") + split_paths(path, "val"):
             top = _max_token(read_shard(p))
             if top >= vocab:
-                raise DataError(f"{p}: token id {top} >= vocabulary size {vocab} "
-                                f"(data.tokenizer={tokenizer})")
+                raise DataError(
+                    f"{p}: token id {top} >= vocabulary size {vocab} (data.tokenizer={tokenizer})"
+                )
     for split in ("train", "val"):
         paths = split_paths(path, split)
         lengths = {os.path.basename(p): len(read_shard(p)) for p in paths}
@@ -103,22 +110,27 @@ def check_dataset(path: str, tokenizer: str, seq_len: int) -> None:
             for name in sorted(listed.keys() - lengths.keys()):
                 raise DataError(f"{os.path.join(path, name)}: listed in meta.json but missing")
             for name in sorted(lengths.keys() - listed.keys()):
-                raise DataError(f"{os.path.join(path, name)}: not listed in meta.json "
-                                "(left over from another dataset?)")
+                raise DataError(
+                    f"{os.path.join(path, name)}: not listed in meta.json "
+                    "(left over from another dataset?)"
+                )
             for name, n in sorted(lengths.items()):
                 if n != listed[name]:
-                    raise DataError(f"{os.path.join(path, name)}: {n} tokens, but meta.json "
-                                    f"says {listed[name]}")
+                    raise DataError(
+                        f"{os.path.join(path, name)}: {n} tokens, but meta.json says {listed[name]}"
+                    )
         longest = max(lengths.values())
         if longest < seq_len + 1:
-            raise DataError(f"data.path={path!r}: the {split} split ({sum(lengths.values())} "
-                            f"tokens, longest shard {longest}) is smaller than one window of "
-                            f"seq_len+1={seq_len + 1}")
+            raise DataError(
+                f"data.path={path!r}: the {split} split ({sum(lengths.values())} "
+                f"tokens, longest shard {longest}) is smaller than one window of "
+                f"seq_len+1={seq_len + 1}"
+            )
 
 
 def _max_token(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
     """The largest id in a memory-mapped shard, read in 128 MB chunks to bound memory."""
-    return max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
+    return max((int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -141,8 +153,10 @@ class _Windows:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
         self.total = int(self.offsets[-1])
         if self.total == 0:
-            raise DataError(f"{', '.join(paths)}: no shard holds one window of seq_len+1="
-                            f"{seq_len + 1} tokens (longest: {int(lengths.max())})")
+            raise DataError(
+                f"{', '.join(paths)}: no shard holds one window of seq_len+1="
+                f"{seq_len + 1} tokens (longest: {int(lengths.max())})"
+            )
 
     @functools.cached_property
     def shards(self) -> list[np.ndarray]:
@@ -154,12 +168,14 @@ class _Windows:
         starts = (windows - self.offsets[shard]) * self.stride
         out = np.empty((len(windows), self.seq_len + 1), np.int32)
         for r, (s, t) in enumerate(zip(shard, starts, strict=True)):
-            out[r] = self.shards[s][t:t + self.seq_len + 1]
+            out[r] = self.shards[s][t : t + self.seq_len + 1]
         bad = out >= self.vocab_size
         if bad.any():
             r = int(np.argwhere(bad)[0][0])
-            raise DataError(f"{self.paths[shard[r]]}: token id {int(out[bad].max())} >= "
-                            f"vocabulary size {self.vocab_size}")
+            raise DataError(
+                f"{self.paths[shard[r]]}: token id {int(out[bad].max())} >= "
+                f"vocabulary size {self.vocab_size}"
+            )
         return out
 
 
@@ -195,15 +211,17 @@ def process_rows(batch: int, process_index: int, process_count: int) -> slice:
     return slice(process_index * per, (process_index + 1) * per)
 
 
-def iterate_steps(start: int, stop: int, fn, workers: int = 0, prefetch: int = 4
-                  ) -> Iterator[np.ndarray]:
+def iterate_steps(
+    start: int, stop: int, fn, workers: int = 0, prefetch: int = 4
+) -> Iterator[np.ndarray]:
     """fn(i) for i in [start, stop), read `prefetch` batches ahead in threads (and `workers`
     processes), so the train step never waits on reading."""
     import grain  # here, not at the top: prepare's tokenizer processes need only the format
 
     ds = grain.MapDataset.range(start, stop).map(fn)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(prefetch, 8)),
-                                              prefetch_buffer_size=prefetch))
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, min(prefetch, 8)), prefetch_buffer_size=prefetch)
+    )
     if workers > 0:
         if not flags.FLAGS.is_parsed():
             # Grain's workers read absl flags; a library caller (tests, notebooks) never parsed any.
@@ -212,18 +230,38 @@ def iterate_steps(start: int, stop: int, fn, workers: int = 0, prefetch: int = 4
     return iter(it)
 
 
-def train_batches(path: str, *, seq_len: int, batch: int, vocab_size: int, seed: int,
-                  start_step: int, steps: int, workers: int = 0, prefetch: int = 4,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[np.ndarray]:
+def train_batches(
+    path: str,
+    *,
+    seq_len: int,
+    batch: int,
+    vocab_size: int,
+    seed: int,
+    start_step: int,
+    steps: int,
+    workers: int = 0,
+    prefetch: int = 4,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[np.ndarray]:
     """Yields int32 [batch/process_count, seq_len+1] for steps start_step .. steps-1."""
     windows = _Windows(split_paths(path, "train"), seq_len, vocab_size, stride=1)
     fn = _TrainBatch(windows, seed, batch, process_rows(batch, process_index, process_count))
     return iterate_steps(start_step, steps, fn, workers, prefetch)
 
 
-def val_batches(path: str, *, seq_len: int, batch: int, vocab_size: int, num_batches: int,
-                workers: int = 0, prefetch: int = 4, process_index: int = 0,
-                process_count: int = 1) -> Iterator[np.ndarray]:
+def val_batches(
+    path: str,
+    *,
+    seq_len: int,
+    batch: int,
+    vocab_size: int,
+    num_batches: int,
+    workers: int = 0,
+    prefetch: int = 4,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[np.ndarray]:
     """Yields the same `num_batches` validation batches every time it is called."""
     windows = _Windows(split_paths(path, "val"), seq_len, vocab_size, stride=seq_len)
     fn = _ValBatch(windows, batch, process_rows(batch, process_index, process_count))

@@ -44,8 +44,9 @@ class EvalError(data.DataError):
 # Validation loss
 
 
-def val_loss(graphdef, params, path: str, *, seq_len: int, batch: int, vocab_size: int,
-             max_batches: int = 0) -> dict:
+def val_loss(
+    graphdef, params, path: str, *, seq_len: int, batch: int, vocab_size: int, max_batches: int = 0
+) -> dict:
     """Mean loss per target over the val split, all of it (whole batches) or `max_batches`, from
     the same eval_step training uses."""
     from llmjax.train import _eval_step  # late: train imports this module
@@ -55,13 +56,18 @@ def val_loss(graphdef, params, path: str, *, seq_len: int, batch: int, vocab_siz
     n = max(1, windows.total // batch)
     n = min(n, max_batches) if max_batches else n
     step = _jitted_eval_step(graphdef, _eval_step)
-    batches = data.val_batches(path, seq_len=seq_len, batch=batch, vocab_size=vocab_size,
-                               num_batches=n)
+    batches = data.val_batches(
+        path, seq_len=seq_len, batch=batch, vocab_size=vocab_size, num_batches=n
+    )
     sums = [step(params, jnp.asarray(b)) for b in batches]  # (summed loss, scored targets)
     total, count = np.sum(jax.device_get(sums), axis=0, dtype=np.float64)
     loss = float(total / count)
-    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)), "val_batches": n,
-            "val_tokens": n * batch * seq_len}
+    return {
+        "val_loss": loss,
+        "val_perplexity": math.exp(min(loss, 700.0)),
+        "val_batches": n,
+        "val_tokens": n * batch * seq_len,
+    }
 
 
 @functools.cache
@@ -87,8 +93,10 @@ def fetch(url: str, dest: str) -> str:
     except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise EvalError(f"cannot download {url} ({getattr(e, 'reason', e)}); pass "
-                        "--hellaswag=PATH to a local copy of hellaswag_val.jsonl") from e
+        raise EvalError(
+            f"cannot download {url} ({getattr(e, 'reason', e)}); pass "
+            "--hellaswag=PATH to a local copy of hellaswag_val.jsonl"
+        ) from e
     return dest
 
 
@@ -96,8 +104,7 @@ def hellaswag_path(spec: str, cache_dir: str | None = None, url: str = HELLASWAG
     """`download` -> the official val jsonl (fetched into the cache once); anything else a path."""
     if spec != "download":
         return spec
-    cache_dir = cache_dir or os.environ.get("LLMJAX_CACHE",
-                                            os.path.expanduser("~/.cache/llmjax"))
+    cache_dir = cache_dir or os.environ.get("LLMJAX_CACHE", os.path.expanduser("~/.cache/llmjax"))
     return fetch(url, os.path.join(cache_dir, "hellaswag_val.jsonl"))
 
 
@@ -112,14 +119,18 @@ def load_hellaswag(path: str, limit: int = 0) -> list[dict]:
                 continue
             try:
                 item = json.loads(line)
-                ok = (isinstance(item["ctx"], str) and len(item["endings"]) == 4
-                      and all(isinstance(e, str) for e in item["endings"])
-                      and item["label"] in (0, 1, 2, 3))
+                ok = (
+                    isinstance(item["ctx"], str)
+                    and len(item["endings"]) == 4
+                    and all(isinstance(e, str) for e in item["endings"])
+                    and item["label"] in (0, 1, 2, 3)
+                )
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise EvalError(f"{path}:{n}: not a HellaSwag item ({e})") from e
             if not ok:
-                raise EvalError(f"{path}:{n}: a HellaSwag item needs ctx, 4 string endings and a "
-                                "label in 0..3")
+                raise EvalError(
+                    f"{path}:{n}: a HellaSwag item needs ctx, 4 string endings and a label in 0..3"
+                )
             items.append({"ctx": item["ctx"], "endings": item["endings"], "label": item["label"]})
             if limit and len(items) == limit:
                 break
@@ -138,7 +149,7 @@ def render(item: dict, tok: Tokenizer, block_size: int) -> list[tuple[list[int],
     rows = []
     for ending in item["endings"]:
         end = tok.encode(" " + ending)
-        row = (ctx + end)[-(block_size + 1):]
+        row = (ctx + end)[-(block_size + 1) :]
         rows.append((row, min(len(end), len(row) - 1)))
     return rows
 
@@ -152,25 +163,27 @@ def _ending_logprobs(graphdef, params, tokens_RT, mask_RT):
     return (logp_RT * mask_RT).sum(-1), mask_RT.sum(-1)
 
 
-def score_hellaswag(graphdef, params, items: list[dict], tok: Tokenizer,
-                    block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def score_hellaswag(
+    graphdef, params, items: list[dict], tok: Tokenizer, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Log-likelihood sums [N, 4] and ending token counts [N, 4] of every item's endings."""
     rows = [r for item in items for r in render(item, tok, block_size)]
     R = 4 * HELLASWAG_ITEMS_PER_BATCH
     results = []
     for b in range(0, len(rows), R):
-        chunk = rows[b:b + R]
+        chunk = rows[b : b + R]
         longest = max(len(t) for t, _ in chunk)
         # Lengths rounded up to a power of two (>= 32): a handful of compiled shapes in all.
         T = min(max(32, 1 << (longest - 1).bit_length()), block_size + 1)
         tokens, mask = np.zeros((R, T), np.int32), np.zeros((R, T), np.float32)
         for r, (t, n_end) in enumerate(chunk):
-            tokens[r, :len(t)] = t
-            mask[r, len(t) - n_end:len(t)] = 1.0
+            tokens[r, : len(t)] = t
+            mask[r, len(t) - n_end : len(t)] = 1.0
         results.append(_ending_logprobs(graphdef, params, tokens, mask))
     # One host sync at the end, so the device never waits for the host between batches.
-    sums, counts = (np.concatenate(x)[:len(rows)] for x in zip(*jax.device_get(results),
-                                                                  strict=True))
+    sums, counts = (
+        np.concatenate(x)[: len(rows)] for x in zip(*jax.device_get(results), strict=True)
+    )
     return sums.astype(np.float64).reshape(-1, 4), counts.astype(np.int64).reshape(-1, 4)
 
 
@@ -178,9 +191,11 @@ def hellaswag(graphdef, params, items: list[dict], tok: Tokenizer, block_size: i
     """HellaSwag accuracy (largest log-likelihood sum) and acc_norm (largest mean per token)."""
     sums, counts = score_hellaswag(graphdef, params, items, tok, block_size)
     labels = np.array([item["label"] for item in items])
-    return {"hellaswag_acc": float(np.mean(sums.argmax(1) == labels)),
-            "hellaswag_acc_norm": float(np.mean((sums / counts).argmax(1) == labels)),
-            "hellaswag_items": len(items)}
+    return {
+        "hellaswag_acc": float(np.mean(sums.argmax(1) == labels)),
+        "hellaswag_acc_norm": float(np.mean((sums / counts).argmax(1) == labels)),
+        "hellaswag_items": len(items),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +212,11 @@ def main(argv) -> None:
     try:
         if not FLAGS.data and not FLAGS.hellaswag:
             raise EvalError("nothing to evaluate: give --data=PREPARED_DIR and/or --hellaswag")
-        items = (load_hellaswag(hellaswag_path(FLAGS.hellaswag), FLAGS.hellaswag_items)
-                 if FLAGS.hellaswag else None)
+        items = (
+            load_hellaswag(hellaswag_path(FLAGS.hellaswag), FLAGS.hellaswag_items)
+            if FLAGS.hellaswag
+            else None
+        )
         model, tok, step = load_model(FLAGS.workdir)
         graphdef, params = nnx.split(model)
         out: dict = {"workdir": FLAGS.workdir, "step": step}
@@ -206,9 +224,17 @@ def main(argv) -> None:
             meta = checkpoint_seq_len(FLAGS.workdir, step)
             seq_len = min(FLAGS.seq_len or meta, model.cfg.block_size)
             data.check_dataset(FLAGS.data, tok.name, seq_len)
-            out.update(val_loss(graphdef, params, FLAGS.data, seq_len=seq_len,
-                                batch=FLAGS.batch_size, vocab_size=tok.vocab_size,
-                                max_batches=FLAGS.max_batches))
+            out.update(
+                val_loss(
+                    graphdef,
+                    params,
+                    FLAGS.data,
+                    seq_len=seq_len,
+                    batch=FLAGS.batch_size,
+                    vocab_size=tok.vocab_size,
+                    max_batches=FLAGS.max_batches,
+                )
+            )
         if items is not None:
             out.update(hellaswag(graphdef, params, items, tok, model.cfg.block_size))
     except (data.DataError, FileNotFoundError, ValueError) as e:
@@ -225,8 +251,9 @@ def checkpoint_seq_len(workdir: str, step: int) -> int:
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "workdir whose latest checkpoint is evaluated",
-                        required=True)
+    flags.DEFINE_string(
+        "workdir", None, "workdir whose latest checkpoint is evaluated", required=True
+    )
     flags.DEFINE_string("data", None, "directory of prepared shards (its val split is used)")
     flags.DEFINE_string("hellaswag", None, "HellaSwag val jsonl path, or 'download'")
     flags.DEFINE_integer("max_batches", 0, "validation batches; 0 = the whole val split")

@@ -41,8 +41,9 @@ def context_only(ids: np.ndarray) -> np.ndarray:
     return -1 - ids
 
 
-def render(tok: Tokenizer, messages: list[dict], *, add_generation_prompt: bool = False
-           ) -> tuple[list[int], list[bool]]:
+def render(
+    tok: Tokenizer, messages: list[dict], *, add_generation_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
     """Token ids of a conversation and, per token, whether it is scored (assistant content).
 
     With `add_generation_prompt`, the ids end with an open assistant turn for the model to fill.
@@ -72,7 +73,7 @@ def parse(tok: Tokenizer, ids: list[int]) -> list[dict]:
     while i < len(ids):
         role = role_of[ids[i]]
         end = ids.index(sp["<|end|>"], i)
-        text = tok.decode(ids[i + 1:end])
+        text = tok.decode(ids[i + 1 : end])
         messages.append({"role": role, "content": text.removeprefix("\n")})
         i = end + 1 + len(tok.encode("\n"))
     return messages
@@ -91,8 +92,11 @@ def load_examples(path: str) -> list[list[dict]]:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
+        records = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
     except json.JSONDecodeError as e:
         raise InstructError(f"{path}: not JSON or JSONL ({e})") from e
     out = []
@@ -100,13 +104,20 @@ def load_examples(path: str) -> list[list[dict]]:
         msgs = r.get("messages") if isinstance(r, dict) else None
         if msgs is None and isinstance(r, dict) and {"instruction", "output"} <= r.keys():
             msgs = alpaca_to_messages(r)
-        ok = isinstance(msgs, list) and msgs and all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-            for m in msgs)
+        ok = (
+            isinstance(msgs, list)
+            and msgs
+            and all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                for m in msgs
+            )
+        )
         if not ok or not any(m["role"] == "assistant" for m in msgs):
-            raise InstructError(f"{path}: record {n} is neither Alpaca (instruction, input, "
-                                "output) nor messages ([{role: user|assistant|system, content}]) "
-                                "with an assistant turn")
+            raise InstructError(
+                f"{path}: record {n} is neither Alpaca (instruction, input, "
+                "output) nor messages ([{role: user|assistant|system, content}]) "
+                "with an assistant turn"
+            )
         out.append(msgs)
     if not out:
         raise InstructError(f"{path}: no examples")
@@ -118,8 +129,9 @@ def _is_val(messages: list[dict], val_fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < val_fraction
 
 
-def encode_split(tok: Tokenizer, path: str, seq_len: int, val_fraction: float
-                 ) -> tuple[dict[str, np.ndarray], dict]:
+def encode_split(
+    tok: Tokenizer, path: str, seq_len: int, val_fraction: float
+) -> tuple[dict[str, np.ndarray], dict]:
     """Rows [N, seq_len+1] per split (context-only tokens encoded), and counts for the log.
 
     The split is by a hash of each example, so it does not depend on file order. Examples longer
@@ -131,16 +143,20 @@ def encode_split(tok: Tokenizer, path: str, seq_len: int, val_fraction: float
     for msgs in examples:
         ids, scored = render(tok, msgs)
         truncated += len(ids) > seq_len + 1
-        ids, scored = np.asarray(ids[:seq_len + 1]), np.asarray(scored[:seq_len + 1])
+        ids, scored = np.asarray(ids[: seq_len + 1]), np.asarray(scored[: seq_len + 1])
         row = np.full(seq_len + 1, context_only(np.int32(tok.eot_id)), np.int32)
-        row[:len(ids)] = np.where(scored, ids, context_only(ids))
+        row[: len(ids)] = np.where(scored, ids, context_only(ids))
         rows["val" if _is_val(msgs, val_fraction) else "train"].append(row)
     if not rows["val"]:  # at least one validation example, chosen deterministically
         rows["val"].append(rows["train"].pop())
     if not rows["train"]:
         raise InstructError(f"{path}: too few examples for a train/val split")
-    counts = {"examples": len(examples), "truncated": truncated,
-              "train": len(rows["train"]), "val": len(rows["val"])}
+    counts = {
+        "examples": len(examples),
+        "truncated": truncated,
+        "train": len(rows["train"]),
+        "val": len(rows["val"]),
+    }
     return {k: np.stack(v) for k, v in rows.items()}, counts
 
 
@@ -157,8 +173,9 @@ class _Epochs:
         return self.rows[[perms[e][i] for e, i in zip(j // n, j % n, strict=True)]]
 
 
-def train_batches(rows: np.ndarray, *, batch: int, seed: int, start_step: int, steps: int,
-                  rows_slice: slice) -> Iterator[np.ndarray]:
+def train_batches(
+    rows: np.ndarray, *, batch: int, seed: int, start_step: int, steps: int, rows_slice: slice
+) -> Iterator[np.ndarray]:
     return data.iterate_steps(start_step, steps, _Epochs(rows, seed, batch, rows_slice))
 
 
@@ -168,5 +185,4 @@ def val_batches(rows: np.ndarray, *, batch: int, rows_slice: slice) -> Iterator[
     pad = np.full((-len(rows) % batch, rows.shape[1]), context_only(np.int32(0)), np.int32)
     padded = np.concatenate([rows, pad])
     for k in range(len(padded) // batch):
-        yield padded[k * batch:(k + 1) * batch][rows_slice]
-
+        yield padded[k * batch : (k + 1) * batch][rows_slice]

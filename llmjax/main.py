@@ -46,8 +46,7 @@ def main(argv: list[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # Orbax narrates every save at INFO
     try:
-        sharding.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id)
+        sharding.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         # After jax.distributed: with several processes, a signal to one stops all at one step.
         checkpoint.handle_signals()  # SIGTERM/SIGINT: finish the step, save, exit 0
         train.train_and_evaluate(cfg, FLAGS.workdir)

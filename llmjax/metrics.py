@@ -36,7 +36,8 @@ PEAK_FLOPS = {
 def peak_flops(device: jax.Device) -> float | None:
     kind = device.device_kind
     return PEAK_FLOPS.get(kind) or next(
-        (v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+        (v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None
+    )
 
 
 class Writer:
@@ -54,8 +55,13 @@ class Writer:
         row = {"step": step, **{k: _json_number(v) for k, v in values.items()}}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
-        summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v))
-                                 for k, v in values.items() if v is not None])
+        summary = Summary(
+            value=[
+                Summary.Value(tag=k, simple_value=float(v))
+                for k, v in values.items()
+                if v is not None
+            ]
+        )
         self.tb.add_event(Event(wall_time=time.time(), step=step, summary=summary))
         self.tb.flush()
 
@@ -82,8 +88,13 @@ class Writer:
         if log_bytes < self.log_bytes():
             self.jsonl.truncate(log_bytes)
         # TensorBoard drops events at or after a START event's step when it meets one.
-        self.tb.add_event(Event(wall_time=time.time(), step=step + 1,
-                                session_log=SessionLog(status=SessionLog.START)))
+        self.tb.add_event(
+            Event(
+                wall_time=time.time(),
+                step=step + 1,
+                session_log=SessionLog(status=SessionLog.START),
+            )
+        )
         self.tb.flush()
 
     def close(self) -> None:

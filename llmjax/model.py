@@ -74,15 +74,25 @@ def _ones(names: tuple[str | None, ...]):
 def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # GPT-2 uses epsilon 1e-5 (flax's default is 1e-6).
     return nnx.LayerNorm(
-        cfg.n_embd, epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), rngs=rngs,
+        cfg.n_embd,
+        epsilon=1e-5,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        scale_init=_ones(("embed",)),
+        bias_init=_zeros(("embed",)),
+        rngs=rngs,
     )
 
 
 def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, names, rngs) -> nnx.Linear:
     return nnx.Linear(
-        d_in, d_out, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=_init(std, names), bias_init=_zeros(names[1:]), rngs=rngs,
+        d_in,
+        d_out,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=_init(std, names),
+        bias_init=_zeros(names[1:]),
+        rngs=rngs,
     )
 
 
@@ -93,9 +103,14 @@ class CausalSelfAttention(nnx.Module):
         # c_attn is GPT-2's [D, 3D] projection stored as [D, 3, D] so that a tensor-parallel split
         # of the last axis keeps whole heads together (the flat 3D axis would split q from k and v).
         self.c_attn = nnx.Einsum(
-            "btd,dkf->btkf", (D, 3, D), (3, D), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            "btd,dkf->btkf",
+            (D, 3, D),
+            (3, D),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             kernel_init=_init(std, ("embed", None, "heads")),
-            bias_init=_zeros((None, "heads")), rngs=rngs,
+            bias_init=_zeros((None, "heads")),
+            rngs=rngs,
         )
         # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer).
         self.c_proj = _linear(cfg, D, D, std / math.sqrt(2 * cfg.n_layer), ("heads", "embed"), rngs)
@@ -115,15 +130,20 @@ class CausalSelfAttention(nnx.Module):
         else:
             # Decoding: write this chunk's keys/values at `pos`, attend over the whole cache with a
             # mask, so every step has the same shapes and nothing recompiles.
-            k_BSNH = jax.lax.dynamic_update_slice(cache[0], k_BTNH.astype(cache[0].dtype),
-                                                  (0, pos, 0, 0))
-            v_BSNH = jax.lax.dynamic_update_slice(cache[1], v_BTNH.astype(cache[1].dtype),
-                                                  (0, pos, 0, 0))
+            k_BSNH = jax.lax.dynamic_update_slice(
+                cache[0], k_BTNH.astype(cache[0].dtype), (0, pos, 0, 0)
+            )
+            v_BSNH = jax.lax.dynamic_update_slice(
+                cache[1], v_BTNH.astype(cache[1].dtype), (0, pos, 0, 0)
+            )
             S = k_BSNH.shape[1]
             mask_TS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
             y_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BSNH.astype(q_BTNH.dtype), v_BSNH.astype(q_BTNH.dtype),
-                mask=mask_TS[None, None], implementation="xla",
+                q_BTNH,
+                k_BSNH.astype(q_BTNH.dtype),
+                v_BSNH.astype(q_BTNH.dtype),
+                mask=mask_TS[None, None],
+                implementation="xla",
             )
             cache = (k_BSNH, v_BSNH)
         y_BTD = self.c_proj(y_BTNH.reshape(B, T, D))
@@ -153,8 +173,9 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_BTD, *, cache=None, pos=None, deterministic: bool = True, rngs=None):
-        a_BTD, cache = self.attn(self.ln_1(x_BTD), cache=cache, pos=pos,
-                                 deterministic=deterministic, rngs=rngs)
+        a_BTD, cache = self.attn(
+            self.ln_1(x_BTD), cache=cache, pos=pos, deterministic=deterministic, rngs=rngs
+        )
         x_BTD = x_BTD + a_BTD
         x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), deterministic=deterministic, rngs=rngs)
         return x_BTD, cache
@@ -164,10 +185,12 @@ class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         embed = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd,
-                             embedding_init=_init(0.02, ("vocab", "embed")), **embed)
-        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd,
-                             embedding_init=_init(0.02, (None, "embed")), **embed)
+        self.wte = nnx.Embed(
+            cfg.vocab_size, cfg.n_embd, embedding_init=_init(0.02, ("vocab", "embed")), **embed
+        )
+        self.wpe = nnx.Embed(
+            cfg.block_size, cfg.n_embd, embedding_init=_init(0.02, (None, "embed")), **embed
+        )
         self.drop = nnx.Dropout(cfg.dropout)
         if cfg.scan_layers:
             self.h = _stacked_blocks(cfg, rngs)
@@ -190,8 +213,10 @@ class GPT(nnx.Module):
         if self.cfg.scan_layers:
             shape = (self.cfg.n_layer, *shape)
             return (jnp.zeros(shape, self.cfg.dtype), jnp.zeros(shape, self.cfg.dtype))
-        return [(jnp.zeros(shape, self.cfg.dtype), jnp.zeros(shape, self.cfg.dtype))
-                for _ in range(self.cfg.n_layer)]
+        return [
+            (jnp.zeros(shape, self.cfg.dtype), jnp.zeros(shape, self.cfg.dtype))
+            for _ in range(self.cfg.n_layer)
+        ]
 
     def _forward(self, idx_BT, cache, pos, deterministic, rngs):
         T = idx_BT.shape[1]
@@ -214,8 +239,14 @@ class GPT(nnx.Module):
             new_cache = []
             for i, block in enumerate(self.h):
                 graphdef, params = nnx.split(block)
-                x_BTD, c = run(graphdef, params, x_BTD, None if cache is None else cache[i], pos,
-                               None if keys_L is None else keys_L[i])
+                x_BTD, c = run(
+                    graphdef,
+                    params,
+                    x_BTD,
+                    None if cache is None else cache[i],
+                    pos,
+                    None if keys_L is None else keys_L[i],
+                )
                 new_cache.append(c)
         x_BTD = self.ln_f(x_BTD)
         # Tied embedding: the output projection is wte itself (GPT-2 shares them).

@@ -9,8 +9,7 @@ import optax
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `steps`.
-    """
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine to `min_lr` at `steps`."""
     warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
     decay_steps = max(steps - cfg.warmup_steps, 1)
     # optax's cosine decays to alpha * init_value; alpha = min_lr / lr lands exactly on min_lr.
@@ -32,7 +31,11 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps: int) -> optax.Gradient
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(
-            lr_schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, mask=decay_mask,
+            lr_schedule(cfg, steps),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
         ),
     )

@@ -92,7 +92,7 @@ def encode_batch(texts: list[str], tokenizer: str, min_chars: int) -> Encoded:
         if len(text) < min_chars:
             status[i] = SHORT
             continue
-        digests[16 * i:16 * i + 16] = doc_digest(data)
+        digests[16 * i : 16 * i + 16] = doc_digest(data)
         if enc is not None:  # disallowed_special=() encodes "<|endoftext|>" as plain text
             ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
         elif tok.name == "bytes":
@@ -101,8 +101,11 @@ def encode_batch(texts: list[str], tokenizer: str, min_chars: int) -> Encoded:
             ids = np.asarray(tok.encode(text), np.uint32)
         parts += [eot, ids]
         lengths[i] = len(ids) + 1
-    tokens = (np.concatenate(parts, dtype=np.uint16, casting="unsafe") if parts
-              else np.zeros(0, np.uint16))
+    tokens = (
+        np.concatenate(parts, dtype=np.uint16, casting="unsafe")
+        if parts
+        else np.zeros(0, np.uint16)
+    )
     return Encoded(status, nbytes, bytes(digests), lengths, tokens)
 
 
@@ -135,8 +138,13 @@ def _build_tokenizer(tokenizer: str) -> None:
     get_tokenizer(tokenizer)  # cached in the process; returns None, not a 50k-entry pickle
 
 
-def encoded_batches(texts: Iterator[str], tokenizer: str, min_chars: int,
-                    pool: ProcessPoolExecutor | None, workers: int) -> Iterator[Encoded]:
+def encoded_batches(
+    texts: Iterator[str],
+    tokenizer: str,
+    min_chars: int,
+    pool: ProcessPoolExecutor | None,
+    workers: int,
+) -> Iterator[Encoded]:
     """Batches in source order. With a pool, at most 2 per worker are in flight, so reading
     never runs far ahead of tokenizing (a hub stream is never buffered whole)."""
     if pool is None:
@@ -169,8 +177,15 @@ class ShardWriter:
     is renamed into place, so a .bin file is always whole. Only the tail after the last checkpoint
     can be lost, and resuming cuts the .tmp back to the checkpoint's length."""
 
-    def __init__(self, out: str, split: str, shard_tokens: int, shards: list[dict] | None = None,
-                 partial: int = 0, docs: int = 0):
+    def __init__(
+        self,
+        out: str,
+        split: str,
+        shard_tokens: int,
+        shards: list[dict] | None = None,
+        partial: int = 0,
+        docs: int = 0,
+    ):
         self.out, self.split, self.shard_tokens = out, split, shard_tokens
         self.shards: list[dict] = list(shards or [])
         self.docs, self.n, self.f = docs, 0, None
@@ -212,8 +227,13 @@ class ShardWriter:
         os.fsync(self.f.fileno())
         self.f.close()
         tmp, self.f = self._tmp(), None
-        self.shards.append({"name": shard_name(self.split, len(self.shards)), "tokens": self.n,
-                            "sha256": file_sha256(tmp)})
+        self.shards.append(
+            {
+                "name": shard_name(self.split, len(self.shards)),
+                "tokens": self.n,
+                "sha256": file_sha256(tmp),
+            }
+        )
         os.replace(tmp, os.path.join(self.out, self.shards[-1]["name"]))
         self.n, self.finished = 0, True
 
@@ -238,8 +258,13 @@ class Router:
     val, so they are held until the end (evicted ones go to train as they lose their place).
     Held documents are written in source order."""
 
-    def __init__(self, writers: dict[str, ShardWriter], val_fraction: float, val_docs: int,
-                 held: list[tuple[float, int, np.ndarray]] = ()):
+    def __init__(
+        self,
+        writers: dict[str, ShardWriter],
+        val_fraction: float,
+        val_docs: int,
+        held: list[tuple[float, int, np.ndarray]] = (),
+    ):
         self.writers, self.val_fraction, self.val_docs = writers, val_fraction, val_docs
         self.held = [(-h, i, t) for h, i, t in held]  # max-heap on hash
         heapq.heapify(self.held)
@@ -264,13 +289,17 @@ class Router:
         self.held = []
 
     def state(self) -> list[dict]:
-        return [{"hash": -h, "index": i, "tokens": base64.b64encode(t.tobytes()).decode()}
-                for h, i, t in sorted(self.held, key=lambda e: e[1])]
+        return [
+            {"hash": -h, "index": i, "tokens": base64.b64encode(t.tobytes()).decode()}
+            for h, i, t in sorted(self.held, key=lambda e: e[1])
+        ]
 
     @staticmethod
     def held_from(state: list[dict]) -> list[tuple[float, int, np.ndarray]]:
-        return [(e["hash"], e["index"], np.frombuffer(base64.b64decode(e["tokens"]), np.uint16))
-                for e in state]
+        return [
+            (e["hash"], e["index"], np.frombuffer(base64.b64decode(e["tokens"]), np.uint16))
+            for e in state
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,16 +319,22 @@ class Progress:
             return
         self.last = now
         dt = max(now - self.start, 1e-9)
-        line = (f"prepare: {docs:,} docs ({docs / dt:,.0f}/s), "
-                f"{tokens:,} tokens ({tokens / dt:,.0f}/s)")
+        line = (
+            f"prepare: {docs:,} docs ({docs / dt:,.0f}/s), {tokens:,} tokens ({tokens / dt:,.0f}/s)"
+        )
         fractions = ([docs / self.total_docs] if self.total_docs else []) + (
-            [tokens / self.max_tokens] if self.max_tokens else [])
+            [tokens / self.max_tokens] if self.max_tokens else []
+        )
         if fractions and not done and max(fractions) > 0:
             f = min(1.0, max(fractions))
             line += f", {100 * f:.1f}%, ETA {_duration(dt * (1 - f) / f)}"
         end = "\n" if done or not self.tty else ""
-        print(("\r" if self.tty else "") + line + "\x1b[K" * self.tty, end=end, file=sys.stderr,
-              flush=True)
+        print(
+            ("\r" if self.tty else "") + line + "\x1b[K" * self.tty,
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _duration(s: float) -> str:
@@ -324,21 +359,30 @@ def _resume_state(out: str, options: dict) -> dict | None:
     with open(path) as f:
         state = json.load(f)
     if state["options"] != options:
-        diff = [f"{k}={state['options'].get(k)!r}" for k in options
-                if state["options"].get(k) != options[k]]
-        raise ValueError(f"--out={out} holds an unfinished prepare with other options "
-                         f"({', '.join(diff)}); rerun it with those, or use an empty --out")
+        diff = [
+            f"{k}={state['options'].get(k)!r}"
+            for k in options
+            if state["options"].get(k) != options[k]
+        ]
+        raise ValueError(
+            f"--out={out} holds an unfinished prepare with other options "
+            f"({', '.join(diff)}); rerun it with those, or use an empty --out"
+        )
     for split, st in state["splits"].items():
         for s in st["shards"]:
             p = os.path.join(out, s["name"])
-            ok = (os.path.exists(p) and os.path.getsize(p) == HEADER_BYTES + 2 * s["tokens"]
-                  and file_sha256(p) == s["sha256"])
+            ok = (
+                os.path.exists(p)
+                and os.path.getsize(p) == HEADER_BYTES + 2 * s["tokens"]
+                and file_sha256(p) == s["sha256"]
+            )
             if not ok:
                 print(f"prepare: {p} does not match its checkpoint; starting over", file=sys.stderr)
                 return None
         tmp = os.path.join(out, shard_name(split, len(st["shards"])) + ".tmp")
-        if st["partial"] and not (os.path.exists(tmp) and
-                                  os.path.getsize(tmp) >= HEADER_BYTES + 2 * st["partial"]):
+        if st["partial"] and not (
+            os.path.exists(tmp) and os.path.getsize(tmp) >= HEADER_BYTES + 2 * st["partial"]
+        ):
             print(f"prepare: {tmp} is shorter than its checkpoint; starting over", file=sys.stderr)
             return None
     return state
@@ -352,12 +396,16 @@ def _claim_out(out: str, options: dict) -> dict | None:
             meta = json.load(f)
         if meta.get("options") == options:
             return meta
-        raise ValueError(f"--out={out} already holds a prepared dataset with other options; "
-                         "use another --out or delete it")
+        raise ValueError(
+            f"--out={out} already holds a prepared dataset with other options; "
+            "use another --out or delete it"
+        )
     ours = os.path.exists(os.path.join(out, PREPARE_STATE))
     if not ours and glob.glob(os.path.join(out, "*.bin")):
-        raise ValueError(f"--out={out} holds .bin shards that prepare did not start; "
-                         "use another --out or delete them")
+        raise ValueError(
+            f"--out={out} holds .bin shards that prepare did not start; "
+            "use another --out or delete them"
+        )
     return None
 
 
@@ -372,26 +420,51 @@ def _remove_stale(out: str, state: dict) -> None:
                 os.remove(path)
 
 
-def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float = 0.01,
-            shard_tokens: int = 100_000_000, *, val_docs: int = 0, workers: int = 0,
-            dedup: bool = False, min_chars: int = 0, max_docs: int = 0, max_tokens: int = 0,
-            text_field: str = "text", hf_config: str = "", hf_split: str = "train",
-            verbose: bool = False) -> dict:
+def prepare(
+    source: str,
+    out: str,
+    tokenizer: str = "gpt2",
+    val_fraction: float = 0.01,
+    shard_tokens: int = 100_000_000,
+    *,
+    val_docs: int = 0,
+    workers: int = 0,
+    dedup: bool = False,
+    min_chars: int = 0,
+    max_docs: int = 0,
+    max_tokens: int = 0,
+    text_field: str = "text",
+    hf_config: str = "",
+    hf_split: str = "train",
+    verbose: bool = False,
+) -> dict:
     """Tokenizes `source` into shards under `out` and returns the meta.json contents.
 
     The arguments are the CLI's flags (see _define_flags), except that `workers` defaults to 0
     here (tokenize in this process) and to the CPU count on the command line. Starting it again
     on the same `out` with the same options resumes an interrupted run, or returns a finished
     run's meta; other options, or shards prepare did not write, are refused (ValueError)."""
-    options = {"source": source, "tokenizer": tokenizer, "val_fraction": val_fraction,
-               "val_docs": val_docs, "shard_tokens": shard_tokens, "dedup": dedup,
-               "min_chars": min_chars, "max_docs": max_docs, "max_tokens": max_tokens,
-               "text_field": text_field, "hf_config": hf_config, "hf_split": hf_split}
+    options = {
+        "source": source,
+        "tokenizer": tokenizer,
+        "val_fraction": val_fraction,
+        "val_docs": val_docs,
+        "shard_tokens": shard_tokens,
+        "dedup": dedup,
+        "min_chars": min_chars,
+        "max_docs": max_docs,
+        "max_tokens": max_tokens,
+        "text_field": text_field,
+        "hf_config": hf_config,
+        "hf_split": hf_split,
+    }
     _check_options({**options, "workers": workers})
     tok = get_tokenizer(tokenizer)
     if tok.vocab_size > 2**16:
-        raise ValueError(f"--tokenizer={tokenizer} has ids up to {tok.vocab_size - 1}, beyond "
-                         "uint16 (65535): llm.c shards hold uint16 tokens")
+        raise ValueError(
+            f"--tokenizer={tokenizer} has ids up to {tok.vocab_size - 1}, beyond "
+            "uint16 (65535): llm.c shards hold uint16 tokens"
+        )
     os.makedirs(out, exist_ok=True)
     done = _claim_out(out, options)
     if done is not None:
@@ -399,11 +472,21 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
             print(f"prepare: {out} is already complete", file=sys.stderr)
         return done
     state = _resume_state(out, options) or {
-        "options": options, "consumed": 0, "seconds": 0.0, "text_bytes": 0, "kept_bytes": 0,
-        "documents": {"seen": 0, "kept": 0, "dropped_empty": 0, "dropped_duplicate": 0,
-                      "dropped_short": 0},
+        "options": options,
+        "consumed": 0,
+        "seconds": 0.0,
+        "text_bytes": 0,
+        "kept_bytes": 0,
+        "documents": {
+            "seen": 0,
+            "kept": 0,
+            "dropped_empty": 0,
+            "dropped_duplicate": 0,
+            "dropped_short": 0,
+        },
         "splits": {s: {"shards": [], "partial": 0, "docs": 0} for s in ("train", "val")},
-        "held": []}
+        "held": [],
+    }
     _remove_stale(out, state)
     pool = start_pool(workers, tokenizer)
     try:
@@ -414,14 +497,16 @@ def prepare(source: str, out: str, tokenizer: str = "gpt2", val_fraction: float 
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _run(state: dict, out: str, tok, pool: ProcessPoolExecutor | None, workers: int,
-         verbose: bool) -> dict:
+def _run(
+    state: dict, out: str, tok, pool: ProcessPoolExecutor | None, workers: int, verbose: bool
+) -> dict:
     """The document loop of `prepare`, from `state` (fresh or a checkpoint) to meta.json."""
     o = state["options"]
     source, tokenizer, dedup, min_chars = o["source"], o["tokenizer"], o["dedup"], o["min_chars"]
     max_docs, max_tokens = o["max_docs"], o["max_tokens"]
-    writers = {s: ShardWriter(out, s, o["shard_tokens"], **state["splits"][s])
-               for s in state["splits"]}
+    writers = {
+        s: ShardWriter(out, s, o["shard_tokens"], **state["splits"][s]) for s in state["splits"]
+    }
     router = Router(writers, o["val_fraction"], o["val_docs"], Router.held_from(state["held"]))
     docs, consumed = state["documents"], state["consumed"]
     text_bytes, kept_bytes = state["text_bytes"], state["kept_bytes"]
@@ -446,9 +531,14 @@ def _run(state: dict, out: str, tok, pool: ProcessPoolExecutor | None, workers: 
         for w in writers.values():
             w.sync()
             w.finished = False
-        state.update(consumed=consumed, seconds=time.time() - t0, text_bytes=text_bytes,
-                     kept_bytes=kept_bytes,
-                     splits={s: w.state() for s, w in writers.items()}, held=router.state())
+        state.update(
+            consumed=consumed,
+            seconds=time.time() - t0,
+            text_bytes=text_bytes,
+            kept_bytes=kept_bytes,
+            splits={s: w.state() for s, w in writers.items()},
+            held=router.state(),
+        )
         tmp = os.path.join(out, PREPARE_STATE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(state, f)
@@ -469,8 +559,8 @@ def _run(state: dict, out: str, tok, pool: ProcessPoolExecutor | None, workers: 
                 if enc.status[i] == SHORT:
                     docs["dropped_short"] += 1
                     continue
-                n, digest = int(enc.lengths[i]), enc.digests[16 * i:16 * i + 16]
-                tokens, offset = enc.tokens[offset:offset + n], offset + n
+                n, digest = int(enc.lengths[i]), enc.digests[16 * i : 16 * i + 16]
+                tokens, offset = enc.tokens[offset : offset + n], offset + n
                 if dedup:
                     if digest in seen_digests:
                         docs["dropped_duplicate"] += 1
@@ -481,7 +571,8 @@ def _run(state: dict, out: str, tok, pool: ProcessPoolExecutor | None, workers: 
                 router.route(doc_hash(digest), consumed - 1, tokens)
                 total_tokens += n
                 if any(w.finished for w in writers.values()) or (
-                        time.time() - last_ckpt > CHECKPOINT_SECONDS):
+                    time.time() - last_ckpt > CHECKPOINT_SECONDS
+                ):
                     checkpoint()
                     last_ckpt = time.time()
                 if max_tokens and total_tokens >= max_tokens:
@@ -504,20 +595,31 @@ def _run(state: dict, out: str, tok, pool: ProcessPoolExecutor | None, workers: 
             _remove_stale(out, {"splits": {s: {"shards": [], "partial": 0} for s in writers}})
             if os.path.exists(os.path.join(out, PREPARE_STATE)):
                 os.remove(os.path.join(out, PREPARE_STATE))
-            raise ValueError(f"--source={source}: no document went to {split} ({docs['kept']} "
-                             f"kept of {docs['seen']}); a dataset needs at least 2 kept documents")
+            raise ValueError(
+                f"--source={source}: no document went to {split} ({docs['kept']} "
+                f"kept of {docs['seen']}); a dataset needs at least 2 kept documents"
+            )
     seconds = time.time() - t0
     meta = {
-        "source": source, "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
+        "source": source,
+        "tokenizer": tokenizer,
+        "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
-        "format": {"magic": MAGIC, "version": VERSION, "header_bytes": HEADER_BYTES,
-                   "dtype": "uint16", "eot": "before every document"},
+        "format": {
+            "magic": MAGIC,
+            "version": VERSION,
+            "header_bytes": HEADER_BYTES,
+            "dtype": "uint16",
+            "eot": "before every document",
+        },
         "options": o,
         "documents": {**docs, **{s: w.docs for s, w in writers.items()}},
-        "text_bytes": {"seen": text_bytes, "kept": kept_bytes}, "capped": capped,
+        "text_bytes": {"seen": text_bytes, "kept": kept_bytes},
+        "capped": capped,
         "tokens": {s: w.tokens for s, w in writers.items()},
         "shards": {s: w.shards for s, w in writers.items()},
-        "command": " ".join(sys.argv), "seconds": round(seconds, 3),
+        "command": " ".join(sys.argv),
+        "seconds": round(seconds, 3),
     }
     tmp = os.path.join(out, "meta.json.tmp")
     with open(tmp, "w") as f:
@@ -533,23 +635,28 @@ def summary(meta: dict, out: str) -> str:
     d, o = meta["documents"], meta["options"]
     tokens = sum(meta["tokens"].values())
     secs = max(meta["seconds"], 1e-9)
-    rows = [f"dataset    {out}", f"source     {meta['source']}",
-            f"tokenizer  {meta['tokenizer']} (vocab {meta['vocab_size']:,}, EOT {meta['eot_id']})",
-            f"documents  {d['seen']:,} seen, {d['kept']:,} kept"
-            + (" (stopped at --max_docs/--max_tokens)" if meta["capped"] else ""),
-            f"dropped    {d['dropped_empty']:,} empty or whitespace, {d['dropped_duplicate']:,} "
-            f"duplicate{'' if o['dedup'] else ' (--dedup off)'}, {d['dropped_short']:,} under "
-            f"--min_chars={o['min_chars']}",
-            "", f"{'split':<6} {'documents':>12} {'tokens':>16} {'shards':>7} {'tokens/doc':>11}"]
+    rows = [
+        f"dataset    {out}",
+        f"source     {meta['source']}",
+        f"tokenizer  {meta['tokenizer']} (vocab {meta['vocab_size']:,}, EOT {meta['eot_id']})",
+        f"documents  {d['seen']:,} seen, {d['kept']:,} kept"
+        + (" (stopped at --max_docs/--max_tokens)" if meta["capped"] else ""),
+        f"dropped    {d['dropped_empty']:,} empty or whitespace, {d['dropped_duplicate']:,} "
+        f"duplicate{'' if o['dedup'] else ' (--dedup off)'}, {d['dropped_short']:,} under "
+        f"--min_chars={o['min_chars']}",
+        "",
+        f"{'split':<6} {'documents':>12} {'tokens':>16} {'shards':>7} {'tokens/doc':>11}",
+    ]
     for s in ("train", "val"):
         n, t = meta["documents"][s], meta["tokens"][s]
-        rows.append(f"{s:<6} {n:>12,} {t:>16,} {len(meta['shards'][s]):>7} "
-                    f"{t / max(n, 1):>11,.1f}")
+        rows.append(f"{s:<6} {n:>12,} {t:>16,} {len(meta['shards'][s]):>7} {t / max(n, 1):>11,.1f}")
     seen, kept = meta["text_bytes"]["seen"], meta["text_bytes"]["kept"]
-    rows += ["", f"text       {seen / 1e6:,.1f} MB read, {kept / 1e6:,.1f} MB kept, "
-             f"{kept / max(tokens - d['kept'], 1):.2f} bytes/token (EOTs aside)",
-             f"time       {secs:,.1f}s ({tokens / secs:,.0f} tokens/s, "
-             f"{seen / secs / 1e6:,.1f} MB/s)"]
+    rows += [
+        "",
+        f"text       {seen / 1e6:,.1f} MB read, {kept / 1e6:,.1f} MB kept, "
+        f"{kept / max(tokens - d['kept'], 1):.2f} bytes/token (EOTs aside)",
+        f"time       {secs:,.1f}s ({tokens / secs:,.0f} tokens/s, {seen / secs / 1e6:,.1f} MB/s)",
+    ]
     return "\n".join(rows)
 
 
@@ -567,11 +674,23 @@ def main(argv):
         print("prepare: pass --val_fraction or --val_docs, not both", file=sys.stderr)
         sys.exit(2)
     try:
-        meta = prepare(FLAGS.source, FLAGS.out, FLAGS.tokenizer, FLAGS.val_fraction,
-                       FLAGS.shard_tokens, val_docs=FLAGS.val_docs, workers=FLAGS.workers,
-                       dedup=FLAGS.dedup, min_chars=FLAGS.min_chars, max_docs=FLAGS.max_docs,
-                       max_tokens=FLAGS.max_tokens, text_field=FLAGS.text_field,
-                       hf_config=FLAGS.hf_config, hf_split=FLAGS.hf_split, verbose=True)
+        meta = prepare(
+            FLAGS.source,
+            FLAGS.out,
+            FLAGS.tokenizer,
+            FLAGS.val_fraction,
+            FLAGS.shard_tokens,
+            val_docs=FLAGS.val_docs,
+            workers=FLAGS.workers,
+            dedup=FLAGS.dedup,
+            min_chars=FLAGS.min_chars,
+            max_docs=FLAGS.max_docs,
+            max_tokens=FLAGS.max_tokens,
+            text_field=FLAGS.text_field,
+            hf_config=FLAGS.hf_config,
+            hf_split=FLAGS.hf_split,
+            verbose=True,
+        )
     except (ValueError, OSError) as e:
         print(f"prepare: {e}", file=sys.stderr)
         sys.exit(2)
@@ -584,16 +703,23 @@ def main(argv):
 def _define_flags() -> None:
     # Defined only when run as a program, so importing this module never clashes with
     # another entry point's flags.
-    flags.DEFINE_string("source", None, "hf:NAME | jsonl:GLOB | parquet:GLOB | text:GLOB | "
-                        "paragraphs:GLOB | builtin:pydocs", required=True)
+    flags.DEFINE_string(
+        "source",
+        None,
+        "hf:NAME | jsonl:GLOB | parquet:GLOB | text:GLOB | paragraphs:GLOB | builtin:pydocs",
+        required=True,
+    )
     flags.DEFINE_string("out", None, "output directory for shards and meta.json", required=True)
     flags.DEFINE_string("tokenizer", "gpt2", "gpt2 | bytes (or their -chat variants)")
     flags.DEFINE_string("hf_config", "", "hf: the dataset's configuration, e.g. sample-10BT")
     flags.DEFINE_string("hf_split", "train", "hf: the split to stream")
     flags.DEFINE_string("text_field", "text", "hf/jsonl/parquet: the field holding the text")
     flags.DEFINE_float("val_fraction", 0.01, "share of documents that go to val (by stable hash)")
-    flags.DEFINE_integer("val_docs", 0, "exactly this many documents go to val (the lowest "
-                         "hashes), instead of --val_fraction")
+    flags.DEFINE_integer(
+        "val_docs",
+        0,
+        "exactly this many documents go to val (the lowest hashes), instead of --val_fraction",
+    )
     flags.DEFINE_integer("shard_tokens", 100_000_000, "tokens per shard")
     flags.DEFINE_integer("workers", os.cpu_count() or 1, "tokenizer processes (0: in-process)")
     flags.DEFINE_bool("dedup", False, "drop exact duplicates of an earlier document")

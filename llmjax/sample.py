@@ -26,18 +26,19 @@ from llmjax.model import GPT, MASKED_LOGIT
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _prefill(graphdef, params, idx_BT, cache, prompt_BS, lengths_B, key, temperature, top_k,
-             top_p):
+def _prefill(graphdef, params, idx_BT, cache, prompt_BS, lengths_B, key, temperature, top_k, top_p):
     """Runs the shared prompt prefix; returns the token at index T (sampled or forced), [B, 1]."""
     T = idx_BT.shape[1]
     logits_BTV, cache = nnx.merge(graphdef, params).decode(idx_BT, cache, 0)
-    return _next(logits_BTV[:, -1], T, prompt_BS, lengths_B, key, temperature, top_k,
-                 top_p)[:, None], cache
+    return _next(logits_BTV[:, -1], T, prompt_BS, lengths_B, key, temperature, top_k, top_p)[
+        :, None
+    ], cache
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=4)
-def _decode(graphdef, n, params, toks_BK, cache, pos, prompt_BS, lengths_B, key, temperature,
-            top_k, top_p):
+def _decode(
+    graphdef, n, params, toks_BK, cache, pos, prompt_BS, lengths_B, key, temperature, top_k, top_p
+):
     """Feeds toks_BK[:, -1], the token at index `pos`, then n-1 of its own: returns the tokens at
     indices pos+1..pos+n as [B, n] and the updated cache.
 
@@ -53,8 +54,9 @@ def _decode(graphdef, n, params, toks_BK, cache, pos, prompt_BS, lengths_B, key,
         # are discarded by the caller.
         p = jnp.minimum(pos + i, S - 1)
         logits_BTV, cache = model.decode(tok_B[:, None], cache, p)
-        tok_B = _next(logits_BTV[:, -1], p + 1, prompt_BS, lengths_B, key, temperature, top_k,
-                      top_p)
+        tok_B = _next(
+            logits_BTV[:, -1], p + 1, prompt_BS, lengths_B, key, temperature, top_k, top_p
+        )
         return (tok_B, cache), tok_B
 
     (_, cache), toks_nB = jax.lax.scan(step, (toks_BK[:, -1], cache), jnp.arange(n))
@@ -87,8 +89,9 @@ def sample_logits(logits_BV, key, temperature, top_k, top_p):
         # Nucleus: keep the smallest prefix of sorted tokens whose probability reaches top_p.
         probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
         before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-        cutoff_B1 = jnp.min(jnp.where(before_BV < top_p, sorted_BV, jnp.inf), axis=-1,
-                            keepdims=True)
+        cutoff_B1 = jnp.min(
+            jnp.where(before_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True
+        )
         return jnp.where((scaled_BV >= kth_B1) & (scaled_BV >= cutoff_B1), scaled_BV, -jnp.inf)
 
     def sample(_):
@@ -103,11 +106,19 @@ def sample_logits(logits_BV, key, temperature, top_k, top_p):
     return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
-def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eot_id: int | None = None,
-             on_token: Callable[[int, int], None] | None = None,
-             chunk: int = 8) -> list[list[int]]:
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eot_id: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    chunk: int = 8,
+) -> list[list[int]]:
     """Continues each prompt by up to `max_new_tokens` tokens; a row stops after emitting `eot_id`.
 
     `on_token(row, token)` is called for every new token as soon as the host has it (for
@@ -124,22 +135,31 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *,
     B, lengths = len(prompts), [len(p) for p in prompts]
     total = max(lengths) + max_new_tokens
     if total > model.cfg.block_size:
-        raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the model's block_size ({model.cfg.block_size})")
+        raise ValueError(
+            f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's block_size ({model.cfg.block_size})"
+        )
     bad = [t for p in prompts for t in p if not 0 <= t < model.cfg.valid_vocab_size]
     if bad:
-        raise ValueError(f"prompt token {bad[0]} is outside the vocabulary "
-                         f"[0, {model.cfg.valid_vocab_size})")
+        raise ValueError(
+            f"prompt token {bad[0]} is outside the vocabulary [0, {model.cfg.valid_vocab_size})"
+        )
     graphdef, params = nnx.split(model)
     # Round the cache (and the prompt table) up so that nearby lengths share one compiled step.
     S = min(-(-total // 64) * 64, model.cfg.block_size)
     tokens = np.zeros((B, S), np.int32)
     for r, p in enumerate(prompts):
-        tokens[r, :len(p)] = p
+        tokens[r, : len(p)] = p
     cache = model.init_cache(B, S)
     first = min(lengths)  # the index of the first token in toks_BK
-    consts = (jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32), jax.random.key(seed),
-              jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    consts = (
+        jnp.asarray(tokens),
+        jnp.asarray(lengths, jnp.int32),
+        jax.random.key(seed),
+        jnp.float32(temperature),
+        jnp.int32(top_k),
+        jnp.float32(top_p),
+    )
     toks_BK, cache = _prefill(graphdef, params, jnp.asarray(tokens[:, :first]), cache, *consts)
     new: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
@@ -179,23 +199,41 @@ def main(argv):
         sys.exit(2)
     print(f"# {FLAGS.workdir} at step {step}", file=sys.stderr)
     # An empty prompt starts a fresh document, as GPT-2 was trained; a long one keeps its end.
-    ids = tok.encode(FLAGS.prompt)[-(model.cfg.block_size - 1):] or [tok.eot_id]
+    ids = tok.encode(FLAGS.prompt)[-(model.cfg.block_size - 1) :] or [tok.eot_id]
     room = model.cfg.block_size - len(ids)
     if FLAGS.max_new_tokens > room:
-        print(f"# {room} new tokens: the prompt ({len(ids)} tokens) and the continuation must "
-              f"fit the model's context of {model.cfg.block_size}", file=sys.stderr)
+        print(
+            f"# {room} new tokens: the prompt ({len(ids)} tokens) and the continuation must "
+            f"fit the model's context of {model.cfg.block_size}",
+            file=sys.stderr,
+        )
     n = min(FLAGS.max_new_tokens, room)
     if FLAGS.num_samples == 1:
         sys.stdout.write(FLAGS.prompt)
         stream = Streamer(tok)
-        generate(model, [ids], n, temperature=FLAGS.temperature,
-                 top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, eot_id=tok.eot_id,
-                 on_token=lambda _, t: stream(t))
+        generate(
+            model,
+            [ids],
+            n,
+            temperature=FLAGS.temperature,
+            top_k=FLAGS.top_k,
+            top_p=FLAGS.top_p,
+            seed=FLAGS.seed,
+            eot_id=tok.eot_id,
+            on_token=lambda _, t: stream(t),
+        )
         print()
         return
-    outs = generate(model, [ids] * FLAGS.num_samples, n,
-                    temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                    seed=FLAGS.seed, eot_id=tok.eot_id)
+    outs = generate(
+        model,
+        [ids] * FLAGS.num_samples,
+        n,
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+        seed=FLAGS.seed,
+        eot_id=tok.eot_id,
+    )
     for i, out in enumerate(outs):
         print(f"--- sample {i}\n{FLAGS.prompt}{tok.decode(out)}")
 
@@ -211,7 +249,7 @@ class Streamer:
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):
             return  # an incomplete multi-byte character; wait for the rest
-        sys.stdout.write(text[self.printed:])
+        sys.stdout.write(text[self.printed :])
         sys.stdout.flush()
         self.printed = len(text)
 
@@ -219,8 +257,9 @@ class Streamer:
 def _define_flags() -> None:
     # Defined only when run as a program, so importing this module never clashes with
     # another entry point's flags.
-    flags.DEFINE_string("workdir", None, "training workdir whose latest checkpoint is used",
-                        required=True)
+    flags.DEFINE_string(
+        "workdir", None, "training workdir whose latest checkpoint is used", required=True
+    )
     flags.DEFINE_string("prompt", "\n", "text to continue")
     flags.DEFINE_integer("max_new_tokens", 200, "tokens to generate")
     flags.DEFINE_float("temperature", 0.8, "softmax temperature; 0 = greedy")
@@ -228,7 +267,6 @@ def _define_flags() -> None:
     flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass; 1 = off")
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_integer("num_samples", 1, "independent samples of the same prompt")
-
 
 
 if __name__ == "__main__":

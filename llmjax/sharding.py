@@ -64,7 +64,8 @@ def param_shardings(abstract_params, mesh: Mesh):
     """NamedShardings for a pure-dict params tree built from the model's logical axis names."""
     specs = nnx.get_partition_spec(abstract_params)
     return jax.tree.map(
-        lambda s: NamedSharding(mesh, logical_to_mesh(s)), nnx.to_pure_dict(specs),
+        lambda s: NamedSharding(mesh, logical_to_mesh(s)),
+        nnx.to_pure_dict(specs),
         is_leaf=lambda x: isinstance(x, P),
     )
 
@@ -106,10 +107,13 @@ def check_run(cfg: ml_collections.ConfigDict, mesh: Mesh, param_sh, abstract_par
         raise ConfigError(
             f"data.batch_size={B} is not divisible by data-parallel size {dp} (mesh data="
             f"{mesh.shape['data']} x fsdp={mesh.shape['fsdp']}) x optim.grad_accum={accum}; "
-            f"use a multiple of {dp * accum}")
+            f"use a multiple of {dp * accum}"
+        )
     if cfg.model.n_head % mesh.shape["tensor"]:
-        raise ConfigError(f"model.n_head={cfg.model.n_head} is not divisible by mesh.tensor="
-                          f"{mesh.shape['tensor']}: tensor parallelism splits whole heads")
+        raise ConfigError(
+            f"model.n_head={cfg.model.n_head} is not divisible by mesh.tensor="
+            f"{mesh.shape['tensor']}: tensor parallelism splits whole heads"
+        )
 
     def check_param(path, sh: NamedSharding, x) -> None:
         for dim, axes in zip(x.shape, sh.spec, strict=False):
@@ -119,7 +123,8 @@ def check_run(cfg: ml_collections.ConfigDict, mesh: Mesh, param_sh, abstract_par
                 name = ".".join(str(getattr(k, "key", k)) for k in path)
                 raise ConfigError(
                     f"parameter {name} {tuple(x.shape)}: a dimension of {dim} cannot be split "
-                    f"{ways} ways over mesh.{'+'.join(axes)}; change the mesh or the model width")
+                    f"{ways} ways over mesh.{'+'.join(axes)}; change the mesh or the model width"
+                )
 
     jax.tree_util.tree_map_with_path(check_param, param_sh, abstract_params)
     _check_process_rows(mesh, B)
@@ -138,26 +143,32 @@ def _check_process_rows(mesh: Mesh, rows: int) -> None:
     if held != list(range(i * rows // n, (i + 1) * rows // n)):
         raise ConfigError(
             f"mesh {dict(mesh.shape)} over {n} processes: process {i}'s devices hold batch rows "
-            f"{held[0]}..{held[-1]}, not the 1/{n} it loads; keep mesh.tensor within one host")
+            f"{held[0]}..{held[-1]}, not the 1/{n} it loads; keep mesh.tensor within one host"
+        )
 
 
 def bytes_per_device(tree) -> int:
     """Bytes of one device's share of a tree of sharded arrays or ShapeDtypeStructs."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-               for x in jax.tree.leaves(tree))
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+    )
 
 
 def describe(mesh: Mesh) -> str:
     axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
-    return (f"mesh {axes} over {mesh.size} {mesh.devices.flat[0].platform} devices in "
-            f"{jax.process_count()} process(es); batch over {RULES['batch']}")
+    return (
+        f"mesh {axes} over {mesh.size} {mesh.devices.flat[0].platform} devices in "
+        f"{jax.process_count()} process(es); batch over {RULES['batch']}"
+    )
 
 
 def memory_report(params, opt_state, compiled) -> str:
     """Per-device memory: the state's share, and XLA's estimate for the compiled step."""
     mib = lambda b: f"{b / 2**20:,.1f} MiB"
-    line = (f"memory per device: parameters {mib(bytes_per_device(params))} + optimizer "
-            f"{mib(bytes_per_device(opt_state))}")
+    line = (
+        f"memory per device: parameters {mib(bytes_per_device(params))} + optimizer "
+        f"{mib(bytes_per_device(opt_state))}"
+    )
     try:
         m = compiled.memory_analysis()
     except (NotImplementedError, jax.errors.JaxRuntimeError):
@@ -165,10 +176,16 @@ def memory_report(params, opt_state, compiled) -> str:
     if m is None:
         return line + "; no compiled-step estimate on this backend"
     # Donated arguments are aliased to outputs, so they are counted once.
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-            + m.temp_size_in_bytes)
-    return (line + f"; compiled step (XLA estimate): arguments {mib(m.argument_size_in_bytes)}, "
-            f"temporaries {mib(m.temp_size_in_bytes)}, peak {mib(peak)}")
+    peak = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+    return (
+        line + f"; compiled step (XLA estimate): arguments {mib(m.argument_size_in_bytes)}, "
+        f"temporaries {mib(m.temp_size_in_bytes)}, peak {mib(peak)}"
+    )
 
 
 # Launchers that start several processes and tell jax.distributed who is who.
@@ -183,21 +200,27 @@ def _launched_processes() -> str | None:
     return None
 
 
-def init_distributed(coordinator_address: str | None, num_processes: int | None,
-                     process_id: int | None) -> None:
+def init_distributed(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
     """Starts jax.distributed: from the flags when all three are given (every local device is
     used), else from the launcher's environment (SLURM srun, Open MPI: one device per process
     there); a lone process on its own machine starts nothing. Call before any JAX computation."""
-    given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
-             "--process_id": process_id}
+    given = {
+        "--coordinator_address": coordinator_address,
+        "--num_processes": num_processes,
+        "--process_id": process_id,
+    }
     if None not in given.values():
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ConfigError(f"--process_id={process_id} must be in [0, --num_processes="
-                              f"{num_processes})")
+            raise ConfigError(
+                f"--process_id={process_id} must be in [0, --num_processes={num_processes})"
+            )
         # Explicit flags mean every visible device: without this, jax under SLURM would still
         # restrict each process to device SLURM_LOCALID.
-        jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                                   cluster_detection_method="deactivate")
+        jax.distributed.initialize(
+            coordinator_address, num_processes, process_id, cluster_detection_method="deactivate"
+        )
     elif launcher := _launched_processes():
         try:
             jax.distributed.initialize(coordinator_address, num_processes, process_id)
@@ -205,5 +228,7 @@ def init_distributed(coordinator_address: str | None, num_processes: int | None,
             raise ConfigError(f"jax.distributed under {launcher}: {e}") from e
     elif any(v is not None for v in given.values()):
         missing = ", ".join(k for k, v in given.items() if v is None)
-        raise ConfigError(f"{missing} missing: pass all of --coordinator_address, "
-                          "--num_processes and --process_id (or run under SLURM / Open MPI)")
+        raise ConfigError(
+            f"{missing} missing: pass all of --coordinator_address, "
+            "--num_processes and --process_id (or run under SLURM / Open MPI)"
+        )

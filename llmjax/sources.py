@@ -32,7 +32,6 @@ PYDOCS_MODULES = (
 ).split()
 
 
-
 def pydocs_documents() -> Iterator[str]:
     """Python's own documentation: pydoc's topic pages, then stdlib docstrings (about 1 MB).
 
@@ -49,8 +48,11 @@ def pydocs_documents() -> Iterator[str]:
             continue  # modules come and go between Python versions
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read())
-        nodes = [tree] + [n for n in ast.walk(tree)
-                          if isinstance(n, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)]
+        nodes = [tree] + [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)
+        ]
         docs = [ast.get_docstring(n) for n in nodes]
         text = "\n\n".join(d for d in docs if d)
         if text:
@@ -58,8 +60,9 @@ def pydocs_documents() -> Iterator[str]:
 
 
 def _glob(source: str, pattern: str) -> list[str]:
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
+    paths = sorted(
+        p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+    )
     if not paths:
         raise ValueError(f"--source={source}: no file matches {pattern!r}")
     return paths
@@ -82,8 +85,9 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
-def dataset_rows(source: str, builder: str, text_field: str, **kwargs) -> tuple[Iterator[str],
-                                                                                  int | None]:
+def dataset_rows(
+    source: str, builder: str, text_field: str, **kwargs
+) -> tuple[Iterator[str], int | None]:
     """One `text_field` per row of a `datasets` stream: the hub (builder = the dataset's name) and
     local jsonl/parquet files (builder "json"/"parquet" with data_files) take this same path.
     Streaming reads record batches as it goes, so no dataset is ever downloaded whole."""
@@ -95,8 +99,10 @@ def dataset_rows(source: str, builder: str, text_field: str, **kwargs) -> tuple[
         raise ValueError(f"--source={source}: cannot open ({_one_line(e)})") from e
     if ds.column_names is not None:
         if text_field not in ds.column_names:
-            raise ValueError(f"--source={source}: no field --text_field={text_field!r} "
-                             f"(fields: {', '.join(ds.column_names)})")
+            raise ValueError(
+                f"--source={source}: no field --text_field={text_field!r} "
+                f"(fields: {', '.join(ds.column_names)})"
+            )
         ds = ds.select_columns([text_field])  # parquet then skips the other columns' bytes
     total = None
     split = kwargs.get("split")
@@ -113,27 +119,33 @@ def dataset_rows(source: str, builder: str, text_field: str, **kwargs) -> tuple[
             except StopIteration:
                 return
             except Exception as e:  # malformed JSON, a truncated parquet file, a dropped stream
-                raise ValueError(f"--source={source}: cannot read past row {n:,} "
-                                 f"({_one_line(e)})") from e
+                raise ValueError(
+                    f"--source={source}: cannot read past row {n:,} ({_one_line(e)})"
+                ) from e
             n += len(next(iter(batch.values()), []))
             yield batch
 
     def rows() -> Iterator[str]:
         for batch in batches():
             if text_field not in batch:
-                raise ValueError(f"--source={source}: no field --text_field={text_field!r} "
-                                 f"(fields: {', '.join(batch)})")
+                raise ValueError(
+                    f"--source={source}: no field --text_field={text_field!r} "
+                    f"(fields: {', '.join(batch)})"
+                )
             for text in batch[text_field]:
                 if text is not None and not isinstance(text, str):
-                    raise ValueError(f"--source={source}: field {text_field!r} holds "
-                                     f"{type(text).__name__}, not text")
+                    raise ValueError(
+                        f"--source={source}: field {text_field!r} holds "
+                        f"{type(text).__name__}, not text"
+                    )
                 yield text or ""
 
     return rows(), total
 
 
-def open_source(source: str, text_field: str = "text", hf_config: str | None = None,
-                hf_split: str = "train") -> tuple[Iterator[str], int | None]:
+def open_source(
+    source: str, text_field: str = "text", hf_config: str | None = None, hf_split: str = "train"
+) -> tuple[Iterator[str], int | None]:
     """Documents of `source` in their fixed order, and how many there are when that is known."""
     kind, _, arg = source.partition(":")
     if kind == "hf" and arg:
@@ -149,10 +161,12 @@ def open_source(source: str, text_field: str = "text", hf_config: str | None = N
                 try:
                     total += pq.ParquetFile(path).metadata.num_rows
                 except Exception as e:  # pyarrow's errors do not name the file
-                    raise ValueError(f"--source={source}: {path}: not a readable parquet file "
-                                     f"({_one_line(e)})") from e
-        rows, _ = dataset_rows(source, "json" if kind == "jsonl" else kind, text_field,
-                               data_files=paths, split="train")
+                    raise ValueError(
+                        f"--source={source}: {path}: not a readable parquet file ({_one_line(e)})"
+                    ) from e
+        rows, _ = dataset_rows(
+            source, "json" if kind == "jsonl" else kind, text_field, data_files=paths, split="train"
+        )
         return rows, total
     if kind == "text" and arg:
         paths = _glob(source, arg)
@@ -161,5 +175,7 @@ def open_source(source: str, text_field: str = "text", hf_config: str | None = N
         return paragraph_documents(_glob(source, arg)), None
     if kind == "builtin" and arg == "pydocs":
         return pydocs_documents(), None
-    raise ValueError(f"--source={source!r}: expected hf:NAME, jsonl:GLOB, parquet:GLOB, "
-                     "text:GLOB, paragraphs:GLOB or builtin:pydocs")
+    raise ValueError(
+        f"--source={source!r}: expected hf:NAME, jsonl:GLOB, parquet:GLOB, "
+        "text:GLOB, paragraphs:GLOB or builtin:pydocs"
+    )

@@ -53,8 +53,19 @@ def _loss(params, graphdef, batch_BT1, rng, deterministic: bool):
     return (ce_BT * weights_BT).sum(), weights_BT.sum()
 
 
-def _train_step(state: TrainState, batch_BT1, *, graphdef, tx, accum: int, seed: int,
-                dropout: bool, schedule, micro_sh, param_sh):
+def _train_step(
+    state: TrainState,
+    batch_BT1,
+    *,
+    graphdef,
+    tx,
+    accum: int,
+    seed: int,
+    dropout: bool,
+    schedule,
+    micro_sh,
+    param_sh,
+):
     """One optimizer step over `accum` micro-batches; skipped if the loss or gradient is not finite.
 
     The step is pure: the dropout key derives from (seed, step), so a resumed run repeats it
@@ -72,8 +83,9 @@ def _train_step(state: TrainState, batch_BT1, *, graphdef, tx, accum: int, seed:
     def micro(acc, xs):
         grads, total, count = acc
         batch_BT1, i = xs
-        (loss_sum, n), g = grad_fn(state.params, graphdef, batch_BT1,
-                                   jax.random.fold_in(key, i), not dropout)
+        (loss_sum, n), g = grad_fn(
+            state.params, graphdef, batch_BT1, jax.random.fold_in(key, i), not dropout
+        )
         # Gradients take the parameters' layout: with fsdp > 1 they are reduce-scattered (ZeRO),
         # never all-reduced into full copies on every device.
         g = jax.lax.with_sharding_constraint(g, param_sh)
@@ -143,23 +155,44 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
     abstract = jax.eval_shape(init)
     sharding.check_run(cfg, mesh, param_sh, abstract.params)
     repl = sharding.replicated(mesh)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
-                                   transform_non_params=lambda _: repl)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abstract.opt_state, param_sh, transform_non_params=lambda _: repl
+    )
     state_sh = TrainState(repl, param_sh, opt_sh, repl, repl)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, state_sh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+    )
     batch_sh = sharding.batch_sharding(mesh)
     step_fn = functools.partial(
-        _train_step, graphdef=graphdef, tx=tx, accum=cfg.optim.grad_accum, seed=cfg.train.seed,
-        dropout=cfg.model.dropout > 0, schedule=optim.lr_schedule(cfg.optim, cfg.train.steps),
-        micro_sh=sharding.micro_batch_sharding(mesh), param_sh=param_sh)
+        _train_step,
+        graphdef=graphdef,
+        tx=tx,
+        accum=cfg.optim.grad_accum,
+        seed=cfg.train.seed,
+        dropout=cfg.model.dropout > 0,
+        schedule=optim.lr_schedule(cfg.optim, cfg.train.steps),
+        micro_sh=sharding.micro_batch_sharding(mesh),
+        param_sh=param_sh,
+    )
     return Run(
-        cfg=cfg, model_cfg=model_cfg, graphdef=graphdef, tx=tx, mesh=mesh,
-        state_shardings=state_sh, abstract_state=abstract,
-        train_step=jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                           out_shardings=(state_sh, repl), donate_argnums=0),
-        eval_step=jax.jit(functools.partial(_eval_step, graphdef=graphdef),
-                          in_shardings=(param_sh, batch_sh), out_shardings=repl),
+        cfg=cfg,
+        model_cfg=model_cfg,
+        graphdef=graphdef,
+        tx=tx,
+        mesh=mesh,
+        state_shardings=state_sh,
+        abstract_state=abstract,
+        train_step=jax.jit(
+            step_fn,
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, repl),
+            donate_argnums=0,
+        ),
+        eval_step=jax.jit(
+            functools.partial(_eval_step, graphdef=graphdef),
+            in_shardings=(param_sh, batch_sh),
+            out_shardings=repl,
+        ),
         init=jax.jit(init, out_shardings=state_sh),
     )
 
@@ -181,8 +214,13 @@ def initial_state(run: Run) -> TrainState:
 def _meta(run: Run, step: int, loop: dict) -> dict:
     """`loop`: what the loop needs to log the resumed steps exactly as an uninterrupted run would
     (per-step metrics not yet logged, the running loss mean, the length of metrics.jsonl)."""
-    return {"step": step, "data_step": step, "config": run.cfg.to_dict(),
-            "model": dataclasses.asdict(run.model_cfg), "loop": loop}
+    return {
+        "step": step,
+        "data_step": step,
+        "config": run.cfg.to_dict(),
+        "model": dataclasses.asdict(run.model_cfg),
+        "loop": loop,
+    }
 
 
 SPIKE_DECAY = 0.98  # running mean of the loss for spike events: about the last 50 steps
@@ -209,12 +247,16 @@ def is_instruct(cfg: ml_collections.ConfigDict) -> bool:
 
 def _instruct_rows(cfg: ml_collections.ConfigDict, tok: Tokenizer) -> dict[str, np.ndarray]:
     if not tok.chat:
-        raise data.DataError(f"data.path={cfg.data.path!r} is an instruction dataset but "
-                             f"data.tokenizer={cfg.data.tokenizer!r} has no chat tokens "
-                             "(use gpt2-chat or bytes-chat)")
+        raise data.DataError(
+            f"data.path={cfg.data.path!r} is an instruction dataset but "
+            f"data.tokenizer={cfg.data.tokenizer!r} has no chat tokens "
+            "(use gpt2-chat or bytes-chat)"
+        )
     rows, counts = instruct.encode_split(tok, cfg.data.path, cfg.data.seq_len, 0.05)
-    metrics.console(f"instructions: {counts['train']} train / {counts['val']} val examples, "
-                    f"{counts['truncated']} truncated to {cfg.data.seq_len + 1} tokens")
+    metrics.console(
+        f"instructions: {counts['train']} train / {counts['val']} val examples, "
+        f"{counts['truncated']} truncated to {cfg.data.seq_len + 1} tokens"
+    )
     return rows
 
 
@@ -226,9 +268,14 @@ def evaluate(run: Run, params, val_rows: np.ndarray | None = None) -> float:
     rows = data.process_rows(batch, jax.process_index(), jax.process_count())
     if val_rows is None:
         batches = data.val_batches(
-            cfg.data.path, seq_len=cfg.data.seq_len, batch=batch,
-            vocab_size=run.model_cfg.valid_vocab_size, num_batches=cfg.train.eval_batches,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            cfg.data.path,
+            seq_len=cfg.data.seq_len,
+            batch=batch,
+            vocab_size=run.model_cfg.valid_vocab_size,
+            num_batches=cfg.train.eval_batches,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     else:
         batches = instruct.val_batches(val_rows, batch=batch, rows_slice=rows)
     sums = [run.eval_step(params, sharding.put_batch(b, run.mesh)) for b in batches]
@@ -241,9 +288,10 @@ def sample_text(run: Run, params, tok: Tokenizer, prompt: str, n: int, seed: int
     model = nnx.merge(run.graphdef, jax.device_get(params))
     chat = tok.chat
     if chat:
-        prompts = [instruct.render(tok, [{"role": "user", "content": q}],
-                                   add_generation_prompt=True)[0]
-                   for q in instruct.SAMPLE_QUESTIONS]
+        prompts = [
+            instruct.render(tok, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
+            for q in instruct.SAMPLE_QUESTIONS
+        ]
         stop = tok.special["<|end|>"]
     else:
         prompts, stop = [tok.encode(prompt) or [tok.eot_id]], tok.eot_id
@@ -251,8 +299,9 @@ def sample_text(run: Run, params, tok: Tokenizer, prompt: str, n: int, seed: int
     outs = generate(model, prompts, n, temperature=0.8, top_k=40, seed=seed, eot_id=stop)
     texts = [tok.decode([t for t in out if t != stop]) for out in outs]
     if chat:
-        return "\n".join(f"Q: {q}\nA: {a}" for q, a in zip(instruct.SAMPLE_QUESTIONS, texts,
-                                                            strict=True))
+        return "\n".join(
+            f"Q: {q}\nA: {a}" for q, a in zip(instruct.SAMPLE_QUESTIONS, texts, strict=True)
+        )
     return prompt + texts[0]
 
 
@@ -269,8 +318,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     run = build(cfg)
     lead = jax.process_index() == 0
     # Whatever can refuse the run only reads; the workdir is first written after these checks.
-    restored = checkpoint.restore_latest(workdir, run.abstract_state,
-                                         dataclasses.asdict(run.model_cfg))
+    restored = checkpoint.restore_latest(
+        workdir, run.abstract_state, dataclasses.asdict(run.model_cfg)
+    )
     checkpoint.check_writable(workdir)
     if restored is not None:
         latest, state, meta = restored
@@ -286,7 +336,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         from llmjax import evaluate as evaluation  # `evaluate` here is the val-loss function
 
         hellaswag_items = evaluation.load_hellaswag(
-            evaluation.hellaswag_path(t.hellaswag_path), t.hellaswag_items)
+            evaluation.hellaswag_path(t.hellaswag_path), t.hellaswag_items
+        )
     writer = metrics.Writer(workdir, enabled=lead)
     # A resumed run logs again the steps after its checkpoint: what the interrupted run logged for
     # them is cut off, so metrics.jsonl reads as one uninterrupted run. Per-step metrics not yet
@@ -296,8 +347,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         writer.truncate(loop["log_bytes"], start)
     loop = loop or {"pending": [], "loss_mean": [0.0, 0]}
     loss_mean, loss_count = loop["loss_mean"]
-    shapes = nnx.merge(run.graphdef, jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params))
+    shapes = nnx.merge(
+        run.graphdef, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params)
+    )
     n_params = count_params(shapes)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_per_step = flops_per_token(run.model_cfg, n_params, cfg.data.seq_len) * tokens_per_step
@@ -305,23 +357,41 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     metrics.console(
         f"model: {n_params:,} parameters ({count_params(shapes, padding=False):,} without vocab "
         f"padding); mesh {dict(run.mesh.shape)}; {tokens_per_step:,} tokens/step; "
-        f"attention {run.model_cfg.attention}; steps {start} -> {t.steps}")
+        f"attention {run.model_cfg.attention}; steps {start} -> {t.steps}"
+    )
 
     if rows is None:
         batches = data.train_batches(
-            cfg.data.path, seq_len=cfg.data.seq_len, batch=cfg.data.batch_size,
-            vocab_size=run.model_cfg.valid_vocab_size, seed=t.seed, start_step=start,
-            steps=t.steps, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            cfg.data.path,
+            seq_len=cfg.data.seq_len,
+            batch=cfg.data.batch_size,
+            vocab_size=run.model_cfg.valid_vocab_size,
+            seed=t.seed,
+            start_step=start,
+            steps=t.steps,
+            workers=cfg.data.workers,
+            prefetch=cfg.data.prefetch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     else:
         batches = instruct.train_batches(
-            rows["train"], batch=cfg.data.batch_size, seed=t.seed, start_step=start, steps=t.steps,
-            rows_slice=data.process_rows(cfg.data.batch_size, jax.process_index(),
-                                         jax.process_count()))
+            rows["train"],
+            batch=cfg.data.batch_size,
+            seed=t.seed,
+            start_step=start,
+            steps=t.steps,
+            rows_slice=data.process_rows(
+                cfg.data.batch_size, jax.process_index(), jax.process_count()
+            ),
+        )
     t0 = time.time()
     # Compiled once, ahead of time, so the first logged throughput measures steps, not compilation.
-    batch_spec = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32,
-                                      sharding=sharding.batch_sharding(run.mesh))
+    batch_spec = jax.ShapeDtypeStruct(
+        (cfg.data.batch_size, cfg.data.seq_len + 1),
+        jnp.int32,
+        sharding=sharding.batch_sharding(run.mesh),
+    )
     train_step = run.train_step.lower(run.abstract_state, batch_spec).compile()
     metrics.console(f"compiled train step in {time.time() - t0:.1f}s")
     metrics.console(sharding.describe(run.mesh))
@@ -343,8 +413,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
             skipped, streak = (int(x) for x in jax.device_get((state.skipped, state.bad_streak)))
             row["train/skipped_steps"] = skipped
             row["perf/tokens_per_sec"] = tps
-            row["perf/mfu"] = (flops_per_step * (done - step_log) / elapsed / peak
-                               / jax.device_count() if peak else None)
+            row["perf/mfu"] = (
+                flops_per_step * (done - step_log) / elapsed / peak / jax.device_count()
+                if peak
+                else None
+            )
             writer.scalars(done, row)
             progress.clear()
             eta = (t.steps - done) * elapsed / (done - step_log)
@@ -352,14 +425,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
             metrics.console(
                 f"step {done:>6}/{t.steps} | loss {row['train/loss']:.4f} | "
                 f"lr {row['train/lr']:.2e} | gnorm {row['train/grad_norm']:.3f} | "
-                f"{tps / 1e3:,.1f}k tok/s{mfu} | eta {metrics._hms(eta)}")
+                f"{tps / 1e3:,.1f}k tok/s{mfu} | eta {metrics._hms(eta)}"
+            )
             spikes, loss_mean, loss_count = _loss_spikes(
-                [float(f["train/loss"]) for f in fetched], loss_mean, loss_count, t.spike_factor)
+                [float(f["train/loss"]) for f in fetched], loss_mean, loss_count, t.spike_factor
+            )
             for i, loss, mean in spikes:
                 at = done - len(fetched) + 1 + i
                 writer.scalars(at, {"event/loss_spike": loss, "event/loss_mean": mean})
-                metrics.console(f"step {at:>6}/{t.steps} | loss spike: {loss:.4f} is above "
-                                f"{t.spike_factor} x the running mean {mean:.4f}")
+                metrics.console(
+                    f"step {at:>6}/{t.steps} | loss spike: {loss:.4f} is above "
+                    f"{t.spike_factor} x the running mean {mean:.4f}"
+                )
             t_log, step_log = time.time(), done
             if streak >= t.max_bad_steps:
                 checkpoint.wait(mngr)
@@ -370,20 +447,29 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
                     f"(loss {float(last['train/loss'])}, grad norm "
                     f"{float(last['train/grad_norm'])}, lr {float(last['train/lr']):.3e}; "
                     f"{skipped} steps skipped in all); last good checkpoint: "
-                    f"{f'{mngr.directory}/{good}' if good is not None else 'none yet'}")
+                    f"{f'{mngr.directory}/{good}' if good is not None else 'none yet'}"
+                )
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             loss = evaluate(run, state.params, None if rows is None else rows["val"])
             writer.scalars(done, {"eval/loss": loss})
             progress.clear()
             metrics.console(f"step {done:>6}/{t.steps} | eval loss {loss:.4f}")
         if hellaswag_items and (done % t.hellaswag_every == 0 or done == t.steps):
-            hs = evaluation.hellaswag(run.graphdef, state.params, hellaswag_items, tok,
-                                      run.model_cfg.block_size)
-            writer.scalars(done, {"eval/hellaswag_acc": hs["hellaswag_acc"],
-                                  "eval/hellaswag_acc_norm": hs["hellaswag_acc_norm"]})
+            hs = evaluation.hellaswag(
+                run.graphdef, state.params, hellaswag_items, tok, run.model_cfg.block_size
+            )
+            writer.scalars(
+                done,
+                {
+                    "eval/hellaswag_acc": hs["hellaswag_acc"],
+                    "eval/hellaswag_acc_norm": hs["hellaswag_acc_norm"],
+                },
+            )
             progress.clear()
-            metrics.console(f"step {done:>6}/{t.steps} | hellaswag acc {hs['hellaswag_acc']:.4f}"
-                            f" | acc_norm {hs['hellaswag_acc_norm']:.4f}")
+            metrics.console(
+                f"step {done:>6}/{t.steps} | hellaswag acc {hs['hellaswag_acc']:.4f}"
+                f" | acc_norm {hs['hellaswag_acc_norm']:.4f}"
+            )
         if t.sample_every and (done % t.sample_every == 0 or done == t.steps):
             params = sharding.gather(state.params)  # all processes: weights may span hosts
             if lead:
@@ -394,14 +480,19 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         stop = checkpoint.should_stop(done)  # SIGTERM/SIGINT: save now and return
         if done % t.ckpt_every == 0 or done == t.steps or stop:
             pending = jax.device_get(pending)
-            loop = {"pending": [{k: float(v) for k, v in m.items()} for m in pending],
-                    "loss_mean": [loss_mean, loss_count], "log_bytes": writer.log_bytes()}
+            loop = {
+                "pending": [{k: float(v) for k, v in m.items()} for m in pending],
+                "loss_mean": [loss_mean, loss_count],
+                "log_bytes": writer.log_bytes(),
+            }
             checkpoint.save(mngr, done, state, _meta(run, done, loop))
         if stop:
             checkpoint.wait(mngr)
             progress.clear()
-            metrics.console(f"stopped by {stop} after step {done}: saved {mngr.directory}/{done}; "
-                            "the same command continues the run")
+            metrics.console(
+                f"stopped by {stop} after step {done}: saved {mngr.directory}/{done}; "
+                "the same command continues the run"
+            )
             break
         if done == step_log and done != t.steps:
             # Evaluation, sampling and checkpointing happen right after a log; keep them out of

@@ -37,8 +37,12 @@ GPU_XLA_FLAGS = {
 GPU_NCCL_ENV: dict[str, str] = {}
 
 # Modules of jax's CUDA plugins; one of them importable means jax will try a GPU backend.
-_CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12",
-                 "jax_plugins.xla_cuda13")
+_CUDA_PLUGINS = (
+    "jax_cuda12_plugin",
+    "jax_cuda13_plugin",
+    "jax_plugins.xla_cuda12",
+    "jax_plugins.xla_cuda13",
+)
 
 
 def gpu_expected(environ: dict[str, str] | None = None) -> bool:

@@ -32,8 +32,9 @@ def reference_tiktoken(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("tiktoken_cache")
     for name, url in GPT2_URLS.items():
-        shutil.copy(os.path.join(SHARED, "gpt2", name),
-                    cache / hashlib.sha1(url.encode()).hexdigest())
+        shutil.copy(
+            os.path.join(SHARED, "gpt2", name), cache / hashlib.sha1(url.encode()).hexdigest()
+        )
     old = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
     try:
@@ -51,7 +52,7 @@ def write_docs(folder, text: str, n: int) -> str:
     size = len(text) // n
     for i in range(n):
         with open(os.path.join(folder, f"doc{i:03d}.txt"), "w", encoding="utf-8") as f:
-            f.write(text[i * size:(i + 1) * size])
+            f.write(text[i * size : (i + 1) * size])
     return os.path.join(folder, "*.txt")
 
 
@@ -82,5 +83,11 @@ def tiny_config(data_path: str, **overrides):
 
 def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "llmjax.main", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "llmjax.main", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -28,8 +28,15 @@ from tests.conftest import ROOT, run_main, tiny_config
 
 def hf_model(n_layer=2, n_head=4, n_embd=64, vocab=257, n_positions=64, std=0.05, seed=0):
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab,
-                     n_positions=n_positions, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        vocab_size=vocab,
+        n_positions=n_positions,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
+    )
     model = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -47,7 +54,7 @@ def hf_logits(model, idx: np.ndarray) -> np.ndarray:
 
 
 def ours_logits(model, idx: np.ndarray) -> np.ndarray:
-    return np.asarray(model(jnp.asarray(idx)))[..., :model.cfg.valid_vocab_size]
+    return np.asarray(model(jnp.asarray(idx)))[..., : model.cfg.valid_vocab_size]
 
 
 def test_logits_match_transformers(tmp_path):
@@ -60,7 +67,7 @@ def test_logits_match_transformers(tmp_path):
     idx = np.random.default_rng(0).integers(0, shape["vocab"], (2, shape["n_positions"]))
     np.testing.assert_allclose(ours_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
     # Padded rows exist but can never be produced.
-    assert np.all(np.asarray(model(jnp.asarray(idx[:, :4])))[..., shape["vocab"]:] <= -1e8)
+    assert np.all(np.asarray(model(jnp.asarray(idx[:, :4])))[..., shape["vocab"] :] <= -1e8)
 
 
 def test_logits_match_transformers_124m():
@@ -80,9 +87,15 @@ def test_greedy_generation_matches_transformers_generate():
     ours = generate(model, [prompt], 32, temperature=0.0)[0]
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
-                          min_new_tokens=32, do_sample=False, pad_token_id=0)
-    assert ours == out[0, len(prompt):].tolist()
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert ours == out[0, len(prompt) :].tolist()
     assert len(set(ours)) > 4  # a real continuation, not one token repeated
 
 
@@ -102,10 +115,13 @@ def test_key_layouts_and_round_trip(tmp_path):
     save_file(bare, tmp_path / "bare" / "model.safetensors")
     # transformers-style PyTorch pickle: prefix and the tied lm_head.weight.
     (tmp_path / "pt").mkdir()
-    with_head = {**{f"transformer.{k}": v for k, v in reference.items()},
-                 "lm_head.weight": reference["wte.weight"]}
-    torch.save({k: torch.tensor(v) for k, v in with_head.items()},
-               tmp_path / "pt" / "pytorch_model.bin")
+    with_head = {
+        **{f"transformer.{k}": v for k, v in reference.items()},
+        "lm_head.weight": reference["wte.weight"],
+    }
+    torch.save(
+        {k: torch.tensor(v) for k, v in with_head.items()}, tmp_path / "pt" / "pytorch_model.bin"
+    )
     for d in ("bare", "pt"):
         (tmp_path / d / "config.json").write_text(json.dumps(hf_cfg))
         model = convert.from_hf(str(tmp_path / d))
@@ -152,8 +168,9 @@ def test_mismatches_and_unsafe_pickles_are_refused(tmp_path):
         convert.config_from_hf({**hf.config.to_dict(), "activation_function": "relu"})
 
     (tmp_path / "config.json").write_text(json.dumps(hf.config.to_dict()))
-    torch.save({"wte.weight": torch.zeros(2), "evil": _NotATensor()},
-               tmp_path / "pytorch_model.bin")
+    torch.save(
+        {"wte.weight": torch.zeros(2), "evil": _NotATensor()}, tmp_path / "pytorch_model.bin"
+    )
     with pytest.raises(ConvertError, match="weights_only=True"):
         convert.from_hf(str(tmp_path))
     with pytest.raises(ConvertError, match="not a directory"):
@@ -185,8 +202,14 @@ def test_hub_id_goes_through_huggingface_hub(tmp_path, monkeypatch):
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_import_export_and_init_from(tmp_path, byte_data):
@@ -222,8 +245,12 @@ def test_cli_import_export_and_init_from(tmp_path, byte_data):
     with pytest.raises(ConvertError, match="n_layer 2 != model.n_layer 3"):
         train.initial_state(train.build(cfg))
     # Training directly in the converted workdir is refused with the way to do it.
-    r = run_main("--config=configs/tiny.py", f"--workdir={work}",
-                 f"--config.data.path={byte_data}", "--config.model.block_size=64")
+    r = run_main(
+        "--config=configs/tiny.py",
+        f"--workdir={work}",
+        f"--config.data.path={byte_data}",
+        "--config.model.block_size=64",
+    )
     assert r.returncode == 2 and f"--config.model.init_from={work}" in r.stderr.splitlines()[-1]
 
 

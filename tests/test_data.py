@@ -16,15 +16,18 @@ def test_prepare_exact_tokens_and_disjoint_split(tmp_path, shakespeare, referenc
     texts = [open(tmp_path / "docs" / d, encoding="utf-8").read() for d in docs]
     expected = sum(len(reference_tiktoken.encode_ordinary(t)) + 1 for t in texts)  # + EOT each
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == expected
-    streams = {s: np.concatenate([data.read_shard(p)
-                                  for p in data.split_paths(str(tmp_path / "out"), s)])
-               for s in ("train", "val")}
+    streams = {
+        s: np.concatenate([data.read_shard(p) for p in data.split_paths(str(tmp_path / "out"), s)])
+        for s in ("train", "val")
+    }
     eot = reference_tiktoken.eot_token
 
     def split_docs(tokens):
         cuts = np.flatnonzero(tokens == eot)
-        return {tuple(tokens[a + 1:b]) for a, b in zip(cuts, list(cuts[1:]) + [len(tokens)],
-                                                        strict=True)}
+        return {
+            tuple(tokens[a + 1 : b])
+            for a, b in zip(cuts, list(cuts[1:]) + [len(tokens)], strict=True)
+        }
 
     train_docs, val_docs = split_docs(streams["train"]), split_docs(streams["val"])
     assert train_docs and val_docs and not train_docs & val_docs
@@ -44,12 +47,15 @@ def test_header_round_trip(tmp_path):
     np.testing.assert_array_equal(data.read_shard(str(tmp_path / "train_000002.bin")), [10, 11])
 
 
-@pytest.mark.parametrize("corrupt,needle", [
-    (lambda b: b"\x00" * 4 + b[4:], "bad magic"),
-    (lambda b: b[:4] + b"\x07\x00\x00\x00" + b[8:], "unsupported version 7"),
-    (lambda b: b[:-2], "header says 5 tokens"),
-    (lambda b: b[:100], "shorter than"),
-])
+@pytest.mark.parametrize(
+    "corrupt,needle",
+    [
+        (lambda b: b"\x00" * 4 + b[4:], "bad magic"),
+        (lambda b: b[:4] + b"\x07\x00\x00\x00" + b[8:], "unsupported version 7"),
+        (lambda b: b[:-2], "header says 5 tokens"),
+        (lambda b: b[:100], "shorter than"),
+    ],
+)
 def test_bad_shards_named(tmp_path, corrupt, needle):
     from llmjax.prepare import ShardWriter
 
@@ -75,8 +81,9 @@ def test_missing_and_mismatched_data(tmp_path, byte_data):
 
 
 def test_token_id_out_of_range(byte_data):
-    batches = data.train_batches(byte_data, seq_len=32, batch=4, vocab_size=100, seed=0,
-                                 start_step=0, steps=1)
+    batches = data.train_batches(
+        byte_data, seq_len=32, batch=4, vocab_size=100, seed=0, start_step=0, steps=1
+    )
     with pytest.raises(data.DataError, match="token id .* >= vocabulary size 100"):
         next(batches)
 
@@ -93,15 +100,20 @@ def test_batches_addressed_by_step(byte_data):
         tail = _take(byte_data, batch=8, start_step=4, steps=6, workers=workers)
         np.testing.assert_array_equal(np.stack(tail), np.stack(full[4:]))
     # Different seeds give different data; batches are not repeats of each other.
-    other = list(data.train_batches(byte_data, seq_len=32, vocab_size=257, seed=4, batch=8,
-                                    start_step=0, steps=1))
+    other = list(
+        data.train_batches(
+            byte_data, seq_len=32, vocab_size=257, seed=4, batch=8, start_step=0, steps=1
+        )
+    )
     assert not np.array_equal(other[0], full[0]) and not np.array_equal(full[0], full[1])
 
 
 def test_process_slices_cover_global_batch(byte_data):
     full = _take(byte_data, batch=8, start_step=0, steps=3)
-    parts = [_take(byte_data, batch=8, start_step=0, steps=3, process_index=p, process_count=4)
-             for p in range(4)]
+    parts = [
+        _take(byte_data, batch=8, start_step=0, steps=3, process_index=p, process_count=4)
+        for p in range(4)
+    ]
     for step in range(3):
         np.testing.assert_array_equal(np.concatenate([p[step] for p in parts]), full[step])
 
@@ -112,8 +124,8 @@ def test_windows_are_real_text_and_val_is_fixed(byte_data):
     b = _take(byte_data, batch=4, start_step=0, steps=1)[0]
     stream = np.concatenate([data.read_shard(p) for p in data.split_paths(byte_data, "train")])
     for row in b:  # every window is a contiguous slice of the token stream
-        hits = np.flatnonzero(stream[:len(stream) - 32] == row[0])
-        assert any(np.array_equal(stream[h:h + 33], row) for h in hits)
+        hits = np.flatnonzero(stream[: len(stream) - 32] == row[0])
+        assert any(np.array_equal(stream[h : h + 33], row) for h in hits)
     v1 = list(data.val_batches(byte_data, seq_len=32, batch=4, vocab_size=257, num_batches=3))
     v2 = list(data.val_batches(byte_data, seq_len=32, batch=4, vocab_size=257, num_batches=3))
     np.testing.assert_array_equal(np.stack(v1), np.stack(v2))
@@ -124,8 +136,9 @@ def test_windows_are_real_text_and_val_is_fixed(byte_data):
 def test_resume_mid_stream_sees_the_same_batches(byte_data):
     # A run reads ahead (prefetch) and is cut after step 2; its checkpoint holds data_step=2.
     # The resumed loader, with other worker/prefetch settings, continues exactly where it stopped.
-    first = data.train_batches(byte_data, seq_len=32, batch=8, vocab_size=257, seed=3,
-                               start_step=0, steps=7, prefetch=4)
+    first = data.train_batches(
+        byte_data, seq_len=32, batch=8, vocab_size=257, seed=3, start_step=0, steps=7, prefetch=4
+    )
     seen = [next(first) for _ in range(2)]
     rest = list(first)
     resumed = _take(byte_data, batch=8, start_step=2, steps=7, workers=1, prefetch=1)
@@ -164,10 +177,22 @@ def test_split_smaller_than_a_window_named_by_the_loader(tmp_path):
         w = ShardWriter(str(tmp_path), split, shard_tokens=100)
         w.add(list(range(20)))
         w.flush()
-    with pytest.raises(data.DataError, match=r"train_000000.bin: no shard holds one window of "
-                                             r"seq_len\+1=33 tokens \(longest: 20\)"):
-        data.train_batches(str(tmp_path), seq_len=32, batch=2, vocab_size=257, seed=0,
-                           start_step=0, steps=1)
+    with pytest.raises(
+        data.DataError,
+        match=r"train_000000.bin: no shard holds one window of "
+        r"seq_len\+1=33 tokens \(longest: 20\)",
+    ):
+        data.train_batches(
+            str(tmp_path), seq_len=32, batch=2, vocab_size=257, seed=0, start_step=0, steps=1
+        )
     with pytest.raises(data.DataError, match="batch_size=6 is not divisible by 4 processes"):
-        data.train_batches(str(tmp_path), seq_len=8, batch=6, vocab_size=257, seed=0,
-                           start_step=0, steps=1, process_count=4)
+        data.train_batches(
+            str(tmp_path),
+            seq_len=8,
+            batch=6,
+            vocab_size=257,
+            seed=0,
+            start_step=0,
+            steps=1,
+            process_count=4,
+        )

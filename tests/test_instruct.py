@@ -10,11 +10,13 @@ from llmjax import instruct
 from llmjax.tokenizer import get_tokenizer
 from tests.conftest import ROOT, SHARED, tiny_config
 
-CONVO = [{"role": "system", "content": "Be brief."},
-         {"role": "user", "content": "What is the capital of France?"},
-         {"role": "assistant", "content": "The capital of France is Paris."},
-         {"role": "user", "content": "And of Italy? Ünïcode ✓"},
-         {"role": "assistant", "content": "Rome."}]
+CONVO = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+    {"role": "user", "content": "And of Italy? Ünïcode ✓"},
+    {"role": "assistant", "content": "Rome."},
+]
 
 
 @pytest.mark.parametrize("name", ["gpt2-chat", "bytes-chat"])
@@ -29,7 +31,10 @@ def test_special_tokens_are_single_ids_and_never_from_text():
     tok = get_tokenizer("gpt2-chat")
     assert tok.vocab_size == 50261 and tok.special["<|user|>"] == 50257
     assert [tok.special[t] for t in ("<|assistant|>", "<|end|>", "<|system|>")] == [
-        50258, 50259, 50260]
+        50258,
+        50259,
+        50260,
+    ]
     spelled = "<|user|> hi <|end|><|assistant|><|system|><|endoftext|>"
     assert not set(tok.encode(spelled)) & set(tok.special.values())
     assert tok.decode([50257]) == "<|user|>"
@@ -45,8 +50,12 @@ def test_loss_mask_is_exactly_the_assistant_tokens():
     answer = tok.encode("The capital of France is Paris.")
     question = tok.encode("What is the capital of France?")
     # Built by hand, token by token: only the answer and its <|end|> are scored.
-    expect = ([sp["<|user|>"], *nl, *question, sp["<|end|>"], *nl]
-              + [sp["<|assistant|>"], *nl] + answer + [sp["<|end|>"], *nl])
+    expect = (
+        [sp["<|user|>"], *nl, *question, sp["<|end|>"], *nl]
+        + [sp["<|assistant|>"], *nl]
+        + answer
+        + [sp["<|end|>"], *nl]
+    )
     assert ids == expect
     n_user = 1 + len(nl) + len(question) + 1 + len(nl)
     want = [False] * (n_user + 1 + len(nl)) + [True] * (len(answer) + 1) + [False] * len(nl)
@@ -69,7 +78,7 @@ def test_rows_encode_mask_and_padding(tmp_path):
         text = tok.decode(scored[:-1].tolist())
         assert text.startswith("ok ") and scored[-1] == tok.special["<|end|>"]
         # Padding (after the final newline) is EOT read as context, never scored.
-        tail = row[np.flatnonzero(row >= 0)[-1] + 2:]
+        tail = row[np.flatnonzero(row >= 0)[-1] + 2 :]
         assert (tail == -1 - tok.eot_id).all()
 
 
@@ -81,19 +90,20 @@ def test_padding_never_contributes_to_loss(tmp_path):
     from llmjax import train
     from llmjax.model import GPT, GPTConfig
 
-    cfg = GPTConfig(vocab_size=320, valid_vocab_size=261, n_layer=1, n_head=2, n_embd=32,
-                    block_size=128)
+    cfg = GPTConfig(
+        vocab_size=320, valid_vocab_size=261, n_layer=1, n_head=2, n_embd=32, block_size=128
+    )
     model = GPT(cfg, nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     tok = get_tokenizer("bytes-chat")
     ids, scored = instruct.render(tok, CONVO[1:3])
     row = np.full(128, -1 - tok.eot_id, np.int32)
-    row[:len(ids)] = np.where(scored, ids, -1 - np.asarray(ids))
+    row[: len(ids)] = np.where(scored, ids, -1 - np.asarray(ids))
     other = row.copy()
-    other[len(ids):] = -1 - 7  # different padding ids: same loss
+    other[len(ids) :] = -1 - 7  # different padding ids: same loss
     s1, n1 = train._loss(params, graphdef, jnp.asarray(row[None]), None, True)
     s2, n2 = train._loss(params, graphdef, jnp.asarray(other[None]), None, True)
-    assert float(s1) == float(s2) and int(n1) == sum(scored[1:len(ids)]) == int(n2)
+    assert float(s1) == float(s2) and int(n1) == sum(scored[1 : len(ids)]) == int(n2)
     # And the loss equals a direct computation over the scored targets only.
     logits = model(jnp.asarray(np.abs(np.where(row < 0, -1 - row, row))[None, :-1]))
     logp = jax.nn.log_softmax(logits[0])
@@ -102,11 +112,14 @@ def test_padding_never_contributes_to_loss(tmp_path):
     np.testing.assert_allclose(float(s1), direct, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bad,needle", [
-    ([{"foo": 1}], "record 0 is neither"),
-    ([{"messages": [{"role": "user", "content": "hi"}]}], "with an assistant turn"),
-    ("not json", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ([{"foo": 1}], "record 0 is neither"),
+        ([{"messages": [{"role": "user", "content": "hi"}]}], "with an assistant turn"),
+        ("not json", "not JSON"),
+    ],
+)
 def test_bad_datasets_named(tmp_path, bad, needle):
     path = tmp_path / "bad.json"
     path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
@@ -130,10 +143,21 @@ def finetuned(tmp_path_factory):
         recs = [r for r in json.load(f) if len(r["instruction"] + r["input"] + r["output"]) < 200]
     path = tmp / "inst.json"
     path.write_text(json.dumps(recs[:300]))
-    cfg = tiny_config(str(path), **{
-        "data.tokenizer": "bytes-chat", "data.seq_len": 256, "model.block_size": 256,
-        "model.n_embd": 64, "data.batch_size": 16, "train.steps": 60, "train.eval_every": 30,
-        "train.log_every": 10, "train.ckpt_every": 60, "optim.warmup_steps": 5})
+    cfg = tiny_config(
+        str(path),
+        **{
+            "data.tokenizer": "bytes-chat",
+            "data.seq_len": 256,
+            "model.block_size": 256,
+            "model.n_embd": 64,
+            "data.batch_size": 16,
+            "train.steps": 60,
+            "train.eval_every": 30,
+            "train.log_every": 10,
+            "train.ckpt_every": 60,
+            "optim.warmup_steps": 5,
+        },
+    )
     workdir = str(tmp / "w")
     train.train_and_evaluate(cfg, workdir)
     return workdir
@@ -149,15 +173,34 @@ def test_chat_prompt_answers_and_stops_at_end(finetuned):
     from llmjax import chat, train
 
     model, tok, _ = train.load_model(finetuned)
-    answer, dropped = chat.reply(model, tok, [{"role": "user", "content": "Name a color."}],
-                                 max_new_tokens=200, temperature=0.0, top_k=0, top_p=1.0,
-                                 seed=0, stream=False)
+    answer, dropped = chat.reply(
+        model,
+        tok,
+        [{"role": "user", "content": "Name a color."}],
+        max_new_tokens=200,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        stream=False,
+    )
     assert dropped == 0 and answer and "<|end|>" not in answer
     proc = subprocess.run(
-        [sys.executable, "-m", "llmjax.chat", f"--workdir={finetuned}", "--prompt=Name a color.",
-         "--temperature=0", "--max_new_tokens=200"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        [
+            sys.executable,
+            "-m",
+            "llmjax.chat",
+            f"--workdir={finetuned}",
+            "--prompt=Name a color.",
+            "--temperature=0",
+            "--max_new_tokens=200",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == answer.strip()  # the CLI streams the same greedy answer
 
@@ -169,8 +212,10 @@ def test_context_drops_oldest_turns_first():
     msgs = CONVO + [{"role": "user", "content": "x" * 20}]
     full, _ = instruct.render(tok, msgs, add_generation_prompt=True)
     ids, dropped = chat.fit_context(tok, msgs, len(full) - 1)
-    assert dropped == 1 and ids[:len(instruct.render(tok, CONVO[:1])[0])] == \
-        instruct.render(tok, CONVO[:1])[0]  # the system message survives
+    assert (
+        dropped == 1
+        and ids[: len(instruct.render(tok, CONVO[:1])[0])] == instruct.render(tok, CONVO[:1])[0]
+    )  # the system message survives
 
 
 def test_init_from_gpt2_adds_chat_rows_at_the_mean(tmp_path):
@@ -180,8 +225,16 @@ def test_init_from_gpt2_adds_chat_rows_at_the_mean(tmp_path):
 
     hf = hf_model(n_layer=1, n_head=2, n_embd=32, vocab=50257, n_positions=64)
     hf.save_pretrained(tmp_path / "hf")
-    cfg = tiny_config("", **{"data.tokenizer": "gpt2-chat", "model.n_layer": 1,
-                             "model.n_head": 2, "model.n_embd": 32, "model.block_size": 64})
+    cfg = tiny_config(
+        "",
+        **{
+            "data.tokenizer": "gpt2-chat",
+            "model.n_layer": 1,
+            "model.n_head": 2,
+            "model.n_embd": 32,
+            "model.block_size": 64,
+        },
+    )
     params = load_params(str(tmp_path / "hf"), model_config(cfg))
     wte = np.asarray(params["wte"]["embedding"])
     ref = hf.transformer.wte.weight.detach().numpy()

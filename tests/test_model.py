@@ -8,8 +8,9 @@ from flax import nnx
 
 from llmjax.model import GPT, GPTConfig, count_params, flops_per_token, pad_vocab
 
-TINY = GPTConfig(vocab_size=320, valid_vocab_size=257, n_layer=2, n_head=4, n_embd=64,
-                 block_size=32)
+TINY = GPTConfig(
+    vocab_size=320, valid_vocab_size=257, n_layer=2, n_head=4, n_embd=64, block_size=32
+)
 
 
 def test_shapes_and_dtypes():
@@ -64,9 +65,10 @@ def test_gpt2_124m_parameter_count():
     assert pad_vocab(50257) == 50304
 
 
-@pytest.mark.parametrize("layers,width,expected", [(24, 1024, 354_823_168),
-                                                    (36, 1280, 774_030_080),
-                                                    (48, 1600, 1_557_611_200)])
+@pytest.mark.parametrize(
+    "layers,width,expected",
+    [(24, 1024, 354_823_168), (36, 1280, 774_030_080), (48, 1600, 1_557_611_200)],
+)
 def test_larger_gpt2_parameter_counts(layers, width, expected):
     cfg = GPTConfig(n_layer=layers, n_embd=width, n_head=16)
     model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))

@@ -9,8 +9,19 @@ from tests.test_model import TINY
 
 
 def _cfg(**kw):
-    c = ml_collections.ConfigDict(dict(lr=6e-4, min_lr=6e-5, warmup_steps=10, weight_decay=0.1,
-                                       b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, grad_accum=1))
+    c = ml_collections.ConfigDict(
+        dict(
+            lr=6e-4,
+            min_lr=6e-5,
+            warmup_steps=10,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            grad_clip=1.0,
+            grad_accum=1,
+        )
+    )
     c.update(kw)
     return c
 

@@ -18,9 +18,19 @@ from tests.conftest import ROOT
 def corpus(shakespeare: str) -> list[str]:
     """40 distinct documents, plus the awkward cases: empty, whitespace-only, duplicates, short,
     a literal "<|endoftext|>" (must stay plain text) and non-ASCII."""
-    docs = [shakespeare[i * 1500:(i + 1) * 1500] for i in range(40)]
-    docs += ["", "  \n\t ", "\n\n", docs[3], docs[7], docs[3], "tiny", "ok.",
-             "Not a special token: <|endoftext|> stays text.", "naïve café ☃ — 😀 " * 20]
+    docs = [shakespeare[i * 1500 : (i + 1) * 1500] for i in range(40)]
+    docs += [
+        "",
+        "  \n\t ",
+        "\n\n",
+        docs[3],
+        docs[7],
+        docs[3],
+        "tiny",
+        "ok.",
+        "Not a special token: <|endoftext|> stays text.",
+        "naïve café ☃ — 😀 " * 20,
+    ]
     return docs
 
 
@@ -30,12 +40,14 @@ def shard_docs(out: str, split: str, eot: int) -> list[tuple[int, ...]]:
     stream = np.concatenate([data.read_shard(p) for p in paths]).astype(np.int64)
     cuts = list(np.flatnonzero(stream == eot)) + [len(stream)]
     assert cuts[0] == 0, "a split starts with EOT"
-    return [tuple(stream[a + 1:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    return [tuple(stream[a + 1 : b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
 def shard_bytes(out: str) -> dict[str, bytes]:
-    return {os.path.basename(p): open(p, "rb").read()
-            for p in sorted(glob.glob(os.path.join(out, "*.bin")))}
+    return {
+        os.path.basename(p): open(p, "rb").read()
+        for p in sorted(glob.glob(os.path.join(out, "*.bin")))
+    }
 
 
 def write_jsonl(path, docs, field="text"):
@@ -81,8 +93,12 @@ def test_exact_tokens_every_local_source(tmp_path, docs, jsonl, reference_tiktok
     # The hf: path itself, on a local folder: `datasets` infers the format from its files.
     (tmp_path / "hub" / "data").mkdir(parents=True)
     write_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", docs)
-    sources = {"jsonl": f"jsonl:{jsonl}", "parquet": f"parquet:{tmp_path}/*.parquet",
-               "text": f"text:{tmp_path}/texts/*.txt", "hf": f"hf:{tmp_path}/hub"}
+    sources = {
+        "jsonl": f"jsonl:{jsonl}",
+        "parquet": f"parquet:{tmp_path}/*.parquet",
+        "text": f"text:{tmp_path}/texts/*.txt",
+        "hf": f"hf:{tmp_path}/hub",
+    }
     outs = {}
     for name, source in sources.items():
         out = str(tmp_path / name)
@@ -90,7 +106,8 @@ def test_exact_tokens_every_local_source(tmp_path, docs, jsonl, reference_tiktok
         got = shard_docs(out, "train", ref.eot_token) + shard_docs(out, "val", ref.eot_token)
         assert sorted(got) == sorted(tuple(ref.encode_ordinary(d)) for d in kept), name
         assert meta["tokens"]["train"] + meta["tokens"]["val"] == sum(
-            len(ref.encode_ordinary(d)) + 1 for d in kept)
+            len(ref.encode_ordinary(d)) + 1 for d in kept
+        )
         assert meta["documents"]["dropped_empty"] == 3 and meta["documents"]["kept"] == len(kept)
         outs[name] = shard_bytes(out)
         assert len(outs[name]) > 4  # several shards per split
@@ -103,8 +120,17 @@ def test_output_identical_for_any_worker_count(tmp_path, jsonl):
     for workers in (0, 2):
         for val in ({"val_fraction": 0.1}, {"val_docs": 5}):
             out = str(tmp_path / f"w{workers}_{next(iter(val))}")
-            metas.append(prepare(f"jsonl:{jsonl}", out, "bytes", shard_tokens=5_000,
-                                 workers=workers, dedup=True, **val))
+            metas.append(
+                prepare(
+                    f"jsonl:{jsonl}",
+                    out,
+                    "bytes",
+                    shard_tokens=5_000,
+                    workers=workers,
+                    dedup=True,
+                    **val,
+                )
+            )
             outs.append(shard_bytes(out))
     assert outs[0] == outs[2] and outs[1] == outs[3] and outs[0] != outs[1]
     assert metas[0]["shards"] == metas[2]["shards"] and metas[1]["documents"]["val"] == 5
@@ -124,8 +150,9 @@ def test_split_is_by_document_hash_not_order(tmp_path, docs, reference_tiktoken)
         assert len(s["train"]) + len(s["val"]) == len(unique)
     assert splits[0] == splits[1]
     # The rule itself: hash < val_fraction goes to val.
-    want_val = {tuple(d.encode()) for d in unique
-                if prep.doc_hash(prep.doc_digest(d.encode())) < 0.25}
+    want_val = {
+        tuple(d.encode()) for d in unique if prep.doc_hash(prep.doc_digest(d.encode())) < 0.25
+    }
     assert splits[0]["val"] == want_val
 
 
@@ -133,7 +160,11 @@ def test_filters_and_caps_counted(tmp_path, docs, jsonl):
     meta = prepare(f"jsonl:{jsonl}", str(tmp_path / "f"), "bytes", dedup=True, min_chars=10)
     d = meta["documents"]
     assert (d["seen"], d["dropped_empty"], d["dropped_duplicate"], d["dropped_short"]) == (
-        len(docs), 3, 3, 2)  # "tiny" and "ok." are under 10 characters
+        len(docs),
+        3,
+        3,
+        2,
+    )  # "tiny" and "ok." are under 10 characters
     assert d["kept"] == len(docs) - 8 == d["train"] + d["val"]
     want = sum(len(x.encode()) + 1 for x in dict.fromkeys(docs) if len(x) >= 10 and x.strip())
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == want
@@ -160,7 +191,9 @@ def _interrupt_after(monkeypatch, n_docs):
                 if i == n_docs:
                     raise KeyboardInterrupt
                 yield t
+
         return cut(), total
+
     monkeypatch.setattr(prep, "open_source", source)
 
 
@@ -212,8 +245,13 @@ def test_meta_json_describes_the_run(tmp_path, jsonl):
     meta = prepare(f"jsonl:{jsonl}", out, "bytes", shard_tokens=20_000, min_chars=5)
     on_disk = json.load(open(os.path.join(out, "meta.json")))
     assert on_disk == meta
-    assert meta["format"] == {"magic": 20240520, "version": 1, "header_bytes": 1024,
-                              "dtype": "uint16", "eot": "before every document"}
+    assert meta["format"] == {
+        "magic": 20240520,
+        "version": 1,
+        "header_bytes": 1024,
+        "dtype": "uint16",
+        "eot": "before every document",
+    }
     assert meta["options"]["min_chars"] == 5 and meta["source"] == f"jsonl:{jsonl}"
     for split in ("train", "val"):
         assert sum(s["tokens"] for s in meta["shards"][split]) == meta["tokens"][split]
@@ -248,28 +286,40 @@ def test_bad_inputs_named(tmp_path, jsonl, monkeypatch):
 
     class Wide:  # a tokenizer like cl100k_base, whose ids do not fit uint16
         name, eot_id, vocab_size = "wide", 100257, 100277
+
     monkeypatch.setattr(prep, "get_tokenizer", lambda name: Wide())
     with pytest.raises(ValueError, match=r"ids up to 100276, beyond uint16"):
         prepare(f"jsonl:{jsonl}", str(tmp_path / "o"))
 
 
 def _cli(*args, **env):
-    return subprocess.run([sys.executable, "-m", "llmjax.prepare", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "llmjax.prepare", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):
     # hf: goes through `datasets` for real; offline it fails to open, named in one line.
-    r = _cli("--source=hf:HuggingFaceFW/fineweb-edu", "--hf_config=sample-10BT",
-             f"--out={tmp_path}/o", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    r = _cli(
+        "--source=hf:HuggingFaceFW/fineweb-edu",
+        "--hf_config=sample-10BT",
+        f"--out={tmp_path}/o",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("prepare: --source=hf:HuggingFaceFW/fineweb-edu")
-    for args, needle in [(["--source=text:x"], "--out"),
-                         (["--source=text:x", "--out=o", "--workers=two"], "workers"),
-                         (["--source=text:x", "--out=o", "--val_docs=3", "--val_fraction=0.1"],
-                          "not both")]:
+    for args, needle in [
+        (["--source=text:x"], "--out"),
+        (["--source=text:x", "--out=o", "--workers=two"], "workers"),
+        (["--source=text:x", "--out=o", "--val_docs=3", "--val_fraction=0.1"], "not both"),
+    ]:
         r = _cli(*args)
         assert r.returncode == 2, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
@@ -286,5 +336,6 @@ def test_paragraphs_make_one_file_a_corpus(tmp_path, shakespeare, reference_tikt
     blocks = [b for b in re.split(r"\n[ \t]*\n", shakespeare[:50_000]) if b.strip()]
     assert meta["documents"]["kept"] == len(blocks) > 100
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == sum(
-        len(reference_tiktoken.encode_ordinary(b)) + 1 for b in blocks)
+        len(reference_tiktoken.encode_ordinary(b)) + 1 for b in blocks
+    )
     assert meta["tokens"]["val"] > 0

@@ -29,30 +29,58 @@ from llmjax.data import DataError
 from tests.conftest import ROOT, tiny_config
 
 STEPS = 16
-ARGS = [f"--config={ROOT}/configs/tiny.py", f"--config.train.steps={STEPS}",
-        "--config.train.log_every=1", "--config.train.ckpt_every=4",
-        "--config.train.eval_every=8", "--config.train.eval_batches=1"]
-OVERRIDES = {"train.steps": STEPS, "train.log_every": 1, "train.ckpt_every": 4,
-             "train.eval_every": 8, "train.eval_batches": 1}
+ARGS = [
+    f"--config={ROOT}/configs/tiny.py",
+    f"--config.train.steps={STEPS}",
+    "--config.train.log_every=1",
+    "--config.train.ckpt_every=4",
+    "--config.train.eval_every=8",
+    "--config.train.eval_batches=1",
+]
+OVERRIDES = {
+    "train.steps": STEPS,
+    "train.log_every": 1,
+    "train.ckpt_every": 4,
+    "train.eval_every": 8,
+    "train.eval_batches": 1,
+}
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     cache = str(tmp_path_factory.mktemp("jax_cache"))
     # PYTHONPATH: this checkout's llmjax, whatever the working directory.
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache, PYTHONPATH=ROOT,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        PYTHONPATH=ROOT,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 def _cmd(workdir, data_path, *extra) -> list[str]:
-    return [sys.executable, "-m", "llmjax.main", *ARGS, f"--workdir={workdir}",
-            f"--config.data.path={data_path}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "llmjax.main",
+        *ARGS,
+        f"--workdir={workdir}",
+        f"--config.data.path={data_path}",
+        *extra,
+    ]
 
 
 def _run(env, workdir, data_path, *extra, timeout=300, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(workdir, data_path, *extra), cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        _cmd(workdir, data_path, *extra),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _rows(workdir) -> list[dict]:
@@ -62,15 +90,23 @@ def _rows(workdir) -> list[dict]:
 
 def _logged(workdir) -> list[tuple]:
     """Every logged number that a resumed run must reproduce, in file order (no timings)."""
-    return [tuple(sorted((k, v) for k, v in r.items() if not k.startswith("perf/")))
-            for r in _rows(workdir)]
+    return [
+        tuple(sorted((k, v) for k, v in r.items() if not k.startswith("perf/")))
+        for r in _rows(workdir)
+    ]
 
 
 def _start_and_signal(env, workdir, data_path, sig, cwd=ROOT) -> tuple[subprocess.Popen, int, str]:
     """Starts a run, sends `sig` once a random step has been logged; returns (proc, step, out)."""
     at = random.randint(2, STEPS - 6)
-    proc = subprocess.Popen(_cmd(workdir, data_path), cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cmd(workdir, data_path),
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     out = ""
     for line in proc.stdout:
         out += line
@@ -159,8 +195,9 @@ def _largest_file(folder: str) -> str:
 # Orbax abandons the read coroutines of a restore that fails on damaged data; expected here.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_corrupt_latest_checkpoint_falls_back_with_a_warning(byte_data, reference, tmp_path,
-                                                            caplog, damage):
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(
+    byte_data, reference, tmp_path, caplog, damage
+):
     workdir = _copy_reference(reference, tmp_path)
     run = train.build(tiny_config(byte_data, **OVERRIDES))
     model_cfg = dataclasses.asdict(run.model_cfg)
@@ -176,14 +213,17 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(byte_data, referenc
             f.seek(-1, 1)
             f.write(bytes([byte ^ 0x10]))
     # A save that was killed half way is never a candidate.
-    shutil.copytree(os.path.join(checkpoint.directory(workdir), "12"),
-                    os.path.join(checkpoint.directory(workdir), "20.orbax-checkpoint-tmp"))
+    shutil.copytree(
+        os.path.join(checkpoint.directory(workdir), "12"),
+        os.path.join(checkpoint.directory(workdir), "20.orbax-checkpoint-tmp"),
+    )
     with caplog.at_level(logging.WARNING):
         step, state, meta = checkpoint.restore_latest(workdir, run.abstract_state, model_cfg)
     assert step == 12 and meta["corrupt"] == [16]
     assert f"checkpoint {checkpoint.directory(workdir)}/16 is corrupt" in caplog.text
-    expected = checkpoint.restore(checkpoint.manager(reference, read_only=True), 12,
-                                  run.abstract_state)
+    expected = checkpoint.restore(
+        checkpoint.manager(reference, read_only=True), 12, run.abstract_state
+    )
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(expected))
     checkpoint.set_aside(workdir, meta["corrupt"])
     assert checkpoint._steps_on_disk(checkpoint.directory(workdir)) == [8, 12]
@@ -204,8 +244,9 @@ def test_run_resumes_past_a_truncated_latest_checkpoint(byte_data, env, referenc
 
 def test_restored_buffers_are_donatable(byte_data, reference):
     run = train.build(tiny_config(byte_data, **OVERRIDES))
-    _, state, _ = checkpoint.restore_latest(reference, run.abstract_state,
-                                            dataclasses.asdict(run.model_cfg))
+    _, state, _ = checkpoint.restore_latest(
+        reference, run.abstract_state, dataclasses.asdict(run.model_cfg)
+    )
     leaves = jax.tree.leaves(state)
     bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
     jax.block_until_ready(bump(state))
@@ -227,8 +268,12 @@ def tiny_disk(tmp_path):
     """A 2 MB tmpfs (needs root and mount): a disk that really fills up."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs",
-                                            str(mnt)], capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("cannot mount a tmpfs here")
     yield str(mnt)
     subprocess.run(["umount", "-l", str(mnt)], check=True)
@@ -242,8 +287,11 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(tiny_disk):
     stat = os.statvfs(tiny_disk)
     with open(os.path.join(tiny_disk, "filler"), "wb") as f:
         f.write(b"\0" * (stat.f_bavail * stat.f_frsize - 64 * 1024))
-    with pytest.raises(CheckpointError, match=r"cannot save checkpoint .*/checkpoints/2: no space "
-                                              r"left on device; .* \(\[1\]\) are intact"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot save checkpoint .*/checkpoints/2: no space "
+        r"left on device; .* \(\[1\]\) are intact",
+    ):
         checkpoint.save(mngr, 2, state, {"step": 2})
         checkpoint.wait(mngr)
     abstract = jax.eval_shape(lambda: state)
@@ -256,14 +304,16 @@ def test_nan_run_stops_with_a_message_and_a_good_checkpoint(byte_data, env, tmp_
     workdir = str(tmp_path / "nan")
     # An absurd learning rate: step 2 applies a 5e5 update, step 3's loss is 4e12 (a spike) and
     # every later loss is NaN.
-    proc = _run(env, workdir, byte_data, "--config.optim.lr=1e6",
-                "--config.train.max_bad_steps=3")
+    proc = _run(env, workdir, byte_data, "--config.optim.lr=1e6", "--config.train.max_bad_steps=3")
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert re.fullmatch(
         r"llmjax: training diverged: 3 consecutive non-finite steps up to step 6 \(loss nan, "
         r"grad norm nan, lr [0-9.]+e\+05; 3 steps skipped in all\); last good checkpoint: "
-        + re.escape(checkpoint.directory(workdir)) + "/4", last), last
+        + re.escape(checkpoint.directory(workdir))
+        + "/4",
+        last,
+    ), last
     rows = _rows(workdir)
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["train/skipped_steps"] for r in train_rows] == [0, 0, 0, 1, 2, 3]
@@ -272,8 +322,9 @@ def test_nan_run_stops_with_a_message_and_a_good_checkpoint(byte_data, env, tmp_
     assert [r["step"] for r in spikes] == [3] and spikes[0]["event/loss_spike"] > 1e9
     assert "step      3/16 | loss spike" in proc.stdout
     run = train.build(tiny_config(byte_data, **OVERRIDES, **{"optim.lr": 1e6}))
-    step, state, _ = checkpoint.restore_latest(workdir, run.abstract_state,
-                                               dataclasses.asdict(run.model_cfg))
+    step, state, _ = checkpoint.restore_latest(
+        workdir, run.abstract_state, dataclasses.asdict(run.model_cfg)
+    )
     assert step == 4 and int(state.skipped) == 1
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
@@ -289,9 +340,14 @@ def test_loss_spikes_are_found_against_the_running_mean():
 
 
 def _snapshot(folder) -> dict:
-    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)),
-                                 os.stat(os.path.join(d, f)).st_mtime_ns)
-            for d, _, fs in os.walk(folder) for f in fs}
+    return {
+        os.path.join(d, f): (
+            os.path.getsize(os.path.join(d, f)),
+            os.stat(os.path.join(d, f)).st_mtime_ns,
+        )
+        for d, _, fs in os.walk(folder)
+        for f in fs
+    }
 
 
 def _bad_tokens(folder) -> str:
@@ -308,8 +364,9 @@ def _bad_tokens(folder) -> str:
 
 
 @pytest.mark.parametrize("case", ["incompatible_model", "devices", "token_ids"])
-def test_cli_bad_input_is_one_line_exit_2_and_changes_nothing(byte_data, env, reference,
-                                                              tmp_path, case):
+def test_cli_bad_input_is_one_line_exit_2_and_changes_nothing(
+    byte_data, env, reference, tmp_path, case
+):
     workdir, data_path, extra, run_env = _copy_reference(reference, tmp_path), byte_data, [], env
     if case == "incompatible_model":
         extra, needle = ["--config.model.n_embd=128"], "n_embd: checkpoint 64 != config 128"
@@ -373,9 +430,17 @@ def _two_processes(env, data_path, workdir) -> list[subprocess.Popen]:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    return [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_DRIVER, str(port), str(i),
-                              data_path, workdir], cwd=ROOT, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESS_DRIVER, str(port), str(i), data_path, workdir],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
 
 
 @pytest.mark.slow

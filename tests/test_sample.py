@@ -27,9 +27,9 @@ def _greedy_by_recompute(model, prompt, n):
     ids = list(prompt)
     for _ in range(n):
         padded = np.zeros((1, model.cfg.block_size), np.int32)
-        padded[0, :len(ids)] = ids
+        padded[0, : len(ids)] = ids
         ids.append(int(jnp.argmax(_forward(*nnx.split(model), padded)[0, len(ids) - 1])))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_kv_cache_matches_full_recompute():
@@ -43,7 +43,7 @@ def test_kv_cache_matches_full_recompute():
     logits, cache = _cached(graphdef, params, ids[:, :7], cache, 0)
     np.testing.assert_allclose(logits, full[:, :7], atol=1e-5)
     for pos in range(7, 20):
-        logits, cache = _cached(graphdef, params, ids[:, pos:pos + 1], cache, pos)
+        logits, cache = _cached(graphdef, params, ids[:, pos : pos + 1], cache, pos)
         np.testing.assert_allclose(logits[:, 0], full[:, pos], atol=1e-5)
 
 
@@ -68,10 +68,21 @@ def test_tokens_do_not_depend_on_chunk():
     model = GPT(TINY, nnx.Rngs(4))
     prompts = [[5], [1, 2, 3, 4]]
     streamed: list[list[int]] = [[], []]
-    outs = [generate(model, prompts, 28, temperature=1.0, top_k=20, seed=7, chunk=c)
-            for c in (1, 8)]
-    outs.append(generate(model, prompts, 28, temperature=1.0, top_k=20, seed=7, chunk=7,
-                         on_token=lambda r, t: streamed[r].append(t)))
+    outs = [
+        generate(model, prompts, 28, temperature=1.0, top_k=20, seed=7, chunk=c) for c in (1, 8)
+    ]
+    outs.append(
+        generate(
+            model,
+            prompts,
+            28,
+            temperature=1.0,
+            top_k=20,
+            seed=7,
+            chunk=7,
+            on_token=lambda r, t: streamed[r].append(t),
+        )
+    )
     assert outs[0] == outs[1] == outs[2] == streamed
     assert [len(o) for o in outs[0]] == [28, 28]
     with pytest.raises(ValueError, match="chunk must be >= 1"):
@@ -108,7 +119,7 @@ def test_sampling_distribution_and_padding():
     probs = np.exp(row[:valid] - row[:valid].max())
     probs /= probs.sum()
     order = np.argsort(-probs)
-    nucleus = order[:np.searchsorted(np.cumsum(probs[order]), 0.6) + 1]
+    nucleus = order[: np.searchsorted(np.cumsum(probs[order]), 0.6) + 1]
     draws = np.asarray(sample_logits(logits, key, 1.0, 0, 0.6))
     assert set(draws) <= set(nucleus.tolist())
     q = probs[nucleus] / probs[nucleus].sum()

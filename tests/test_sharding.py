@@ -30,18 +30,38 @@ MESHES = {
 }
 # Tiny model: D=64, 4 heads, MLP 256, vocab padded to 320, block 64. Shapes one device holds.
 SHARDS = {
-    "one": {"wte.embedding": (320, 64), "h.0.attn.c_attn.kernel": (64, 3, 64),
-            "h.0.mlp.c_fc.kernel": (64, 256), "h.0.mlp.c_proj.kernel": (256, 64),
-            "h.0.ln_1.scale": (64,), "wpe.embedding": (64, 64)},
-    "data8": {"wte.embedding": (320, 64), "h.0.attn.c_attn.kernel": (64, 3, 64),
-              "h.0.mlp.c_fc.kernel": (64, 256), "h.0.mlp.c_proj.kernel": (256, 64),
-              "h.0.ln_1.scale": (64,), "wpe.embedding": (64, 64)},
-    "data2_fsdp4": {"wte.embedding": (320, 16), "h.0.attn.c_attn.kernel": (16, 3, 64),
-                    "h.0.mlp.c_fc.kernel": (16, 256), "h.0.mlp.c_proj.kernel": (256, 16),
-                    "h.0.ln_1.scale": (16,), "wpe.embedding": (64, 16)},
-    "data2_fsdp2_tensor2": {"wte.embedding": (160, 32), "h.0.attn.c_attn.kernel": (32, 3, 32),
-                            "h.0.mlp.c_fc.kernel": (32, 128), "h.0.mlp.c_proj.kernel": (128, 32),
-                            "h.0.ln_1.scale": (32,), "wpe.embedding": (64, 32)},
+    "one": {
+        "wte.embedding": (320, 64),
+        "h.0.attn.c_attn.kernel": (64, 3, 64),
+        "h.0.mlp.c_fc.kernel": (64, 256),
+        "h.0.mlp.c_proj.kernel": (256, 64),
+        "h.0.ln_1.scale": (64,),
+        "wpe.embedding": (64, 64),
+    },
+    "data8": {
+        "wte.embedding": (320, 64),
+        "h.0.attn.c_attn.kernel": (64, 3, 64),
+        "h.0.mlp.c_fc.kernel": (64, 256),
+        "h.0.mlp.c_proj.kernel": (256, 64),
+        "h.0.ln_1.scale": (64,),
+        "wpe.embedding": (64, 64),
+    },
+    "data2_fsdp4": {
+        "wte.embedding": (320, 16),
+        "h.0.attn.c_attn.kernel": (16, 3, 64),
+        "h.0.mlp.c_fc.kernel": (16, 256),
+        "h.0.mlp.c_proj.kernel": (256, 16),
+        "h.0.ln_1.scale": (16,),
+        "wpe.embedding": (64, 16),
+    },
+    "data2_fsdp2_tensor2": {
+        "wte.embedding": (160, 32),
+        "h.0.attn.c_attn.kernel": (32, 3, 32),
+        "h.0.mlp.c_fc.kernel": (32, 128),
+        "h.0.mlp.c_proj.kernel": (128, 32),
+        "h.0.ln_1.scale": (32,),
+        "wpe.embedding": (64, 32),
+    },
 }
 
 
@@ -52,14 +72,24 @@ def _child(data_path: str, ckpt_dir: str) -> None:
     from llmjax import checkpoint, data, train
 
     assert jax.device_count() == 8, jax.devices()
-    batches = list(data.train_batches(data_path, seq_len=32, batch=8, vocab_size=257, seed=0,
-                                      start_step=0, steps=STEPS))
+    batches = list(
+        data.train_batches(
+            data_path, seq_len=32, batch=8, vocab_size=257, seed=0, start_step=0, steps=STEPS
+        )
+    )
 
     def build(name: str, **overrides):
         axes, accum = MESHES[name]
-        cfg = tiny_config(data_path, **{"model.n_layer": 1, "optim.grad_accum": accum,
-                                        "train.steps": STEPS,
-                                        **{f"mesh.{k}": v for k, v in axes.items()}, **overrides})
+        cfg = tiny_config(
+            data_path,
+            **{
+                "model.n_layer": 1,
+                "optim.grad_accum": accum,
+                "train.steps": STEPS,
+                **{f"mesh.{k}": v for k, v in axes.items()},
+                **overrides,
+            },
+        )
         return train.build(cfg, jax.devices()[:1] if name == "one" else None)
 
     def steps(run, state, start: int, stop: int) -> tuple[list[float], object]:
@@ -76,11 +106,12 @@ def _child(data_path: str, ckpt_dir: str) -> None:
         out = {}
         for (path, p), (_, m) in zip(flat, mu, strict=True):
             shards = {tuple(s.data.shape) for s in p.addressable_shards}
-            out[name(path)] = {"spec": [list(a) if isinstance(a, tuple) else a
-                                        for a in p.sharding.spec],
-                               "shards": [list(s) for s in shards],
-                               "mu_shards": [list(s.data.shape) for s in m.addressable_shards][:1],
-                               "devices": len(p.sharding.device_set)}
+            out[name(path)] = {
+                "spec": [list(a) if isinstance(a, tuple) else a for a in p.sharding.spec],
+                "shards": [list(s) for s in shards],
+                "mu_shards": [list(s.data.shape) for s in m.addressable_shards][:1],
+                "devices": len(p.sharding.device_set),
+            }
         return out
 
     out: dict = {"losses": {}, "placement": {}, "restored": {}, "errors": {}}
@@ -103,14 +134,20 @@ def _child(data_path: str, ckpt_dir: str) -> None:
     for name in ("one", "data2_fsdp2_tensor2"):
         run = runs[name]
         state = checkpoint.restore(mngr, SAVE_AT, run.abstract_state)
-        same = jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), state,
-                            run.state_shardings)
-        out["restored"][name] = {"step": int(state.step),
-                                 "shardings_match": all(jax.tree.leaves(same)),
-                                 "losses": steps(run, state, SAVE_AT, STEPS)[0]}
-    invalid = {"batch": {"data.batch_size": 12}, "heads": {"mesh.data": 1, "mesh.tensor": 8},
-               "devices": {"mesh.data": 2, "mesh.fsdp": 2},
-               "width": {"mesh.data": 1, "mesh.fsdp": 8, "model.n_embd": 68}}
+        same = jax.tree.map(
+            lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), state, run.state_shardings
+        )
+        out["restored"][name] = {
+            "step": int(state.step),
+            "shardings_match": all(jax.tree.leaves(same)),
+            "losses": steps(run, state, SAVE_AT, STEPS)[0],
+        }
+    invalid = {
+        "batch": {"data.batch_size": 12},
+        "heads": {"mesh.data": 1, "mesh.tensor": 8},
+        "devices": {"mesh.data": 2, "mesh.fsdp": 2},
+        "width": {"mesh.data": 1, "mesh.fsdp": 8, "model.n_embd": 68},
+    }
     for key, overrides in invalid.items():
         try:
             build("data8", **overrides)
@@ -123,13 +160,16 @@ def _child(data_path: str, ckpt_dir: str) -> None:
 @pytest.fixture(scope="module")
 def meshes(byte_data, tmp_path_factory) -> dict:
     ckpt = str(tmp_path_factory.mktemp("mesh_ckpt"))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               # Optimization level 0 halves the compile time; the partitioning is the same.
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-                         "--xla_backend_optimization_level=0")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        # Optimization level 0 halves the compile time; the partitioning is the same.
+        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+    )
     code = f"from tests.test_sharding import _child; _child({byte_data!r}, {ckpt!r})"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -164,11 +204,14 @@ def test_checkpoint_reshards_on_restore(meshes, name):
 
 def test_invalid_meshes_refused_before_compiling(meshes):
     errors = meshes["errors"]
-    assert errors["batch"] == ("data.batch_size=12 is not divisible by data-parallel size 8 "
-                               "(mesh data=8 x fsdp=1) x optim.grad_accum=1; use a multiple of 8")
+    assert errors["batch"] == (
+        "data.batch_size=12 is not divisible by data-parallel size 8 "
+        "(mesh data=8 x fsdp=1) x optim.grad_accum=1; use a multiple of 8"
+    )
     assert errors["heads"].startswith("model.n_head=4 is not divisible by mesh.tensor=8")
-    assert errors["devices"] == ("mesh.data=2 x mesh.fsdp=2 x mesh.tensor=1 = 4 devices, "
-                                 "but 8 are available")
+    assert errors["devices"] == (
+        "mesh.data=2 x mesh.fsdp=2 x mesh.tensor=1 = 4 devices, but 8 are available"
+    )
     assert errors["width"].startswith("parameter ") and "68" in errors["width"]
     assert "mesh.fsdp" in errors["width"]
 
@@ -190,17 +233,28 @@ def test_distributed_flags_go_together():
         sharding.init_distributed("localhost:1234", 2, 2)
 
 
-@pytest.mark.parametrize("env, launcher", [
-    ({}, None),
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, None),  # sbatch script itself, not an srun step
-    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),  # one task: nothing to join
-    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16"}, "SLURM"),
-    ({"OMPI_COMM_WORLD_SIZE": "4"}, "Open MPI"),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_COORDINATOR_ADDRESS"),
-])
+@pytest.mark.parametrize(
+    "env, launcher",
+    [
+        ({}, None),
+        (
+            {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"},
+            None,
+        ),  # sbatch script itself, not an srun step
+        ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),  # one task: nothing to join
+        ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16"}, "SLURM"),
+        ({"OMPI_COMM_WORLD_SIZE": "4"}, "Open MPI"),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_COORDINATOR_ADDRESS"),
+    ],
+)
 def test_launcher_detection(monkeypatch, env, launcher):
-    for key in ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
-                "JAX_COORDINATOR_ADDRESS"):
+    for key in (
+        "SLURM_STEP_NODELIST",
+        "SLURM_NTASKS",
+        "SLURM_JOB_ID",
+        "OMPI_COMM_WORLD_SIZE",
+        "JAX_COORDINATOR_ADDRESS",
+    ):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -30,8 +30,9 @@ from llmjax.model import (
     unstack_layers,
 )
 
-TINY = GPTConfig(vocab_size=320, valid_vocab_size=257, n_layer=3, n_head=4, n_embd=64,
-                 block_size=32)
+TINY = GPTConfig(
+    vocab_size=320, valid_vocab_size=257, n_layer=3, n_head=4, n_embd=64, block_size=32
+)
 
 
 def _graphdef(cfg: GPTConfig):
@@ -67,16 +68,20 @@ def _assert_trees_close(a, b, rtol, atol):
 
 def test_layout_conversion_round_trips_and_matches_scanned_model(params):
     stacked = stack_layers(params)
-    scanned = nnx.to_pure_dict(nnx.state(
-        nnx.eval_shape(lambda: GPT(dataclasses.replace(TINY, scan_layers=True), nnx.Rngs(0))),
-        nnx.Param))
+    scanned = nnx.to_pure_dict(
+        nnx.state(
+            nnx.eval_shape(lambda: GPT(dataclasses.replace(TINY, scan_layers=True), nnx.Rngs(0))),
+            nnx.Param,
+        )
+    )
     # Same tree and shapes as a scanned model's own parameters: [L, ...] on every block leaf.
     assert jax.tree.structure(stacked) == jax.tree.structure(scanned)
     for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(scanned), strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
     assert stacked["h"]["mlp"]["c_fc"]["kernel"].shape == (3, 64, 256)
-    np.testing.assert_array_equal(stacked["h"]["attn"]["c_attn"]["kernel"][2],
-                                  params["h"][2]["attn"]["c_attn"]["kernel"])
+    np.testing.assert_array_equal(
+        stacked["h"]["attn"]["c_attn"]["kernel"][2], params["h"][2]["attn"]["c_attn"]["kernel"]
+    )
     back = unstack_layers(stacked)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
@@ -138,13 +143,14 @@ def test_scanned_decode_equals_unscanned(params):
         out, cache = model.decode(idx[:, :8], cache, 0)
         outs = [out]
         for t in range(8, 12):
-            out, cache = model.decode(idx[:, t:t + 1], cache, t)
+            out, cache = model.decode(idx[:, t : t + 1], cache, t)
             outs.append(out)
         return jnp.concatenate(outs, axis=1), cache
 
     out_u, cache_u = prefill_then_decode(_graphdef(TINY), params)
-    out_s, cache_s = prefill_then_decode(_graphdef(dataclasses.replace(TINY, scan_layers=True)),
-                                         stack_layers(params))
+    out_s, cache_s = prefill_then_decode(
+        _graphdef(dataclasses.replace(TINY, scan_layers=True)), stack_layers(params)
+    )
     assert cache_s[0].shape == (3, 2, 24, 4, 16)
     np.testing.assert_allclose(out_s, out_u, rtol=1e-5, atol=1e-5)
     for i in range(TINY.n_layer):
@@ -172,8 +178,14 @@ def test_bf16_compute_matmuls_bf16_master_weights_f32(tmp_path):
     B, T, N = 8, 32, 4
     batch = jnp.asarray(np.random.default_rng(0).integers(0, 257, (B, T + 1)), jnp.int32)
     for scan in (False, True):
-        cfg = tiny_config(str(tmp_path), **{"model.dtype": "bfloat16", "model.scan_layers": scan,
-                                            "model.remat": "dots_saveable"})
+        cfg = tiny_config(
+            str(tmp_path),
+            **{
+                "model.dtype": "bfloat16",
+                "model.scan_layers": scan,
+                "model.remat": "dots_saveable",
+            },
+        )
         run = train.build(cfg)
         dots = _dots(jax.make_jaxpr(run.train_step)(run.abstract_state, batch).jaxpr)
         layers = 1 if scan else cfg.model.n_layer  # a scan body is traced once
@@ -184,8 +196,10 @@ def test_bf16_compute_matmuls_bf16_master_weights_f32(tmp_path):
         # of jax.nn.dot_product_attention's XLA backward (dS [B,N,T,1,S] float32 x q or k bf16):
         # a jax choice, absent from the cuDNN path used on GPU (see benchmarks/NOTES.md).
         assert len(upcast) == 2 * layers, upcast
-        assert all(a.shape == (B, N, T, 1, T) and a.dtype == jnp.float32
-                   and b.dtype == jnp.bfloat16 for a, b in upcast), upcast
+        assert all(
+            a.shape == (B, N, T, 1, T) and a.dtype == jnp.float32 and b.dtype == jnp.bfloat16
+            for a, b in upcast
+        ), upcast
     state = run.init()
     state, metrics = run.train_step(state, batch)
     assert np.isfinite(float(metrics["train/loss"]))
@@ -226,16 +240,33 @@ def test_xla_accepts_every_gpu_flag():
     # XLA aborts on an unknown flag; the CPU jaxlib parses the GPU flags too, so this catches a
     # renamed or removed flag before a GPU run does.
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.merged_xla_flags(""))
-    out = subprocess.run([sys.executable, "-c", "import jax.numpy as j; print(j.ones(3).sum())"],
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import jax.numpy as j; print(j.ones(3).sum())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-500:]
 
 
 def _bench(script: str, *args: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, os.path.join("benchmarks", script),
-                          "--config=configs/tiny.py", "--steps=3", "--warmup=1", *args],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join("benchmarks", script),
+            "--config=configs/tiny.py",
+            "--steps=3",
+            "--warmup=1",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

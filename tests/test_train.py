@@ -22,8 +22,11 @@ def test_overfits_one_batch(byte_data):
     cfg = tiny_config(byte_data, **{"optim.warmup_steps": 0, "train.steps": 60})
     run = train.build(cfg)
     state = run.init()
-    batch = next(data.train_batches(byte_data, seq_len=32, batch=8, vocab_size=257, seed=0,
-                                    start_step=0, steps=1))
+    batch = next(
+        data.train_batches(
+            byte_data, seq_len=32, batch=8, vocab_size=257, seed=0, start_step=0, steps=1
+        )
+    )
     b = sharding.put_batch(batch, run.mesh)
     first = None
     for _ in range(60):
@@ -34,8 +37,11 @@ def test_overfits_one_batch(byte_data):
 
 
 def test_grad_accumulation_matches_full_batch(byte_data):
-    batch = next(data.train_batches(byte_data, seq_len=32, batch=8, vocab_size=257, seed=0,
-                                    start_step=0, steps=1))
+    batch = next(
+        data.train_batches(
+            byte_data, seq_len=32, batch=8, vocab_size=257, seed=0, start_step=0, steps=1
+        )
+    )
     out = {}
     for accum in (1, 4):
         run = train.build(tiny_config(byte_data, **{"optim.grad_accum": accum}))
@@ -50,8 +56,11 @@ def test_grad_accumulation_matches_full_batch(byte_data):
 def test_non_finite_step_is_skipped(byte_data):
     run = train.build(tiny_config(byte_data))
     state = run.init()
-    batch = next(data.train_batches(byte_data, seq_len=32, batch=8, vocab_size=257, seed=0,
-                                    start_step=0, steps=1))
+    batch = next(
+        data.train_batches(
+            byte_data, seq_len=32, batch=8, vocab_size=257, seed=0, start_step=0, steps=1
+        )
+    )
     poisoned = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
     after, m = run.train_step(poisoned, sharding.put_batch(batch, run.mesh))
     assert not math.isfinite(float(m["train/loss"]))
@@ -110,9 +119,21 @@ def test_sample_cli_fits_the_context(trained):
     from tests.conftest import ROOT
 
     proc = subprocess.run(
-        [sys.executable, "-m", "llmjax.sample", f"--workdir={trained}", "--prompt=",
-         "--max_new_tokens=500", "--temperature=0"], cwd=ROOT, capture_output=True, text=True,
-        timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        [
+            sys.executable,
+            "-m",
+            "llmjax.sample",
+            f"--workdir={trained}",
+            "--prompt=",
+            "--max_new_tokens=500",
+            "--temperature=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "63 new tokens" in proc.stderr  # block_size 64, minus the EOT that starts the prompt
     model, tok, _ = train.load_model(trained)
