@@ -2,7 +2,7 @@
 
     python benchmarks/data_throughput.py [--mb=48] [--workers=N] [--rounds=3] [--batch=512]
 
-Builds a jsonl corpus from the shared data folder (tiny Shakespeare and the instruction data, cut
+Builds a jsonl corpus from the repository's own text (the tiny Shakespeare fixture and data/, cut
 into ~4 KB documents and repeated up to --mb), then measures, in one run on the same cores:
   tiktoken  encode_ordinary_batch(texts, num_threads=N) on the same documents
   prepare   python -m llmjax.prepare's pipeline (jsonl via `datasets`, N tokenizer processes,
@@ -31,15 +31,15 @@ from llmjax import data  # noqa: E402
 from llmjax.prepare import prepare  # noqa: E402
 from llmjax.tokenizer import get_tokenizer  # noqa: E402
 
-SHARED = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data"
-)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def corpus(mb: float) -> list[str]:
-    with open(os.path.join(SHARED, "tinyshakespeare.txt"), encoding="utf-8") as f:
+    with open(
+        os.path.join(ROOT, "tests", "fixtures", "tinyshakespeare_400k.txt"), encoding="utf-8"
+    ) as f:
         text = f.read()
-    with open(os.path.join(SHARED, "instruction-data.json"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "data", "instruction-data.json"), encoding="utf-8") as f:
         text += "\n\n".join(" ".join(str(v) for v in row.values()) for row in json.load(f))
     base = [text[i : i + 4000] for i in range(0, len(text), 4000)]
     docs, size = [], 0

@@ -1,7 +1,7 @@
 """Instruction finetuning of OpenAI's GPT-2 124M on the 1,100 Alpaca-style examples.
 
     python -m llmjax.main --config=configs/sft_gpt2.py --workdir=runs/sft \
-        --config.data.path=../shared/data/instruction-data.json
+        --config.data.path=data/instruction-data.json
     python -m llmjax.chat --workdir=runs/sft
 
 model.init_from takes a hub id (gpt2, gpt2-medium, ...), a local Hugging Face directory, or an
@@ -19,7 +19,7 @@ def get_config():
     c.model.init_from = "gpt2"  # pretrained weights to start from
     c.model.dtype = "bfloat16"
     c.model.dropout = 0.0
-    c.data.path = ""  # an Alpaca or messages JSON/JSONL file
+    c.data.path = "data/instruction-data.json"  # an Alpaca or messages JSON/JSONL file
     c.data.tokenizer = "gpt2-chat"  # GPT-2 BPE plus the four chat tokens (stored with the run)
     c.data.batch_size = 8
     c.data.seq_len = 512  # longer examples are truncated (the count is printed)

@@ -1,4 +1,7 @@
-"""Shared fixtures: the shared data folder, a reference tiktoken, tiny prepared datasets."""
+"""Shared fixtures: the repository's fixture files, a reference tiktoken, tiny prepared datasets.
+
+Everything here is read from inside the repository (tests/fixtures, data/, the package's assets):
+a clone with nothing beside it runs the suite."""
 
 from __future__ import annotations
 
@@ -11,7 +14,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+# Example data a user runs the recipes with; the tests read the same copy.
+INSTRUCTIONS = os.path.join(ROOT, "data", "instruction-data.json")
+GPT2_BPE = os.path.join(ROOT, "llmjax", "assets", "gpt2")
 GPT2_URLS = {
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
     "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
@@ -20,21 +26,19 @@ GPT2_URLS = {
 
 @pytest.fixture(scope="session")
 def shakespeare() -> str:
-    with open(os.path.join(SHARED, "tinyshakespeare.txt"), encoding="utf-8") as f:
+    with open(os.path.join(FIXTURES, "tinyshakespeare_400k.txt"), encoding="utf-8") as f:
         return f.read()
 
 
 @pytest.fixture(scope="session")
 def reference_tiktoken(tmp_path_factory):
-    """tiktoken's own `gpt2` encoding, built by tiktoken from its cache (no network): the shared
-    BPE files are placed where tiktoken would have cached its download."""
+    """tiktoken's own `gpt2` encoding, built by tiktoken from its cache (no network): the BPE files
+    the package ships (sha256 as tiktoken pins them) are placed where tiktoken would have cached its download."""
     import tiktoken
 
     cache = tmp_path_factory.mktemp("tiktoken_cache")
     for name, url in GPT2_URLS.items():
-        shutil.copy(
-            os.path.join(SHARED, "gpt2", name), cache / hashlib.sha1(url.encode()).hexdigest()
-        )
+        shutil.copy(os.path.join(GPT2_BPE, name), cache / hashlib.sha1(url.encode()).hexdigest())
     old = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
     try:

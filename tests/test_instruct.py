@@ -8,7 +8,7 @@ import pytest
 
 from llmjax import instruct
 from llmjax.tokenizer import get_tokenizer
-from tests.conftest import ROOT, SHARED, tiny_config
+from tests.conftest import INSTRUCTIONS, ROOT, tiny_config
 
 CONVO = [
     {"role": "system", "content": "Be brief."},
@@ -135,11 +135,11 @@ def test_messages_jsonl_format(tmp_path):
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
-    """A tiny bytes-chat model trained on 300 examples of the shared instruction set."""
+    """A tiny bytes-chat model trained on 300 examples of the instruction set in data/."""
     from llmjax import train
 
     tmp = tmp_path_factory.mktemp("sft")
-    with open(os.path.join(SHARED, "instruction-data.json")) as f:
+    with open(INSTRUCTIONS) as f:
         recs = [r for r in json.load(f) if len(r["instruction"] + r["input"] + r["output"]) < 200]
     path = tmp / "inst.json"
     path.write_text(json.dumps(recs[:300]))
