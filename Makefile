@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-all lint fresh-check clean
 
 install: $(STAMP)
 
@@ -25,8 +25,7 @@ demo: $(STAMP)
 		--max_new_tokens=100 --temperature=0.8 --top_k=40 --seed=0
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/tb"
 
-test: $(STAMP)
-	$(PY) -m ruff check llmjax tests benchmarks configs
+test: lint
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
@@ -35,6 +34,11 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check llmjax tests benchmarks configs
 	$(PY) -m ruff format --check llmjax tests benchmarks configs
+
+# What a user who clones the repository gets: the committed tree cloned into an empty temporary
+# directory, nothing beside it, then `make test` and `make demo` there (what CI runs).
+fresh-check:
+	.ci/run
 
 clean:
 	rm -rf $(VENV) runs
