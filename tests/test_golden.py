@@ -1,0 +1,32 @@
+"""Golden losses: the first logged steps of configs/tiny.py on the Shakespeare fixture, float32.
+
+Pinned to the exact float32 values the training loop logged before the modules were reorganised
+(issue 12): moving code between modules must not change a single bit of what a run computes.
+"""
+
+import json
+
+from llmjax import train
+from tests.conftest import tiny_config
+
+# Recorded with jax 0.10.2 on CPU; XLA's CPU float32 kernels are deterministic for a fixed version.
+GOLDEN_TRAIN = [
+    5.5358967781066895,
+    5.570910453796387,
+    5.291812896728516,
+    5.007684707641602,
+    4.947444915771484,
+]
+GOLDEN_EVAL = 4.822039604187012
+
+
+def test_first_losses_bit_for_bit(byte_data, tmp_path):
+    cfg = tiny_config(
+        byte_data,
+        **{"train.steps": 5, "train.log_every": 1, "train.eval_every": 5, "train.ckpt_every": 5},
+    )
+    train.train_and_evaluate(cfg, str(tmp_path / "w"))
+    with open(tmp_path / "w" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["train/loss"] for r in rows if "train/loss" in r] == GOLDEN_TRAIN
+    assert [r["eval/loss"] for r in rows if "eval/loss" in r] == [GOLDEN_EVAL]
