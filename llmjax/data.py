@@ -1,6 +1,5 @@
-"""Token shards (llm.c's .bin format) and the Grain pipelines that turn them into batches.
-
-Shard layout: 256 int32 header (magic 20240520, version 1, token count, zeros), then uint16 tokens.
+"""Datasets of token shards (llm.c's .bin format, see shards.py) and the Grain pipelines that turn
+them into batches.
 
 Batches are addressed by step: training batch i is a pure function of (seed, i), so resuming at step
 i needs nothing but i, and the batch never depends on the number of loader workers or processes.
@@ -10,7 +9,6 @@ Each process reads only its own rows of the global batch.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import os
 from collections.abc import Iterator
@@ -18,48 +16,10 @@ from collections.abc import Iterator
 import numpy as np
 from absl import flags
 
-MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
-HEADER_BYTES = HEADER_INTS * 4
+# DataError, read_shard and split_paths are part of this module's API; the format lives in shards.
+from llmjax.shards import DataError, read_shard, split_paths
+
 PREPARE_STATE = "prepare_state.json"  # prepare's checkpoint, present only while it is unfinished
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and the problem."""
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}_{index:06d}.bin"
-
-
-def read_shard(path: str) -> np.ndarray:
-    """Memory-maps one shard's tokens after checking its header against its size."""
-    try:
-        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from e
-    if len(header) < HEADER_INTS:
-        raise DataError(f"{path}: shorter than the {HEADER_BYTES}-byte header")
-    if header[0] != MAGIC:
-        raise DataError(f"{path}: bad magic {header[0]} (expected {MAGIC}, an llm.c .bin shard)")
-    if header[1] != VERSION:
-        raise DataError(f"{path}: unsupported version {header[1]} (expected {VERSION})")
-    n = int(header[2])
-    size = os.path.getsize(path)
-    if size != HEADER_BYTES + 2 * n:
-        raise DataError(
-            f"{path}: header says {n} tokens ({HEADER_BYTES + 2 * n} bytes) "
-            f"but the file has {size} bytes"
-        )
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n,))
-
-
-def split_paths(path: str, split: str) -> list[str]:
-    if not os.path.isdir(path):
-        raise DataError(f"data.path={path!r}: no such directory (run python -m llmjax.prepare)")
-    paths = sorted(glob.glob(os.path.join(path, f"{split}_*.bin")))
-    if not paths:
-        raise DataError(f"data.path={path!r}: no {split}_*.bin shards")
-    return paths
 
 
 def read_meta(path: str) -> dict:

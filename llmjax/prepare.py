@@ -33,7 +33,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from absl import app, flags, logging
 
-from llmjax.data import HEADER_BYTES, HEADER_INTS, MAGIC, PREPARE_STATE, VERSION, shard_name
+from llmjax.data import PREPARE_STATE
+from llmjax.shards import FORMAT, MAX_TOKENS, TOKEN_DTYPE, ShardFile, shard_bytes, shard_name
 from llmjax.sources import open_source
 from llmjax.tokenizer import get_tokenizer
 
@@ -192,9 +193,7 @@ class ShardWriter:
         self.finished = False  # a shard was completed since the last checkpoint
         tmp = self._tmp()
         if partial:
-            self.f = open(tmp, "r+b")  # held open across add() calls
-            self.f.truncate(HEADER_BYTES + 2 * partial)
-            self.f.seek(0, os.SEEK_END)
+            self.f = ShardFile(tmp, partial)  # held open across add() calls
             self.n = partial
         elif os.path.exists(tmp):
             os.remove(tmp)
@@ -206,10 +205,9 @@ class ShardWriter:
         arr = np.ascontiguousarray(tokens, np.uint16)
         while len(arr):
             if self.f is None:
-                self.f = open(self._tmp(), "wb", buffering=1 << 20)
-                self.f.write(bytes(HEADER_BYTES))
+                self.f = ShardFile(self._tmp())
             take = min(len(arr), self.shard_tokens - self.n)
-            self.f.write(arr[:take].data)
+            self.f.append(arr[:take])
             self.n += take
             arr = arr[take:]
             if self.n == self.shard_tokens:
@@ -219,13 +217,7 @@ class ShardWriter:
         """Finishes the current shard (if it holds any tokens)."""
         if self.f is None:
             return
-        header = np.zeros(HEADER_INTS, np.int32)
-        header[:3] = (MAGIC, VERSION, self.n)
-        self.f.seek(0)
-        self.f.write(header.tobytes())
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        self.f.finish()
         tmp, self.f = self._tmp(), None
         self.shards.append(
             {
@@ -239,8 +231,7 @@ class ShardWriter:
 
     def sync(self) -> None:
         if self.f is not None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
+            self.f.sync()
 
     @property
     def tokens(self) -> int:
@@ -347,7 +338,7 @@ def _check_options(o: dict) -> None:
     for key in ("val_docs", "min_chars", "max_docs", "max_tokens", "workers"):
         if o[key] < 0:
             raise ValueError(f"--{key}={o[key]} must be >= 0")
-    if not 1 <= o["shard_tokens"] < 2**31:  # the header's count is an int32
+    if not 1 <= o["shard_tokens"] <= MAX_TOKENS:
         raise ValueError(f"--shard_tokens={o['shard_tokens']} must be in [1, 2**31)")
 
 
@@ -373,7 +364,7 @@ def _resume_state(out: str, options: dict) -> dict | None:
             p = os.path.join(out, s["name"])
             ok = (
                 os.path.exists(p)
-                and os.path.getsize(p) == HEADER_BYTES + 2 * s["tokens"]
+                and os.path.getsize(p) == shard_bytes(s["tokens"])
                 and file_sha256(p) == s["sha256"]
             )
             if not ok:
@@ -381,7 +372,7 @@ def _resume_state(out: str, options: dict) -> dict | None:
                 return None
         tmp = os.path.join(out, shard_name(split, len(st["shards"])) + ".tmp")
         if st["partial"] and not (
-            os.path.exists(tmp) and os.path.getsize(tmp) >= HEADER_BYTES + 2 * st["partial"]
+            os.path.exists(tmp) and os.path.getsize(tmp) >= shard_bytes(st["partial"])
         ):
             print(f"prepare: {tmp} is shorter than its checkpoint; starting over", file=sys.stderr)
             return None
@@ -460,7 +451,7 @@ def prepare(
     }
     _check_options({**options, "workers": workers})
     tok = get_tokenizer(tokenizer)
-    if tok.vocab_size > 2**16:
+    if tok.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
         raise ValueError(
             f"--tokenizer={tokenizer} has ids up to {tok.vocab_size - 1}, beyond "
             "uint16 (65535): llm.c shards hold uint16 tokens"
@@ -605,13 +596,7 @@ def _run(
         "tokenizer": tokenizer,
         "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
-        "format": {
-            "magic": MAGIC,
-            "version": VERSION,
-            "header_bytes": HEADER_BYTES,
-            "dtype": "uint16",
-            "eot": "before every document",
-        },
+        "format": {**FORMAT, "eot": "before every document"},
         "options": o,
         "documents": {**docs, **{s: w.docs for s, w in writers.items()}},
         "text_bytes": {"seen": text_bytes, "kept": kept_bytes},

@@ -240,6 +240,17 @@ def test_resume_starts_over_when_a_finished_shard_is_damaged(tmp_path, monkeypat
         prepare(f"jsonl:{jsonl}", out, **{**kw, "dedup": True})
 
 
+def test_shard_writer_fills_shards_in_turn(tmp_path):
+    w = prep.ShardWriter(str(tmp_path), "train", shard_tokens=5)
+    w.add(list(range(12)))
+    w.flush()
+    assert [s["tokens"] for s in w.shards] == [5, 5, 2]
+    header = np.fromfile(tmp_path / "train_000001.bin", np.int32, count=256)
+    assert list(header[:3]) == [20240520, 1, 5] and not header[3:].any()
+    np.testing.assert_array_equal(data.read_shard(str(tmp_path / "train_000002.bin")), [10, 11])
+    assert not glob.glob(str(tmp_path / "*.tmp"))
+
+
 def test_meta_json_describes_the_run(tmp_path, jsonl):
     out = str(tmp_path / "o")
     meta = prepare(f"jsonl:{jsonl}", out, "bytes", shard_tokens=20_000, min_chars=5)
