@@ -3,12 +3,16 @@
 The header holds magic 20240520, version 1 and the token count; the other 253 ints are zero. This
 is the file llm.c's `write_datafile` writes and its C loader reads, so shards move between llm.c,
 modded-nanogpt and llmjax as they are.
+
+Names: prepare writes {split}_{index:06d}.bin. Tools that write the same format put a dataset name
+in front (llm.c: fineweb_val_000000.bin, edu_fineweb_train_000001.bin, tiny_shakespeare_val.bin;
+modded-nanogpt: fineweb_train_000001.bin), so a split's shards are [PREFIX_]{split}[_INDEX].bin.
 """
 
 from __future__ import annotations
 
-import glob
 import os
+import re
 
 import numpy as np
 
@@ -103,10 +107,34 @@ class ShardFile:
         self.f.close()
 
 
+_NAME = re.compile(r"(?P<prefix>(?:.*_)?)(?P<split>train|val)(?:_(?P<index>\d+))?\.bin")
+
+
 def split_paths(path: str, split: str) -> list[str]:
+    """The split's shards under `path`, [PREFIX_]{split}[_INDEX].bin, in index order.
+
+    One prefix per split: shards under two would be two datasets mixed (or one left over), and
+    training on both without a word is worse than asking."""
     if not os.path.isdir(path):
         raise DataError(f"data.path={path!r}: no such directory (run python -m llmjax.prepare)")
-    paths = sorted(glob.glob(os.path.join(path, f"{split}_*.bin")))
-    if not paths:
-        raise DataError(f"data.path={path!r}: no {split}_*.bin shards")
-    return paths
+    found: dict[str, list[tuple[int, str]]] = {}
+    for name in os.listdir(path):
+        m = _NAME.fullmatch(name)
+        # Hidden files, as a glob skips them: macOS leaves ._NAME beside every copied file.
+        if m and m["split"] == split and not name.startswith("."):
+            index = -1 if m["index"] is None else int(m["index"])
+            found.setdefault(m["prefix"], []).append((index, name))
+    if not found:
+        raise DataError(
+            f"data.path={path!r}: no {split}_*.bin shards, nor any other "
+            f"[PREFIX_]{split}[_INDEX].bin (such as fineweb_{split}_000001.bin, "
+            f"tiny_shakespeare_{split}.bin)"
+        )
+    if len(found) > 1:
+        a, b = (
+            prefix + split + ("_*" if any(i >= 0 for i, _ in shards) else "") + ".bin"
+            for prefix, shards in sorted(found.items())[:2]
+        )
+        raise DataError(f"data.path={path!r}: {split} shards under two names, {a} and {b}")
+    (shards,) = found.values()
+    return [os.path.join(path, name) for _, name in sorted(shards)]
