@@ -210,6 +210,12 @@ def train_batches(
     return iterate_steps(start_step, steps, fn, workers, prefetch)
 
 
+def count_val_windows(path: str, seq_len: int) -> int:
+    """How many distinct windows `val_batches` reads before it wraps around: a whole pass over
+    the val split is this many rows."""
+    return _Windows(split_paths(path, "val"), seq_len, vocab_size=0, stride=seq_len).total
+
+
 def val_batches(
     path: str,
     *,

@@ -159,3 +159,14 @@ def test_split_smaller_than_a_window_named_by_the_loader(tmp_path):
             steps=1,
             process_count=4,
         )
+
+
+def test_count_val_windows_is_one_pass(byte_data):
+    lengths = [len(data.read_shard(p)) for p in data.split_paths(byte_data, "val")]
+    n = data.count_val_windows(byte_data, 32)
+    assert n == sum((t - 33) // 32 + 1 for t in lengths)
+    rows = np.concatenate(
+        list(data.val_batches(byte_data, seq_len=32, batch=n, vocab_size=257, num_batches=2))
+    )
+    np.testing.assert_array_equal(rows[:n], rows[n:])  # the second pass repeats the first
+    assert len({r.tobytes() for r in rows[:n]}) == n
