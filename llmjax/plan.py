@@ -1,0 +1,470 @@
+"""See the GPU program before renting a GPU: memory, FLOPs, bytes, kernels, collectives, tokens/s.
+
+    python -m llmjax.plan --config=configs/gpt2_124m.py --gpu=h100 [--devices=8] [--config.K=V]
+        [--fit] [--fit_accum] [--decode] [--autotune_results=FILE] [--gpu_spec=FILE] [--dump=DIR]
+
+Compiles the train step `llmjax.main` would run (same config checks, XLA flags, mesh, grad
+accumulation; `model.attention=auto` resolved as on a GPU) for `--devices` compile-only GPUs
+described by a GpuTargetConfigProto (llmjax/assets/gpu_specs/), on a machine with no GPU: XLA's
+whole GPU pipeline runs (fusion, cuBLAS/cuDNN rewrites, SPMD partitioning, scheduling, buffer
+assignment), only nothing executes. Needs the CUDA plugin, `jax[cuda12]`: `make plan-install`
+sets up `.venv-plan` on a CPU machine. Prints a table, then one JSON object on the last line.
+Memory, FLOPs and bytes are per device (an SPMD program is one device's share); tokens/s are
+for all devices. The prediction is the roofline stated in roofline.py.
+
+Without autotuning XLA gives Triton GEMMs a placeholder tiling, so GEMMs are compiled as cuBLAS
+calls (`--xla_gpu_enable_triton_gemm=false`, cuBLAS picks its kernel at run time) unless
+`--autotune_results` names results dumped on a real GPU (`--xla_gpu_dump_autotune_results_to`).
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.resources
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from llmjax import config, hlo_stats, roofline, xla_flags
+
+GPUS = ("h100", "h200", "a100")
+# jax's GPU client preallocates this fraction of device memory (XLA_PYTHON_CLIENT_MEM_FRACTION);
+# a step whose peak exceeds it fails with RESOURCE_EXHAUSTED although the card has more.
+DEFAULT_MEM_FRACTION = 0.75
+FIT_MAX_BATCH = 1024  # per device; --fit stops doubling here
+
+FLAGS = flags.FLAGS
+
+
+def cuda_plugin_available() -> bool:
+    """Whether jax's CUDA plugin (jax[cuda12]) is installed; deviceless compiles need it."""
+    return any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+
+
+def gpu_spec_text(gpu: str, spec_file: str | None = None) -> str:
+    """The GpuTargetConfigProto text of a shipped GPU, or of `spec_file`."""
+    if spec_file:
+        try:
+            with open(spec_file) as f:
+                return f.read()
+        except OSError as e:
+            raise config.ConfigError(f"--gpu_spec={spec_file}: {e.strerror}") from e
+    if gpu not in GPUS:
+        raise config.ConfigError(f"--gpu={gpu} is not one of {', '.join(GPUS)} (or --gpu_spec)")
+    return (
+        importlib.resources.files("llmjax") / "assets" / "gpu_specs" / f"{gpu}.txtpb"
+    ).read_text()
+
+
+def planning_xla_flags(user_flags: str, autotune_results: str | None) -> str:
+    """llmjax's GPU flags, plus cuBLAS GEMMs or the given autotune results; the user's win."""
+    extra = ["--xla_gpu_enable_triton_gemm=false"]
+    if autotune_results:
+        extra = [f"--xla_gpu_load_autotune_results_from={os.path.abspath(autotune_results)}"]
+    names = {f.split("=", 1)[0] for f in user_flags.split()}
+    ours = [f for f in extra if f.split("=", 1)[0] not in names]
+    return xla_flags.merged_xla_flags(" ".join([*user_flags.split(), *ours]))
+
+
+def compile_only_devices(spec_text: str, n: int) -> list:
+    """`n` compile-only GPUs in one host, described by `spec_text`."""
+    from jax.experimental import topologies
+
+    if not cuda_plugin_available():
+        raise config.ConfigError(
+            "the CUDA plugin (jax[cuda12]) is not installed: `make plan-install`, then "
+            ".venv-plan/bin/python -m llmjax.plan ..."
+        )
+    try:
+        # topology "P x H x D": partitions x hosts per partition x devices per host
+        topo = topologies.get_topology_desc(
+            platform="cuda", topology=f"1x1x{n}", target_config=spec_text
+        )
+    except Exception as e:  # XLA's parse error: one line, without the field's name
+        raise config.ConfigError(f"GPU spec rejected by XLA: {str(e).splitlines()[0]}") from e
+    return list(topo.devices)
+
+
+def _shard_bytes(tree) -> int:
+    import jax
+
+    return sum(
+        math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree)
+    )
+
+
+def _memory(compiled, gpu: roofline.Gpu) -> dict:
+    m = compiled.memory_analysis()
+    # Buffer assignment's total: donated arguments are reused for the outputs.
+    peak = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+    usable = int(
+        gpu.memory_bytes
+        * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
+    )
+    return {
+        "arguments_bytes": m.argument_size_in_bytes,
+        "outputs_bytes": m.output_size_in_bytes,
+        "aliased_bytes": m.alias_size_in_bytes,
+        "temp_bytes": m.temp_size_in_bytes,
+        "xla_peak_bytes": m.peak_memory_in_bytes,
+        "peak_memory_bytes": peak,
+        "usable_memory_bytes": usable,
+        "fits": peak <= usable,
+        "margin_bytes": usable - peak,
+    }
+
+
+def _program(kernels: list[hlo_stats.Kernel], gpu: roofline.Gpu) -> dict:
+    """FLOPs, bytes, launches, collectives and the roofline of one compiled step (per device)."""
+    flops = collections.Counter()
+    launches = collections.Counter()
+    collectives: dict[str, dict] = {}
+    for k in kernels:
+        flops[k.category] += k.flops * k.launches
+        launches[k.kind] += k.launches
+        if k.category == "collective":
+            c = collectives.setdefault(k.kind, {"count": 0, "bytes": 0})
+            c["count"] += k.launches
+            c["bytes"] += int(k.bytes * k.launches)
+    compute = [k for k in kernels if k.category != "collective"]
+    heaviest = sorted(compute, key=lambda k: k.bytes * k.launches, reverse=True)[:5]
+    pred = roofline.predict(kernels, gpu)
+    return {
+        "flops_per_step": sum(flops.values()),
+        "flops": {c: flops[c] for c in ("gemm", "attention", "other")},
+        "hbm_bytes_per_step": int(sum(k.bytes * k.launches for k in compute)),
+        "kernel_launches": sum(k.launches for k in compute),
+        "launches_by_kind": dict(launches.most_common()),
+        "collectives": collectives,
+        "heaviest_kernels": [
+            {
+                "name": k.name,
+                "kind": k.kind,
+                "bytes": int(k.bytes * k.launches),
+                "launches": k.launches,
+            }
+            for k in heaviest
+        ],
+        "predicted_seconds": {
+            **{c: round(s, 6) for c, s in pred.seconds_by_category.items()},
+            "no_overlap": pred.no_overlap_seconds,
+            "overlapped": pred.overlapped_seconds,
+        },
+    }
+
+
+def _compile(jitted, args, static=(), options=None) -> tuple:
+    t0 = time.perf_counter()
+    compiled = jitted.trace(*static, *args).lower().compile(options)
+    return compiled, time.perf_counter() - t0
+
+
+def _dump(dump: str | None, name: str, compiled) -> None:
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        with open(os.path.join(dump, f"{name}.after_optimizations.hlo"), "w") as f:
+            f.write(compiled.as_text())
+
+
+def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -> dict:
+    """Compiles the train step of `cfg` for `devices` and reports its program and prediction."""
+    import jax
+    import jax.numpy as jnp
+
+    from llmjax import sharding, train
+    from llmjax.model import flops_per_token
+
+    run = train.build(cfg, devices)
+    B, T = cfg.data.batch_size, cfg.data.seq_len
+    batch_BT1 = jax.ShapeDtypeStruct(
+        (B, T + 1), jnp.int32, sharding=sharding.batch_sharding(run.mesh)
+    )
+    compiled, seconds = _compile(run.train_step, (run.abstract_state, batch_BT1))
+    _dump(dump, "train_step", compiled)
+    kernels = hlo_stats.kernels(compiled.as_text(), len(devices))
+    n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(run.abstract_state.params))
+    hand = flops_per_token(run.model_cfg, n_params, T) * B * T / len(devices)
+    report = {
+        "gpu": gpu.name,
+        "devices": len(devices),
+        "mesh": dict(run.mesh.shape),
+        "batch_size": B,
+        "seq_len": T,
+        "grad_accum": cfg.optim.grad_accum,
+        "attention": run.model_cfg.attention,
+        "params": n_params,
+        "compile_seconds": round(seconds, 2),
+        "state_bytes": _shard_bytes(run.abstract_state),
+        **_memory(compiled, gpu),
+        **_program(kernels, gpu),
+        "flops_hand_6N_6LDT": hand,
+    }
+    step = report["predicted_seconds"]["no_overlap"]
+    # 6N+6LDT counts matmuls only: compare it with GEMMs + attention, not the elementwise rest.
+    report["flops_ratio_to_hand"] = (report["flops"]["gemm"] + report["flops"]["attention"]) / hand
+    report["predicted_step_seconds"] = step
+    report["predicted_tokens_per_sec"] = B * T / step
+    report["predicted_tokens_per_sec_overlapped"] = (
+        B * T / report["predicted_seconds"]["overlapped"]
+    )
+    report["predicted_mfu"] = hand / (step * gpu.peak_flops)
+    return report
+
+
+def plan_decode(
+    cfg, device, gpu: roofline.Gpu, batch: int, context: int, chunk: int, dump: str | None = None
+) -> dict:
+    """Compiles llmjax.sample's decode step (`chunk` tokens per dispatch) on one device."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from llmjax import sample
+    from llmjax.model import GPT
+
+    model_cfg = config.model_config(cfg, "gpu")
+    model = nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0)))
+    graphdef, params = nnx.split(model)
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_device)
+    arg = lambda shape, dtype: place(jax.ShapeDtypeStruct(shape, dtype))
+    args = jax.tree.map(
+        place,
+        (
+            params,
+            arg((batch, 1), jnp.int32),  # toks_BK
+            jax.eval_shape(lambda: model.init_cache(batch, context)),
+            arg((), jnp.int32),  # pos
+            arg((batch, context), jnp.int32),  # prompt_BS
+            arg((batch,), jnp.int32),  # lengths_B
+            jax.eval_shape(lambda: jax.random.key(0)),
+            arg((), jnp.float32),  # temperature
+            arg((), jnp.int32),  # top_k
+            arg((), jnp.float32),  # top_p
+        ),
+    )
+    # sample._decode is the exact program `llmjax.sample` dispatches; see the report on naming.
+    # Top-k/top-p sort the vocabulary; sizing CUB's radix sort needs a CUDA runtime, so XLA's own
+    # sort kernel stands in for it here (slower: the prediction errs on the slow side).
+    options = {"xla_gpu_enable_cub_radix_sort": False}
+    compiled, seconds = _compile(sample._decode, args, (graphdef, chunk), options)
+    _dump(dump, "decode_step", compiled)
+    report = {
+        "decode_batch": batch,
+        "decode_context": context,
+        "decode_chunk": chunk,
+        "compile_seconds": round(seconds, 2),
+        **_memory(compiled, gpu),
+        **_program(hlo_stats.kernels(compiled.as_text(), 1), gpu),
+    }
+    step = report["predicted_seconds"]["no_overlap"]
+    report["predicted_tokens_per_sec"] = batch * chunk / step
+    return report
+
+
+def fit_batch(cfg, devices: list, gpu: roofline.Gpu, on_try) -> dict | None:
+    """The largest per-device micro-batch that fits (doubling, then halving the gap to 1/8).
+
+    `on_try(report)` sees every compiled size; returns the report of the largest that fits.
+    """
+    from llmjax import sharding
+
+    data, fsdp, _ = sharding.mesh_shape(cfg.mesh, len(devices))
+
+    def attempt(per_device: int) -> dict:
+        cfg.data.batch_size = per_device * data * fsdp * cfg.optim.grad_accum
+        report = plan_train(cfg, devices, gpu)
+        on_try(report)
+        return report
+
+    best, lo, hi = None, 0, None
+    size = 1
+    while size <= FIT_MAX_BATCH and hi is None:
+        report = attempt(size)
+        if report["fits"]:
+            best, lo, size = report, size, size * 2
+        else:
+            hi = size
+    while hi is not None and hi - lo > max(1, lo // 8):
+        mid = (lo + hi) // 2
+        report = attempt(mid)
+        best, lo, hi = (report, mid, hi) if report["fits"] else (best, lo, mid)
+    return best
+
+
+def fit_accum(cfg, devices: list, gpu: roofline.Gpu, on_try) -> dict | None:
+    """The smallest grad_accum dividing data.batch_size at which the step fits."""
+    for accum in (a for a in range(1, cfg.data.batch_size + 1) if cfg.data.batch_size % a == 0):
+        cfg.optim.grad_accum = accum
+        try:
+            config.validate(cfg)
+            report = plan_train(cfg, devices, gpu)
+        except config.ConfigError:
+            continue  # e.g. micro-batch not divisible by the devices
+        on_try(report)
+        if report["fits"]:
+            return report
+    return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def table(r: dict) -> str:
+    """The human-readable report of one compiled train step."""
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    p, f = r["predicted_seconds"], r["flops"]
+    rows = [
+        f"{r['gpu']} x {r['devices']}  mesh {mesh}  batch {r['batch_size']} x {r['seq_len']}"
+        f"  grad_accum {r['grad_accum']}  attention {r['attention']}",
+        f"compile            {r['compile_seconds']:.1f} s",
+        "memory per device  "
+        f"arguments {_gb(r['arguments_bytes'])}, temporaries {_gb(r['temp_bytes'])}, "
+        f"peak {_gb(r['peak_memory_bytes'])} of {_gb(r['usable_memory_bytes'])} usable: "
+        + ("fits" if r["fits"] else "DOES NOT FIT")
+        + f" (margin {_gb(r['margin_bytes'])})",
+        f"FLOPs per device   {f['gemm'] / 1e12:.3f} T GEMM + {f['attention'] / 1e12:.3f} T "
+        f"attention + {f['other'] / 1e12:.3f} T rest = {r['flops_per_step'] / 1e12:.3f} T; "
+        f"6N+6LDT {r['flops_hand_6N_6LDT'] / 1e12:.3f} T (GEMM + attention "
+        f"{r['flops_ratio_to_hand']:.3f}x)",
+        f"HBM bytes          {_gb(r['hbm_bytes_per_step'])} per device per step",
+        f"kernel launches    {r['kernel_launches']}: "
+        + ", ".join(f"{n} {k}" for k, n in r["launches_by_kind"].items()),
+        "collectives        "
+        + (
+            ", ".join(f"{c['count']} {k} ({_gb(c['bytes'])})" for k, c in r["collectives"].items())
+            or "none"
+        ),
+        "heaviest kernels   "
+        + "; ".join(f"{k['name']} ({k['kind']}) {_gb(k['bytes'])}" for k in r["heaviest_kernels"]),
+        f"predicted step     {p['gemm'] * 1e3:.1f} ms GEMM + {p['attention'] * 1e3:.1f} ms "
+        f"attention + {p['other'] * 1e3:.1f} ms rest + {p['collective'] * 1e3:.1f} ms "
+        f"collectives = {p['no_overlap'] * 1e3:.1f} ms ({p['overlapped'] * 1e3:.1f} ms with "
+        "collectives fully overlapped)",
+        f"predicted          {r['predicted_tokens_per_sec']:,.0f} tokens/s "
+        f"({r['predicted_tokens_per_sec_overlapped']:,.0f} overlapped), "
+        f"MFU {r['predicted_mfu']:.1%}",
+    ]
+    return "\n".join(rows)
+
+
+def _model_statement() -> dict:
+    return {
+        "model": "per kernel max(flops/(eff*peak), bytes/(eff_hbm*HBM), min_kernel); "
+        "collectives ring at eff_link*NVLink; no overlap and fully overlapped",
+        "eff_gemm": roofline.EFF_GEMM,
+        "eff_attention": roofline.EFF_ATTENTION,
+        "eff_hbm": roofline.EFF_HBM,
+        "eff_vector": roofline.EFF_VECTOR,
+        "eff_link": roofline.EFF_LINK,
+        "min_kernel_seconds": roofline.MIN_KERNEL_SECONDS,
+    }
+
+
+def _parse(argv: list[str]) -> list[str]:
+    # absl reports a bad flag with a usage dump and exit 1; users get one line and exit 2.
+    try:
+        return FLAGS(argv)
+    except (flags.Error, KeyError, TypeError, ValueError, AttributeError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"llmjax: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(cfg) -> None:
+    """Everything after the flags: prints the table(s), then the JSON object."""
+    config.validate(cfg)
+    if cfg.model.attention == "auto":  # as a GPU would resolve it, not this CPU
+        cfg.model.attention = config.model_config(cfg, "gpu").attention
+    spec = gpu_spec_text(FLAGS.gpu, FLAGS.gpu_spec)
+    try:
+        gpu = roofline.parse_gpu(spec)
+    except roofline.SpecError as e:
+        raise config.ConfigError(f"GPU spec {FLAGS.gpu_spec or FLAGS.gpu}: {e}") from e
+    if FLAGS.devices < 1:
+        raise config.ConfigError(f"--devices={FLAGS.devices} must be >= 1")
+    devices = compile_only_devices(spec, FLAGS.devices)
+    show = lambda r: print(table(r) + "\n", flush=True)
+    if FLAGS.fit or FLAGS.fit_accum:
+        search = fit_batch if FLAGS.fit else fit_accum
+        report = search(cfg, devices, gpu, show)
+        if report is None:
+            raise config.ConfigError(f"no size tried fits {gpu.name} x {len(devices)}")
+        print(
+            f"largest that fits: batch_size={report['batch_size']} "
+            f"grad_accum={report['grad_accum']}"
+        )
+    else:
+        report = plan_train(cfg, devices, gpu, FLAGS.dump)
+        show(report)
+    if FLAGS.decode:
+        context = FLAGS.decode_context or cfg.model.block_size
+        decode = plan_decode(
+            cfg, devices[0], gpu, FLAGS.decode_batch, context, FLAGS.decode_chunk, FLAGS.dump
+        )
+        print(
+            f"decode             batch {decode['decode_batch']}, cache {context}, "
+            f"{decode['kernel_launches']} launches and {_gb(decode['hbm_bytes_per_step'])} per "
+            f"{FLAGS.decode_chunk} tokens: {decode['predicted_tokens_per_sec']:,.0f} tokens/s "
+            f"predicted (peak memory {_gb(decode['peak_memory_bytes'])})"
+        )
+        report["decode"] = decode
+    import jax
+
+    report.update(jax=jax.__version__, xla_flags=os.environ["XLA_FLAGS"], **_model_statement())
+    print(json.dumps(report))
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    # Before any backend starts: the CPU is the only real platform here (the CUDA plugin's
+    # start-up check would look for a driver), and XLA reads its flags once.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = planning_xla_flags(
+        os.environ.get("XLA_FLAGS", ""), FLAGS.autotune_results
+    )
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    try:
+        run(FLAGS.config)
+    except config.ConfigError as e:
+        print(f"llmjax: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _define_flags() -> None:
+    # Defined only when run as a program, so importing this module (the tests do) never clashes
+    # with another entry point's flags.
+    config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
+    flags.DEFINE_string("gpu", "h100", f"one of {', '.join(GPUS)} (ignored with --gpu_spec)")
+    flags.DEFINE_string("gpu_spec", None, "a GpuTargetConfigProto text file describing another GPU")
+    flags.DEFINE_integer("devices", 1, "GPUs in one host; the mesh comes from the config's mesh.*")
+    flags.DEFINE_string("autotune_results", None, "XLA autotune results dumped on the real GPU")
+    flags.DEFINE_bool("fit", False, "find the largest per-device batch that fits, at grad_accum")
+    flags.DEFINE_bool(
+        "fit_accum", False, "find the smallest grad_accum at which data.batch_size fits"
+    )
+    flags.DEFINE_bool("decode", False, "also compile the KV-cache decode step of llmjax.sample")
+    flags.DEFINE_integer("decode_batch", 1, "sequences sampled at once (--decode)")
+    flags.DEFINE_integer("decode_context", 0, "KV-cache length (--decode); 0 = model.block_size")
+    flags.DEFINE_integer("decode_chunk", 8, "decode steps per dispatch, as llmjax.sample runs them")
+    flags.DEFINE_string("dump", None, "directory for the optimized HLO text of each compiled step")
+    flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main, flags_parser=_parse)
