@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-all lint fresh-check clean
+.PHONY: install demo test test-all lint fresh-check clean plan-install
 
 install: $(STAMP)
 
@@ -34,6 +34,16 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check llmjax tests benchmarks configs
 	$(PY) -m ruff format --check llmjax tests benchmarks configs
+
+# llmjax.plan's own environment: jax[cuda12] (~3 GB of CUDA wheels) at .venv's jax version, so
+# a CPU machine can compile for GPUs. Kept apart from .venv and out of `make test`.
+PLAN_VENV := .venv-plan
+plan-install: $(STAMP)
+	test -x $(PLAN_VENV)/bin/python || $(PYTHON) -m venv $(PLAN_VENV)
+	$(PLAN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PLAN_VENV)/bin/python -m pip install -q "jax[cuda12]==$$($(PY) -c 'import jax; print(jax.__version__)')"
+	$(PLAN_VENV)/bin/python -m pip install -q -e ".[cuda12]" pytest  # pytest: tests/test_plan.py
+	@echo "then: $(PLAN_VENV)/bin/python -m llmjax.plan --config=configs/gpt2_124m.py --gpu=h100"
 
 # What a user who clones the repository gets: the committed tree cloned into an empty temporary
 # directory, nothing beside it, then `make test` and `make demo` there (what CI runs).
