@@ -2,6 +2,7 @@
 
     python -m llmjax.plan --config=configs/gpt2_124m.py --gpu=h100 [--devices=8] [--config.K=V]
         [--fit] [--fit_accum] [--decode] [--autotune_results=FILE] [--gpu_spec=FILE] [--dump=DIR]
+        [--on_device]  # on a GPU machine: the same report for the real GPUs, to compare
 
 Compiles the train step `llmjax.main` would run (same config checks, XLA flags, mesh, grad
 accumulation; `model.attention=auto` resolved as on a GPU) for `--devices` compile-only GPUs
@@ -395,7 +396,14 @@ def run(cfg) -> None:
         raise config.ConfigError(f"GPU spec {FLAGS.gpu_spec or FLAGS.gpu}: {e}") from e
     if FLAGS.devices < 1:
         raise config.ConfigError(f"--devices={FLAGS.devices} must be >= 1")
-    devices = compile_only_devices(spec, FLAGS.devices)
+    if FLAGS.on_device:
+        import jax
+
+        devices = jax.devices()[: FLAGS.devices]
+        if len(devices) < FLAGS.devices or devices[0].platform != "gpu":
+            raise config.ConfigError(f"--on_device: {FLAGS.devices} GPUs asked, {devices} found")
+    else:
+        devices = compile_only_devices(spec, FLAGS.devices)
     show = lambda r: print(table(r) + "\n", flush=True)
     if FLAGS.fit or FLAGS.fit_accum:
         search = fit_batch if FLAGS.fit else fit_accum
@@ -431,13 +439,14 @@ def main(argv: list[str]) -> None:
     del argv
     # Before any backend starts: the CPU is the only real platform here (the CUDA plugin's
     # start-up check would look for a driver), and XLA reads its flags once.
-    os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = planning_xla_flags(
         os.environ.get("XLA_FLAGS", ""), FLAGS.autotune_results
     )
-    import jax
+    if not FLAGS.on_device:
+        import jax
 
-    jax.config.update("jax_platforms", "cpu")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        jax.config.update("jax_platforms", "cpu")
     try:
         run(FLAGS.config)
     except config.ConfigError as e:
@@ -461,6 +470,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("decode_batch", 1, "sequences sampled at once (--decode)")
     flags.DEFINE_integer("decode_context", 0, "KV-cache length (--decode); 0 = model.block_size")
     flags.DEFINE_integer("decode_chunk", 8, "decode steps per dispatch, as llmjax.sample runs them")
+    flags.DEFINE_bool("on_device", False, "compile for this machine's real GPUs (to compare)")
     flags.DEFINE_string("dump", None, "directory for the optimized HLO text of each compiled step")
     flags.mark_flags_as_required(["config"])
 
