@@ -83,7 +83,7 @@ def _define_flags() -> None:
 
 def main(argv):
     del argv
-    from llmjax.train import load_model  # late: keeps `--help` fast
+    from llmjax.checkpoint import load_model  # late: Orbax's import would slow `--help`
 
     try:
         model, tok, _ = load_model(FLAGS.workdir)

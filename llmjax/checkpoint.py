@@ -22,6 +22,7 @@ Safety, in the order things can go wrong:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -33,7 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
 from jax.experimental import multihost_utils
+
+from llmjax.model import GPT, GPTConfig
+from llmjax.tokenizer import Tokenizer, get_tokenizer
 
 
 class CheckpointError(ValueError):
@@ -80,7 +85,7 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
-def _steps_on_disk(path: str) -> list[int]:
+def steps_on_disk(path: str) -> list[int]:
     return sorted(int(p) for p in os.listdir(path) if p.isdigit()) if os.path.isdir(path) else []
 
 
@@ -92,7 +97,7 @@ def wait(mngr: ocp.CheckpointManager) -> None:
     except Exception as e:  # raised in Orbax's save thread, surfaced here
         raise CheckpointError(
             f"cannot save checkpoint {mngr.directory}/{step}: {_reason(e)}; the checkpoints "
-            f"already on disk ({_steps_on_disk(str(mngr.directory))}) are intact"
+            f"already on disk ({steps_on_disk(str(mngr.directory))}) are intact"
         ) from e
 
 
@@ -139,7 +144,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
     except Exception as e:
         raise CheckpointError(
             f"cannot save checkpoint {mngr.directory}/{step}: {_reason(e)}; the checkpoints "
-            f"already on disk ({_steps_on_disk(str(mngr.directory))}) are intact"
+            f"already on disk ({steps_on_disk(str(mngr.directory))}) are intact"
         ) from e
 
 
@@ -324,3 +329,22 @@ def should_stop(step: int) -> str | None:
     reason = _stop_reason[0] if _stop_reason else None
     _stop_reason.clear()
     return reason
+
+
+def load_model(workdir: str, step: int | None = None) -> tuple[GPT, Tokenizer, int]:
+    """The model of a workdir's latest (or given) checkpoint, its tokenizer and its step: the one
+    read path of `sample`, `evaluate`, `convert`, `chat` and `model.init_from`."""
+    mngr = manager(workdir, read_only=True)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{mngr.directory}: no checkpoint")
+    meta = read_meta(mngr, step)
+    model_cfg = GPTConfig(**meta["model"])
+    if jax.default_backend() != "gpu":
+        model_cfg = dataclasses.replace(model_cfg, attention="xla")  # e.g. trained on GPU
+    abstract = nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0)))
+    graphdef = nnx.graphdef(abstract)
+    target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    params = restore_params(mngr, step, target)
+    tok = get_tokenizer(meta["config"]["data"]["tokenizer"])
+    return nnx.merge(graphdef, params), tok, step

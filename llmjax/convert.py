@@ -28,7 +28,9 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from llmjax import checkpoint
 from llmjax.checkpoint import CheckpointError
+from llmjax.config import base_config
 from llmjax.model import GPT, GPTConfig, pad_vocab, stack_layers, unstack_layers
 from llmjax.tokenizer import TOKENIZERS, get_tokenizer
 
@@ -53,7 +55,7 @@ def _listing(names: list[str]) -> str:
 # Names and shapes
 
 
-def _mapping(cfg: GPTConfig) -> dict[str, tuple[tuple, tuple[int, ...]]]:
+def param_mapping(cfg: GPTConfig) -> dict[str, tuple[tuple, tuple[int, ...]]]:
     """Hugging Face name (no prefix) -> (path in the llmjax param dict, Hugging Face shape)."""
     D, V, P = cfg.n_embd, cfg.valid_vocab_size, cfg.block_size
     m = {
@@ -103,7 +105,7 @@ def normalize_keys(sd: dict[str, np.ndarray], source: str = "checkpoint") -> dic
 def hf_to_params(sd: dict[str, np.ndarray], cfg: GPTConfig, source: str = "checkpoint") -> dict:
     """A Hugging Face GPT-2 state dict (numpy) -> the llmjax pure param dict for `cfg`."""
     sd = normalize_keys(sd, source)
-    mapping = _mapping(cfg)
+    mapping = param_mapping(cfg)
     missing = sorted(set(mapping) - set(sd), key=_natural)
     unexpected = sorted(set(sd) - set(mapping), key=_natural)
     shapes = [
@@ -148,7 +150,7 @@ def params_to_hf(params: dict, cfg: GPTConfig) -> dict[str, np.ndarray]:
     if cfg.scan_layers:
         params = unstack_layers(params)
     out = {}
-    for name, (path, shape) in _mapping(cfg).items():
+    for name, (path, shape) in param_mapping(cfg).items():
         x = params
         for key in path:
             x = x[key]
@@ -345,9 +347,6 @@ def to_hf(model: GPT, out: str) -> None:
 
 def write_workdir(model: GPT, workdir: str, source: str) -> None:
     """Writes `model` as step 0 of an llmjax workdir that sample, evaluate and init_from read."""
-    from llmjax import checkpoint
-    from llmjax.config import base_config
-
     tokenizer = TOKENIZER_FOR_VOCAB.get(model.cfg.valid_vocab_size)
     if tokenizer is None:
         known = ", ".join(f"{t}: {v}" for v, t in TOKENIZER_FOR_VOCAB.items())
@@ -392,9 +391,7 @@ def load_params(src: str, cfg: GPTConfig) -> dict:
     a longer context is cropped to cfg.block_size (fine-tuning with shorter sequences).
     """
     if is_workdir(src):
-        from llmjax.train import load_model
-
-        model = load_model(src)[0]
+        model = checkpoint.load_model(src)[0]
         src_cfg = model.cfg
         sd = params_to_hf(nnx.to_pure_dict(nnx.state(model, nnx.Param)), src_cfg)
     else:
@@ -445,11 +442,9 @@ def main(argv) -> None:
                 f"width {model.cfg.n_embd})"
             )
         elif FLAGS.to_hf:
-            from llmjax.train import load_model
-
             if not is_workdir(FLAGS.workdir):
                 raise ConvertError(f"--workdir={FLAGS.workdir}: no checkpoints folder")
-            model, _, step = load_model(FLAGS.workdir)
+            model, _, step = checkpoint.load_model(FLAGS.workdir)
             to_hf(model, FLAGS.to_hf)
             print(f"convert: {FLAGS.workdir} (step {step}) -> {FLAGS.to_hf}")
         else:

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import urllib.request
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,8 @@ import optax
 from absl import app, flags, logging
 from flax import nnx
 
-from llmjax import data
+from llmjax import checkpoint, data
+from llmjax.loss import lm_loss
 from llmjax.tokenizer import Tokenizer
 
 # The validation split (10,042 items) as published with the paper's code.
@@ -44,24 +46,33 @@ class EvalError(data.DataError):
 # Validation loss
 
 
+def eval_step(params, batch_BT1: jax.Array, *, graphdef) -> tuple[jax.Array, jax.Array]:
+    """(summed loss, scored targets) of one batch: summed over batches, their ratio is the exact
+    mean. Training jits it with the run's shardings; `val_loss` jits it as it is."""
+    return lm_loss(params, graphdef, batch_BT1, None, True)
+
+
+def mean_loss(step, params, batches: Iterable) -> float:
+    """Mean loss per scored target over `batches`, from `step` (a jitted `eval_step`): the one
+    validation loss, in the training loop and on the command line alike. Sums are added in
+    float64 on the host, so the order and number of batches cost no precision."""
+    sums = [step(params, b) for b in batches]
+    total, count = np.sum(jax.device_get(sums), axis=0, dtype=np.float64)
+    return float(total / max(count, 1.0))
+
+
 def val_loss(
     graphdef, params, path: str, *, seq_len: int, batch: int, vocab_size: int, max_batches: int = 0
 ) -> dict:
-    """Mean loss per target over the val split, all of it (whole batches) or `max_batches`, from
-    the same eval_step training uses."""
-    from llmjax.train import _eval_step  # late: train imports this module
-
-    windows = data._Windows(data.split_paths(path, "val"), seq_len, vocab_size, stride=seq_len)
-    batch = max(1, min(batch, windows.total))
-    n = max(1, windows.total // batch)
+    """Mean loss per target over the val split, all of it (whole batches) or `max_batches`."""
+    windows = data.count_val_windows(path, seq_len)
+    batch = max(1, min(batch, windows))
+    n = max(1, windows // batch)
     n = min(n, max_batches) if max_batches else n
-    step = _jitted_eval_step(graphdef, _eval_step)
     batches = data.val_batches(
         path, seq_len=seq_len, batch=batch, vocab_size=vocab_size, num_batches=n
     )
-    sums = [step(params, jnp.asarray(b)) for b in batches]  # (summed loss, scored targets)
-    total, count = np.sum(jax.device_get(sums), axis=0, dtype=np.float64)
-    loss = float(total / count)
+    loss = mean_loss(_jitted_eval_step(graphdef), params, map(jnp.asarray, batches))
     return {
         "val_loss": loss,
         "val_perplexity": math.exp(min(loss, 700.0)),
@@ -71,7 +82,7 @@ def val_loss(
 
 
 @functools.cache
-def _jitted_eval_step(graphdef, eval_step):
+def _jitted_eval_step(graphdef):
     return jax.jit(functools.partial(eval_step, graphdef=graphdef))
 
 
@@ -207,8 +218,6 @@ FLAGS = flags.FLAGS
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax narrates every save and restore at INFO
-    from llmjax.train import load_model  # late: keeps `--help` fast
-
     try:
         if not FLAGS.data and not FLAGS.hellaswag:
             raise EvalError("nothing to evaluate: give --data=PREPARED_DIR and/or --hellaswag")
@@ -217,7 +226,7 @@ def main(argv) -> None:
             if FLAGS.hellaswag
             else None
         )
-        model, tok, step = load_model(FLAGS.workdir)
+        model, tok, step = checkpoint.load_model(FLAGS.workdir)
         graphdef, params = nnx.split(model)
         out: dict = {"workdir": FLAGS.workdir, "step": step}
         if FLAGS.data:
@@ -244,8 +253,6 @@ def main(argv) -> None:
 
 
 def checkpoint_seq_len(workdir: str, step: int) -> int:
-    from llmjax import checkpoint
-
     mngr = checkpoint.manager(workdir, read_only=True)
     return int(checkpoint.read_meta(mngr, step)["config"]["data"]["seq_len"])
 

@@ -1,6 +1,9 @@
 """Where numbers go: WORKDIR/metrics.jsonl, TensorBoard event files under WORKDIR/tb, the console.
 
 Only process 0 writes. TensorBoard's own event writer is used, so no TensorFlow is needed.
+`RunLog` is the training loop's side of it: what is logged at each interval, loss-spike events,
+throughput and MFU, and the state a checkpoint keeps so a resumed run logs exactly as an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.text.summary_v2 import text_pb
@@ -128,7 +132,7 @@ class Progress:
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         frac = step / self.total
         bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        sys.stdout.write(f"\r[{bar}] {step}/{self.total} {extra} eta {_hms(eta)} ")
+        sys.stdout.write(f"\r[{bar}] {step}/{self.total} {extra} eta {hms(eta)} ")
         sys.stdout.flush()
 
     def clear(self) -> None:
@@ -136,8 +140,137 @@ class Progress:
             sys.stdout.write("\r\033[K")
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+SPIKE_DECAY = 0.98  # running mean of the loss for spike events: about the last 50 steps
+
+
+def loss_spikes(losses: list[float], mean: float, count: int, factor: float):
+    """Steps (indices into `losses`) whose loss exceeds `factor` x the running mean of the finite
+    losses before it, as (index, loss, mean); and the updated (mean, count)."""
+    spikes = []
+    for i, loss in enumerate(losses):
+        if not np.isfinite(loss):
+            continue  # a skipped step: counted elsewhere, never averaged in
+        if factor and count and loss > factor * mean:
+            spikes.append((i, loss, mean))
+        mean = loss if count == 0 else SPIKE_DECAY * mean + (1 - SPIKE_DECAY) * loss
+        count += 1
+    return spikes, mean, count
+
+
+class RunLog:
+    """The training loop's logging: per-step metrics stay on the device until the interval's one
+    host sync (`interval`), which writes their means, throughput, MFU and loss-spike events.
+
+    `replay` is what `replay_state()` saved with the checkpoint the run resumes from (None for a
+    fresh run): what the interrupted run logged after that checkpoint is cut off, and the
+    per-step metrics it had not logged yet come back, so every later row is bit for bit the same
+    as an uninterrupted run's.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        steps: int,
+        start: int,
+        tokens_per_step: int,
+        flops_per_step: float,
+        spike_factor: float,
+        replay: dict | None,
+        enabled: bool,
+    ):
+        self.writer = Writer(workdir, enabled=enabled)
+        if replay is not None:  # absent in checkpoints of older versions: logs are left alone
+            self.writer.truncate(replay["log_bytes"], start)
+        replay = replay or {"pending": [], "loss_mean": [0.0, 0]}
+        self.pending: list[dict] = [
+            {k: np.float32(v) for k, v in m.items()} for m in replay["pending"]
+        ]
+        self.loss_mean, self.loss_count = replay["loss_mean"]
+        self.steps, self.tokens_per_step, self.flops_per_step = (
+            steps,
+            tokens_per_step,
+            flops_per_step,
+        )
+        self.spike_factor = spike_factor
+        self.peak = peak_flops(jax.devices()[0])
+        self.progress = Progress(steps, start)
+        self.t_log, self.step_log = time.time(), start
+        self.last: dict = {}
+
+    def record(self, m: dict) -> None:
+        """One step's metrics, still on the device."""
+        self.pending.append(m)
+
+    def interval(self, done: int, skipped: jax.Array, bad_streak: jax.Array) -> int:
+        """The loop's only host sync: fetches the interval's metrics and logs their means.
+        Returns the number of consecutive non-finite (skipped) steps up to `done`."""
+        fetched = jax.device_get(self.pending)
+        self.pending = []
+        elapsed = time.time() - self.t_log
+        n = done - self.step_log
+        tps = self.tokens_per_step * n / elapsed
+        row = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[0]}
+        row["train/lr"] = float(fetched[-1]["train/lr"])
+        skipped, streak = (int(x) for x in jax.device_get((skipped, bad_streak)))
+        row["train/skipped_steps"] = skipped
+        row["perf/tokens_per_sec"] = tps
+        mfu = (
+            self.flops_per_step * n / elapsed / self.peak / jax.device_count()
+            if self.peak
+            else None
+        )
+        row["perf/mfu"] = mfu
+        self.last = {**row, **{k: float(v) for k, v in fetched[-1].items()}}
+        self.writer.scalars(done, row)
+        eta = (self.steps - done) * elapsed / n
+        self.line(
+            f"step {done:>6}/{self.steps} | loss {row['train/loss']:.4f} | "
+            f"lr {row['train/lr']:.2e} | gnorm {row['train/grad_norm']:.3f} | "
+            f"{tps / 1e3:,.1f}k tok/s{f' | mfu {100 * mfu:.1f}%' if mfu else ''} | eta {hms(eta)}"
+        )
+        losses = [float(f["train/loss"]) for f in fetched]
+        spikes, self.loss_mean, self.loss_count = loss_spikes(
+            losses, self.loss_mean, self.loss_count, self.spike_factor
+        )
+        for i, loss, mean in spikes:
+            at = done - len(fetched) + 1 + i
+            self.writer.scalars(at, {"event/loss_spike": loss, "event/loss_mean": mean})
+            self.line(
+                f"step {at:>6}/{self.steps} | loss spike: {loss:.4f} is above "
+                f"{self.spike_factor} x the running mean {mean:.4f}"
+            )
+        self.t_log, self.step_log = time.time(), done
+        return streak
+
+    def line(self, msg: str) -> None:
+        """A console line that does not collide with the progress bar."""
+        self.progress.clear()
+        console(msg)
+
+    def restart_clock(self, done: int, state) -> None:
+        """Evaluation, sampling and checkpointing happen right after a log; keeps them out of
+        the next interval's tokens/s."""
+        if done == self.step_log and done != self.steps:
+            jax.block_until_ready(state)
+            self.t_log = time.time()
+        self.progress.update(done)
+
+    def replay_state(self) -> dict:
+        """What a checkpoint at this step keeps for `replay` (syncs the pending metrics)."""
+        self.pending = jax.device_get(self.pending)
+        return {
+            "pending": [{k: float(v) for k, v in m.items()} for m in self.pending],
+            "loss_mean": [self.loss_mean, self.loss_count],
+            "log_bytes": self.writer.log_bytes(),
+        }
+
+    def close(self) -> None:
+        self.writer.close()

@@ -32,8 +32,9 @@ def shakespeare() -> str:
 
 @pytest.fixture(scope="session")
 def reference_tiktoken(tmp_path_factory):
-    """tiktoken's own `gpt2` encoding, built by tiktoken from its cache (no network): the BPE files
-    the package ships (sha256 as tiktoken pins them) are placed where tiktoken would have cached its download."""
+    """tiktoken's own `gpt2` encoding, built by tiktoken from its cache (no network): the BPE
+    files the package ships (tiktoken checks their sha256) are placed where tiktoken would have
+    cached its download."""
     import tiktoken
 
     cache = tmp_path_factory.mktemp("tiktoken_cache")

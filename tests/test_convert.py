@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from llmjax import convert, train
+from llmjax import checkpoint, convert, train
 from llmjax.convert import ConvertError
 from llmjax.model import GPT
 from llmjax.sample import generate
@@ -104,7 +104,7 @@ def test_key_layouts_and_round_trip(tmp_path):
     hf_cfg = hf.config.to_dict()
     sd = state_dict(hf)
     reference = convert.normalize_keys(sd)
-    assert set(reference) == set(convert._mapping(convert.config_from_hf(hf_cfg)))
+    assert set(reference) == set(convert.param_mapping(convert.config_from_hf(hf_cfg)))
 
     # OpenAI-style file on the hub: no prefix, causal-mask buffers, no lm_head.
     bare = {k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"}
@@ -218,7 +218,7 @@ def test_cli_import_export_and_init_from(tmp_path, byte_data):
     work = str(tmp_path / "work")
     r = _run("llmjax.convert", f"--from_hf={tmp_path / 'hf'}", f"--workdir={work}")
     assert r.returncode == 0, r.stderr
-    model, tok, step = train.load_model(work)
+    model, tok, step = checkpoint.load_model(work)
     assert (tok.name, step) == ("bytes", 0)
     idx = np.random.default_rng(3).integers(0, 257, (1, 64))
     np.testing.assert_allclose(ours_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)

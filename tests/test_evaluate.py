@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmjax import data, evaluate, train
+from llmjax import checkpoint, data, evaluate, train
 from llmjax.model import GPT, GPTConfig
 from llmjax.tokenizer import get_tokenizer
 from tests.conftest import ROOT, tiny_config
@@ -38,7 +38,7 @@ def test_val_loss_is_mean_of_eval_steps_over_whole_split(byte_data):
         (len(data.read_shard(p)) - 33) // 32 + 1 for p in data.split_paths(byte_data, "val")
     )
     assert out["val_batches"] == windows // 64 and out["val_tokens"] <= val_tokens
-    step = jax.jit(lambda p, b: train._eval_step(p, b, graphdef=graphdef))
+    step = jax.jit(lambda p, b: evaluate.eval_step(p, b, graphdef=graphdef))
     batches = list(
         data.val_batches(
             byte_data, seq_len=32, batch=64, vocab_size=257, num_batches=out["val_batches"]
@@ -166,7 +166,7 @@ def test_training_logs_hellaswag_and_cli_agrees(tmp_path, byte_data):
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    model, _, _ = train.load_model(work)
+    model, _, _ = checkpoint.load_model(work)
     graphdef, params = nnx.split(model)
     assert out["step"] == 2 and out["hellaswag_items"] == 6
     assert out["hellaswag_acc"] == logged[0]["eval/hellaswag_acc"]

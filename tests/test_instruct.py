@@ -87,7 +87,7 @@ def test_padding_never_contributes_to_loss(tmp_path):
     import jax.numpy as jnp
     from flax import nnx
 
-    from llmjax import train
+    from llmjax.loss import lm_loss
     from llmjax.model import GPT, GPTConfig
 
     cfg = GPTConfig(
@@ -101,8 +101,8 @@ def test_padding_never_contributes_to_loss(tmp_path):
     row[: len(ids)] = np.where(scored, ids, -1 - np.asarray(ids))
     other = row.copy()
     other[len(ids) :] = -1 - 7  # different padding ids: same loss
-    s1, n1 = train._loss(params, graphdef, jnp.asarray(row[None]), None, True)
-    s2, n2 = train._loss(params, graphdef, jnp.asarray(other[None]), None, True)
+    s1, n1 = lm_loss(params, graphdef, jnp.asarray(row[None]), None, True)
+    s2, n2 = lm_loss(params, graphdef, jnp.asarray(other[None]), None, True)
     assert float(s1) == float(s2) and int(n1) == sum(scored[1 : len(ids)]) == int(n2)
     # And the loss equals a direct computation over the scored targets only.
     logits = model(jnp.asarray(np.abs(np.where(row < 0, -1 - row, row))[None, :-1]))
@@ -170,9 +170,9 @@ def test_finetuning_lowers_val_loss(finetuned):
 
 
 def test_chat_prompt_answers_and_stops_at_end(finetuned):
-    from llmjax import chat, train
+    from llmjax import chat, checkpoint
 
-    model, tok, _ = train.load_model(finetuned)
+    model, tok, _ = checkpoint.load_model(finetuned)
     answer, dropped = chat.reply(
         model,
         tok,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmjax import checkpoint, train
+from llmjax import checkpoint, metrics, train
 from llmjax.checkpoint import CheckpointError
 from llmjax.data import DataError
 from tests.conftest import ROOT, tiny_config
@@ -128,7 +128,7 @@ def test_reference_run_logs_every_step_once(reference):
     rows = _rows(reference)
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, STEPS + 1))
     assert [r["step"] for r in rows if "eval/loss" in r] == [8, 16]
-    assert checkpoint._steps_on_disk(checkpoint.directory(reference)) == [8, 12, 16]
+    assert checkpoint.steps_on_disk(checkpoint.directory(reference)) == [8, 12, 16]
 
 
 def test_sigkill_at_a_random_step_resumes_bit_for_bit(byte_data, env, reference, tmp_path):
@@ -141,7 +141,7 @@ def test_sigkill_at_a_random_step_resumes_bit_for_bit(byte_data, env, reference,
     # The log reads as one uninterrupted run: rows the killed run wrote after its last checkpoint
     # are replaced by the resumed run's, and every number matches the reference exactly.
     assert _logged(workdir) == _logged(reference), f"killed after step {at} ({killed_rows} rows)"
-    saved = [s for s in checkpoint._steps_on_disk(checkpoint.directory(workdir))]
+    saved = [s for s in checkpoint.steps_on_disk(checkpoint.directory(workdir))]
     assert saved == [8, 12, 16]
 
 
@@ -157,7 +157,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(byte_data, env, reference, t
     assert stopped, out + rest
     step = int(stopped.group(1))
     assert at <= step < STEPS
-    assert checkpoint._steps_on_disk(checkpoint.directory(workdir))[-1] == step
+    assert checkpoint.steps_on_disk(checkpoint.directory(workdir))[-1] == step
     assert [r["step"] for r in _rows(workdir) if "train/loss" in r] == list(range(1, step + 1))
     resumed = _run(env, "preempted", byte_data, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -226,7 +226,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(
     )
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(expected))
     checkpoint.set_aside(workdir, meta["corrupt"])
-    assert checkpoint._steps_on_disk(checkpoint.directory(workdir)) == [8, 12]
+    assert checkpoint.steps_on_disk(checkpoint.directory(workdir)) == [8, 12]
     assert os.listdir(os.path.join(workdir, "checkpoints_corrupt"))[0].startswith("16-")
 
 
@@ -239,7 +239,7 @@ def test_run_resumes_past_a_truncated_latest_checkpoint(byte_data, env, referenc
     assert f"checkpoint {checkpoint.directory(workdir)}/16 is corrupt" in proc.stderr
     assert f"resumed from {checkpoint.directory(workdir)}/12" in proc.stdout
     assert _logged(workdir) == _logged(reference)  # steps 13..16 again, exactly
-    assert checkpoint._steps_on_disk(checkpoint.directory(workdir)) == [8, 12, 16]
+    assert checkpoint.steps_on_disk(checkpoint.directory(workdir)) == [8, 12, 16]
 
 
 def test_restored_buffers_are_donatable(byte_data, reference):
@@ -260,7 +260,7 @@ def test_retention_keeps_recent_and_every_nth(tmp_path):
         checkpoint.save(mngr, step, state, {"step": step})
     checkpoint.wait(mngr)
     mngr.close()
-    assert checkpoint._steps_on_disk(checkpoint.directory(str(tmp_path))) == [4, 8, 9, 10]
+    assert checkpoint.steps_on_disk(checkpoint.directory(str(tmp_path))) == [4, 8, 9, 10]
 
 
 @pytest.fixture
@@ -330,13 +330,13 @@ def test_nan_run_stops_with_a_message_and_a_good_checkpoint(byte_data, env, tmp_
 
 
 def test_loss_spikes_are_found_against_the_running_mean():
-    d = train.SPIKE_DECAY
+    d = metrics.SPIKE_DECAY
     losses = [4.0, 4.0, float("nan"), 9.0, 4.0]
-    spikes, mean, count = train._loss_spikes(losses, 0.0, 0, 2.0)
+    spikes, mean, count = metrics.loss_spikes(losses, 0.0, 0, 2.0)
     assert spikes == [(3, 9.0, 4.0)]  # the NaN step is neither a spike nor averaged in
     after9 = d * 4.0 + (1 - d) * 9.0
     assert count == 4 and mean == pytest.approx(d * after9 + (1 - d) * 4.0, rel=1e-15)
-    assert train._loss_spikes(losses, 0.0, 0, 0.0)[0] == []  # 0 turns events off
+    assert metrics.loss_spikes(losses, 0.0, 0, 0.0)[0] == []  # 0 turns events off
 
 
 def _snapshot(folder) -> dict:
@@ -458,6 +458,6 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(byte_data, env, 
     assert [p.returncode for p in procs] == [0, 0]
     steps = {int(re.search(r"returned at step (\d+)", o).group(1)) for o in outs}
     assert len(steps) == 1 and at <= min(steps) < 24  # both saved the same step
-    assert checkpoint._steps_on_disk(checkpoint.directory(workdir))[-1] == steps.pop()
+    assert checkpoint.steps_on_disk(checkpoint.directory(workdir))[-1] == steps.pop()
     assert all(p.wait(timeout=600) == 0 for p in _two_processes(env, byte_data, workdir))
     assert _logged(workdir) == _logged(reference)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmjax import data, sharding, train
+from llmjax import checkpoint, data, sharding, train
 from tests.conftest import tiny_config
 
 
@@ -106,7 +106,7 @@ def test_resume_continues_the_same_run(byte_data, trained, tmp_path):
 def test_sampling_from_workdir(trained):
     from llmjax.sample import generate
 
-    model, tok, step = train.load_model(trained)
+    model, tok, step = checkpoint.load_model(trained)
     assert step == 20 and tok.name == "bytes"
     out = generate(model, [tok.encode("The ")], 10, temperature=0.0)
     assert len(out[0]) == 10 and all(0 <= t < 257 for t in out[0])
@@ -136,7 +136,7 @@ def test_sample_cli_fits_the_context(trained):
     )
     assert proc.returncode == 0, proc.stderr
     assert "63 new tokens" in proc.stderr  # block_size 64, minus the EOT that starts the prompt
-    model, tok, _ = train.load_model(trained)
+    model, tok, _ = checkpoint.load_model(trained)
     from llmjax.sample import generate
 
     out = generate(model, [[tok.eot_id]], 63, temperature=0.0, eot_id=tok.eot_id)[0]
