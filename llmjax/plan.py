@@ -255,11 +255,11 @@ def plan_decode(
             arg((), jnp.float32),  # top_p
         ),
     )
-    # sample._decode is the exact program `llmjax.sample` dispatches; see the report on naming.
+    # The exact program `llmjax.sample` dispatches for each chunk of new tokens.
     # Top-k/top-p sort the vocabulary; sizing CUB's radix sort needs a CUDA runtime, so XLA's own
     # sort kernel stands in for it here (slower: the prediction errs on the slow side).
     options = {"xla_gpu_enable_cub_radix_sort": False}
-    compiled, seconds = _compile(sample._decode, args, (graphdef, chunk), options)
+    compiled, seconds = _compile(sample.decode_chunk, args, (graphdef, chunk), options)
     _dump(dump, "decode_step", compiled)
     report = {
         "decode_batch": batch,

@@ -26,7 +26,9 @@ from llmjax.model import GPT, MASKED_LOGIT
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _prefill(graphdef, params, idx_BT, cache, prompt_BS, lengths_B, key, temperature, top_k, top_p):
+def prefill_step(
+    graphdef, params, idx_BT, cache, prompt_BS, lengths_B, key, temperature, top_k, top_p
+):
     """Runs the shared prompt prefix; returns the token at index T (sampled or forced), [B, 1]."""
     T = idx_BT.shape[1]
     logits_BTV, cache = nnx.merge(graphdef, params).decode(idx_BT, cache, 0)
@@ -36,7 +38,7 @@ def _prefill(graphdef, params, idx_BT, cache, prompt_BS, lengths_B, key, tempera
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=4)
-def _decode(
+def decode_chunk(
     graphdef, n, params, toks_BK, cache, pos, prompt_BS, lengths_B, key, temperature, top_k, top_p
 ):
     """Feeds toks_BK[:, -1], the token at index `pos`, then n-1 of its own: returns the tokens at
@@ -160,7 +162,7 @@ def generate(
         jnp.int32(top_k),
         jnp.float32(top_p),
     )
-    toks_BK, cache = _prefill(graphdef, params, jnp.asarray(tokens[:, :first]), cache, *consts)
+    toks_BK, cache = prefill_step(graphdef, params, jnp.asarray(tokens[:, :first]), cache, *consts)
     new: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
     while True:
@@ -168,7 +170,7 @@ def generate(
         # Dispatch the next chunk before reading this one: the device computes while the host
         # streams. At most two chunks past the end are wasted.
         if last + 1 < total:
-            next_BK, cache = _decode(graphdef, chunk, params, toks_BK, cache, last, *consts)
+            next_BK, cache = decode_chunk(graphdef, chunk, params, toks_BK, cache, last, *consts)
         for j, col in enumerate(np.asarray(toks_BK).T.tolist()):
             if first + j >= total:
                 break
@@ -190,7 +192,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax narrates every save and restore at INFO
-    from llmjax.train import load_model  # late: keeps `--help` fast
+    from llmjax.checkpoint import load_model  # late: Orbax's import would slow `--help`
 
     try:
         model, tok, step = load_model(FLAGS.workdir)

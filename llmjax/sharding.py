@@ -189,7 +189,7 @@ def memory_report(params, opt_state, compiled) -> str:
 
 
 # Launchers that start several processes and tell jax.distributed who is who.
-def _launched_processes() -> str | None:
+def launched_processes() -> str | None:
     env = os.environ
     if "SLURM_STEP_NODELIST" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         return "SLURM"
@@ -221,7 +221,7 @@ def init_distributed(
         jax.distributed.initialize(
             coordinator_address, num_processes, process_id, cluster_detection_method="deactivate"
         )
-    elif launcher := _launched_processes():
+    elif launcher := launched_processes():
         try:
             jax.distributed.initialize(coordinator_address, num_processes, process_id)
         except ValueError as e:  # e.g. JAX_COORDINATOR_ADDRESS set but no process count

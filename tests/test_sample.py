@@ -94,11 +94,11 @@ def test_decode_compiles_once_per_cache_size():
 
     model = GPT(TINY, nnx.Rngs(3))
     generate(model, [[1, 2, 3]], 12, temperature=0.8, top_k=10)
-    before = (sample._decode._cache_size(), sample._prefill._cache_size())
+    before = (sample.decode_chunk._cache_size(), sample.prefill_step._cache_size())
     # Other lengths, sampling settings and seeds inside the same 64-token cache reuse the steps.
     generate(model, [[4, 5, 6]], 20, temperature=0.0, seed=3)
     generate(model, [[9, 9, 9]], 5, temperature=1.3, top_p=0.9, seed=1)
-    assert (sample._decode._cache_size(), sample._prefill._cache_size()) == before
+    assert (sample.decode_chunk._cache_size(), sample.prefill_step._cache_size()) == before
 
 
 def test_sampling_distribution_and_padding():

@@ -258,4 +258,4 @@ def test_launcher_detection(monkeypatch, env, launcher):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert sharding._launched_processes() == launcher
+    assert sharding.launched_processes() == launcher
