@@ -200,11 +200,24 @@ class GPT(nnx.Module):
 
     def __call__(self, idx_BT, *, deterministic: bool = True, rngs=None):
         """Returns float32 logits [B, T, V] with padded ids masked out."""
+        return self.logits(self.hidden(idx_BT, deterministic=deterministic, rngs=rngs))
+
+    def hidden(self, idx_BT, *, deterministic: bool = True, rngs=None):
+        """The final hidden states [B, T, D] (after ln_f): what the LM head reads. The training
+        loss takes these, so that it can apply the head chunk by chunk (see loss.py)."""
         return self._forward(idx_BT, None, 0, deterministic, rngs)[0]
+
+    def logits(self, x_BTD):
+        """The LM head: float32 logits [..., V] of hidden states, padded ids masked out."""
+        # Tied embedding: the output projection is wte itself (GPT-2 shares them).
+        logits_BTV = self.wte.attend(x_BTD).astype(jnp.float32)
+        valid_V = jnp.arange(self.cfg.vocab_size) < self.cfg.valid_vocab_size
+        return jnp.where(valid_V, logits_BTV, MASKED_LOGIT)
 
     def decode(self, idx_BT, cache: list, pos):
         """Runs `idx_BT` at positions pos..pos+T-1 against a KV cache (see `init_cache`)."""
-        return self._forward(idx_BT, cache, pos, True, None)
+        x_BTD, cache = self._forward(idx_BT, cache, pos, True, None)
+        return self.logits(x_BTD), cache
 
     def init_cache(self, batch: int, max_len: int) -> list | tuple:
         """Per-layer (k, v) pairs; with scan_layers one (k_LBSNH, v_LBSNH) pair stacked by layer."""
@@ -248,12 +261,7 @@ class GPT(nnx.Module):
                     None if keys_L is None else keys_L[i],
                 )
                 new_cache.append(c)
-        x_BTD = self.ln_f(x_BTD)
-        # Tied embedding: the output projection is wte itself (GPT-2 shares them).
-        logits_BTV = self.wte.attend(x_BTD).astype(jnp.float32)
-        valid_V = jnp.arange(self.cfg.vocab_size) < self.cfg.valid_vocab_size
-        logits_BTV = jnp.where(valid_V, logits_BTV, MASKED_LOGIT)
-        return logits_BTV, (None if cache is None else new_cache)
+        return self.ln_f(x_BTD), (None if cache is None else new_cache)
 
 
 def _stacked_blocks(cfg: GPTConfig, rngs: nnx.Rngs) -> Block:
