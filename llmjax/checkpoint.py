@@ -37,11 +37,12 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from llmjax.errors import UserError
 from llmjax.model import GPT, GPTConfig
 from llmjax.tokenizer import Tokenizer, get_tokenizer
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used or written; the message names it."""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from llmjax.errors import UserError
 from llmjax.model import REMAT_POLICIES, GPTConfig, pad_vocab
 from llmjax.tokenizer import TOKENIZERS, get_tokenizer
 
@@ -15,7 +16,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("auto", "xla", "cudnn")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-facing configuration problem; its message is one line naming the key and value."""
 
 

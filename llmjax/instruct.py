@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from llmjax import data
+from llmjax.errors import UserError
 from llmjax.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -32,7 +33,7 @@ SAMPLE_QUESTIONS = (
 )
 
 
-class InstructError(ValueError):
+class InstructError(UserError):
     """A dataset file that cannot be used; the message names the file and the record."""
 
 

@@ -18,6 +18,8 @@ from typing import Protocol
 
 import tiktoken
 
+from llmjax.errors import UserError
+
 # The hashes tiktoken pins for its own `gpt2` encoding (tiktoken_ext/openai_public.py).
 GPT2_FILE_SHA256 = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -137,4 +139,4 @@ def get_tokenizer(name: str) -> Tokenizer:
         return GPT2Tokenizer(chat=name.endswith("-chat"))
     if name in ("bytes", "bytes-chat"):
         return ByteTokenizer(chat=name.endswith("-chat"))
-    raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
+    raise UserError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
