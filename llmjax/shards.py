@@ -16,6 +16,8 @@ import re
 
 import numpy as np
 
+from llmjax.errors import UserError
+
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.uint16
@@ -24,7 +26,7 @@ MAX_TOKENS = 2**31 - 1  # the header's count is an int32
 FORMAT = {"magic": MAGIC, "version": VERSION, "header_bytes": HEADER_BYTES, "dtype": "uint16"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file and the problem."""
 
 

@@ -178,3 +178,9 @@ def test_foreign_token_ids_checked_against_the_vocabulary(tmp_path):
     llmc_write_datafile(tmp_path / "fineweb_train_000001.bin", list(range(40)) + [300])
     with pytest.raises(data.DataError, match="fineweb_train_000001.bin: token id 300 >= vocab"):
         data.check_dataset(str(tmp_path), "bytes", 32)
+
+
+def test_data_errors_are_user_errors():
+    from llmjax.errors import UserError
+
+    assert issubclass(data.DataError, UserError) and issubclass(data.DataError, ValueError)
