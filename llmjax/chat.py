@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from llmjax import instruct
+from llmjax import errors, instruct
 from llmjax.model import GPT
-from llmjax.sample import Streamer, generate
+from llmjax.sample import SampleError, Streamer, check_settings, generate
 from llmjax.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
@@ -30,7 +30,7 @@ def fit_context(tok: Tokenizer, messages: list[dict], budget: int) -> tuple[list
         ids, _ = instruct.render(tok, system + turns[dropped:], add_generation_prompt=True)
         if len(ids) <= budget:
             return ids, dropped
-    raise ValueError(
+    raise SampleError(
         f"the last message alone needs more than the {budget} tokens of context left for it"
     )
 
@@ -85,18 +85,13 @@ def main(argv):
     del argv
     from llmjax.checkpoint import load_model  # late: Orbax's import would slow `--help`
 
-    try:
-        model, tok, _ = load_model(FLAGS.workdir)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"chat: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_settings(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    model, tok, _ = load_model(FLAGS.workdir)
     if not tok.chat:
-        print(
-            f"chat: {FLAGS.workdir} was trained with tokenizer {tok.name!r}, which has no chat "
-            "tokens; finetune it first (configs/sft_gpt2.py)",
-            file=sys.stderr,
+        raise SampleError(
+            f"--workdir={FLAGS.workdir} was trained with tokenizer {tok.name!r}, which has no "
+            "chat tokens; finetune it first (configs/sft_gpt2.py)"
         )
-        sys.exit(2)
     opts = dict(
         max_new_tokens=FLAGS.max_new_tokens,
         temperature=FLAGS.temperature,
@@ -105,17 +100,13 @@ def main(argv):
     )
     system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
     if FLAGS.prompt is not None:
-        try:
-            reply(
-                model,
-                tok,
-                system + [{"role": "user", "content": FLAGS.prompt}],
-                seed=FLAGS.seed,
-                **opts,
-            )
-        except ValueError as e:
-            print(f"chat: {e}", file=sys.stderr)
-            sys.exit(2)
+        reply(
+            model,
+            tok,
+            system + [{"role": "user", "content": FLAGS.prompt}],
+            seed=FLAGS.seed,
+            **opts,
+        )
         print()
         return
     messages = list(system)
@@ -134,8 +125,8 @@ def main(argv):
         sys.stdout.write("assistant> ")
         try:
             answer, dropped = reply(model, tok, messages, seed=FLAGS.seed + turn, **opts)
-        except ValueError as e:
-            print(f"\nchat: {e}", file=sys.stderr)
+        except SampleError as e:  # this message does not fit: the conversation goes on
+            print(f"\nllmjax: {e}", file=sys.stderr)
             messages.pop()
             continue
         print()
@@ -146,4 +137,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    errors.run(main)

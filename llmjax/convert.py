@@ -19,16 +19,15 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from importlib import resources
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from flax import nnx
 
-from llmjax import checkpoint
+from llmjax import checkpoint, errors
 from llmjax.checkpoint import CheckpointError
 from llmjax.config import base_config
 from llmjax.model import GPT, GPTConfig, pad_vocab, stack_layers, unstack_layers
@@ -430,28 +429,23 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax narrates every save and restore at INFO
-    try:
-        if FLAGS.from_hf and FLAGS.to_hf:
-            raise ConvertError("give --from_hf (import) or --to_hf (export), not both")
-        if FLAGS.from_hf:
-            model = from_hf(FLAGS.from_hf)
-            write_workdir(model, FLAGS.workdir, FLAGS.from_hf)
-            print(
-                f"convert: {FLAGS.from_hf} -> {FLAGS.workdir} ({model.cfg.n_layer} layers, "
-                f"width {model.cfg.n_embd})"
-            )
-        elif FLAGS.to_hf:
-            if not is_workdir(FLAGS.workdir):
-                raise ConvertError(f"--workdir={FLAGS.workdir}: no checkpoints folder")
-            model, _, step = checkpoint.load_model(FLAGS.workdir)
-            to_hf(model, FLAGS.to_hf)
-            print(f"convert: {FLAGS.workdir} (step {step}) -> {FLAGS.to_hf}")
-        else:
-            raise ConvertError("give --from_hf=SRC (with --workdir) or --to_hf=OUT")
-    except (ConvertError, FileNotFoundError) as e:
-        print(f"convert: {e}", file=sys.stderr)
-        sys.exit(2)
+    if FLAGS.from_hf and FLAGS.to_hf:
+        raise ConvertError("give --from_hf (import) or --to_hf (export), not both")
+    if FLAGS.from_hf:
+        model = from_hf(FLAGS.from_hf)
+        write_workdir(model, FLAGS.workdir, FLAGS.from_hf)
+        print(
+            f"convert: {FLAGS.from_hf} -> {FLAGS.workdir} ({model.cfg.n_layer} layers, "
+            f"width {model.cfg.n_embd})"
+        )
+    elif FLAGS.to_hf:
+        if not is_workdir(FLAGS.workdir):
+            raise ConvertError(f"--workdir={FLAGS.workdir}: no checkpoints folder")
+        model, _, step = checkpoint.load_model(FLAGS.workdir)
+        to_hf(model, FLAGS.to_hf)
+        print(f"convert: {FLAGS.workdir} (step {step}) -> {FLAGS.to_hf}")
+    else:
+        raise ConvertError("give --from_hf=SRC (with --workdir) or --to_hf=OUT")
 
 
 def _define_flags() -> None:
@@ -464,4 +458,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    errors.run(main)

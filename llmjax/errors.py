@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 
 
 class UserError(ValueError):
@@ -44,6 +44,9 @@ def run(main: Callable[[list[str]], None]) -> None:
     """absl's app.run for every llmjax command: flags parsed as above, `UserError` reported."""
 
     def guarded(argv: list[str]) -> None:
+        # Orbax narrates every save and restore, and `datasets` its imports, at INFO: a user's
+        # terminal gets warnings and the commands' own output only.
+        logging.set_verbosity(logging.WARNING)
         try:
             main(argv)
         except UserError as e:

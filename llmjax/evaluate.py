@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import sys
 import urllib.request
 from collections.abc import Iterable
 
@@ -26,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags
 from flax import nnx
 
-from llmjax import checkpoint, data
+from llmjax import checkpoint, data, errors
 from llmjax.loss import lm_loss
 from llmjax.tokenizer import Tokenizer
 
@@ -217,38 +216,33 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax narrates every save and restore at INFO
-    try:
-        if not FLAGS.data and not FLAGS.hellaswag:
-            raise EvalError("nothing to evaluate: give --data=PREPARED_DIR and/or --hellaswag")
-        items = (
-            load_hellaswag(hellaswag_path(FLAGS.hellaswag), FLAGS.hellaswag_items)
-            if FLAGS.hellaswag
-            else None
-        )
-        model, tok, step = checkpoint.load_model(FLAGS.workdir)
-        graphdef, params = nnx.split(model)
-        out: dict = {"workdir": FLAGS.workdir, "step": step}
-        if FLAGS.data:
-            meta = checkpoint_seq_len(FLAGS.workdir, step)
-            seq_len = min(FLAGS.seq_len or meta, model.cfg.block_size)
-            data.check_dataset(FLAGS.data, tok.name, seq_len)
-            out.update(
-                val_loss(
-                    graphdef,
-                    params,
-                    FLAGS.data,
-                    seq_len=seq_len,
-                    batch=FLAGS.batch_size,
-                    vocab_size=tok.vocab_size,
-                    max_batches=FLAGS.max_batches,
-                )
+    if not FLAGS.data and not FLAGS.hellaswag:
+        raise EvalError("nothing to evaluate: give --data=PREPARED_DIR and/or --hellaswag")
+    items = (
+        load_hellaswag(hellaswag_path(FLAGS.hellaswag), FLAGS.hellaswag_items)
+        if FLAGS.hellaswag
+        else None
+    )
+    model, tok, step = checkpoint.load_model(FLAGS.workdir)
+    graphdef, params = nnx.split(model)
+    out: dict = {"workdir": FLAGS.workdir, "step": step}
+    if FLAGS.data:
+        meta = checkpoint_seq_len(FLAGS.workdir, step)
+        seq_len = min(FLAGS.seq_len or meta, model.cfg.block_size)
+        data.check_dataset(FLAGS.data, tok.name, seq_len)
+        out.update(
+            val_loss(
+                graphdef,
+                params,
+                FLAGS.data,
+                seq_len=seq_len,
+                batch=FLAGS.batch_size,
+                vocab_size=tok.vocab_size,
+                max_batches=FLAGS.max_batches,
             )
-        if items is not None:
-            out.update(hellaswag(graphdef, params, items, tok, model.cfg.block_size))
-    except (data.DataError, FileNotFoundError, ValueError) as e:
-        print(f"evaluate: {e}", file=sys.stderr)
-        sys.exit(2)
+        )
+    if items is not None:
+        out.update(hellaswag(graphdef, params, items, tok, model.cfg.block_size))
     print(json.dumps(out))
 
 
@@ -271,4 +265,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    errors.run(main)

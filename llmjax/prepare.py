@@ -31,10 +31,19 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
+from llmjax import errors
 from llmjax.data import PREPARE_STATE
-from llmjax.shards import FORMAT, MAX_TOKENS, TOKEN_DTYPE, ShardFile, shard_bytes, shard_name
+from llmjax.shards import (
+    FORMAT,
+    MAX_TOKENS,
+    TOKEN_DTYPE,
+    DataError,
+    ShardFile,
+    shard_bytes,
+    shard_name,
+)
 from llmjax.sources import open_source
 from llmjax.tokenizer import get_tokenizer
 
@@ -334,12 +343,12 @@ def _duration(s: float) -> str:
 
 def _check_options(o: dict) -> None:
     if not 0.0 <= o["val_fraction"] < 1.0:
-        raise ValueError(f"--val_fraction={o['val_fraction']} must be in [0, 1)")
+        raise DataError(f"--val_fraction={o['val_fraction']} must be in [0, 1)")
     for key in ("val_docs", "min_chars", "max_docs", "max_tokens", "workers"):
         if o[key] < 0:
-            raise ValueError(f"--{key}={o[key]} must be >= 0")
+            raise DataError(f"--{key}={o[key]} must be >= 0")
     if not 1 <= o["shard_tokens"] <= MAX_TOKENS:
-        raise ValueError(f"--shard_tokens={o['shard_tokens']} must be in [1, 2**31)")
+        raise DataError(f"--shard_tokens={o['shard_tokens']} must be in [1, 2**31)")
 
 
 def _resume_state(out: str, options: dict) -> dict | None:
@@ -355,7 +364,7 @@ def _resume_state(out: str, options: dict) -> dict | None:
             for k in options
             if state["options"].get(k) != options[k]
         ]
-        raise ValueError(
+        raise DataError(
             f"--out={out} holds an unfinished prepare with other options "
             f"({', '.join(diff)}); rerun it with those, or use an empty --out"
         )
@@ -387,13 +396,13 @@ def _claim_out(out: str, options: dict) -> dict | None:
             meta = json.load(f)
         if meta.get("options") == options:
             return meta
-        raise ValueError(
+        raise DataError(
             f"--out={out} already holds a prepared dataset with other options; "
             "use another --out or delete it"
         )
     ours = os.path.exists(os.path.join(out, PREPARE_STATE))
     if not ours and glob.glob(os.path.join(out, "*.bin")):
-        raise ValueError(
+        raise DataError(
             f"--out={out} holds .bin shards that prepare did not start; "
             "use another --out or delete them"
         )
@@ -452,7 +461,7 @@ def prepare(
     _check_options({**options, "workers": workers})
     tok = get_tokenizer(tokenizer)
     if tok.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
-        raise ValueError(
+        raise DataError(
             f"--tokenizer={tokenizer} has ids up to {tok.vocab_size - 1}, beyond "
             "uint16 (65535): llm.c shards hold uint16 tokens"
         )
@@ -586,7 +595,7 @@ def _run(
             _remove_stale(out, {"splits": {s: {"shards": [], "partial": 0} for s in writers}})
             if os.path.exists(os.path.join(out, PREPARE_STATE)):
                 os.remove(os.path.join(out, PREPARE_STATE))
-            raise ValueError(
+            raise DataError(
                 f"--source={source}: no document went to {split} ({docs['kept']} "
                 f"kept of {docs['seen']}); a dataset needs at least 2 kept documents"
             )
@@ -650,14 +659,12 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # `datasets` logs at INFO on import...
-    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # ...and the errors we report
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # `datasets` logs the errors we report
     # Else `datasets` imports torch (seconds) for every stream, only to share ints with a
     # DataLoader's workers, which prepare never uses.
     os.environ.setdefault("USE_TORCH", "0")
     if FLAGS["val_fraction"].present and FLAGS.val_docs:
-        print("prepare: pass --val_fraction or --val_docs, not both", file=sys.stderr)
-        sys.exit(2)
+        raise DataError("pass --val_fraction or --val_docs, not both")
     try:
         meta = prepare(
             FLAGS.source,
@@ -676,12 +683,10 @@ def main(argv):
             hf_split=FLAGS.hf_split,
             verbose=True,
         )
-    except (ValueError, OSError) as e:
-        print(f"prepare: {e}", file=sys.stderr)
-        sys.exit(2)
+    except OSError as e:  # an unreadable source or an unwritable --out: nothing half-done is kept
+        errors.fail(e)
     except KeyboardInterrupt:
-        print("\nprepare: interrupted; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+        errors.fail("prepare interrupted; run the same command again to resume", code=130)
     print(summary(meta, FLAGS.out))
 
 
@@ -713,14 +718,6 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_tokens", 0, "stop once this many tokens are written (0: no cap)")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:  # one line and exit 2, like every other input error
-        print(f"prepare: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
     _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    errors.run(main)

@@ -19,10 +19,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from flax import nnx
 
+from llmjax import errors
 from llmjax.model import GPT, MASKED_LOGIT
+
+
+class SampleError(errors.UserError):
+    """Sampling arguments that cannot be used; the message names the argument and its value."""
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
@@ -108,6 +113,17 @@ def sample_logits(logits_BV, key, temperature, top_k, top_p):
     return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
+def check_settings(temperature: float, top_k: int, top_p: float) -> None:
+    """Sampling settings that mean something: raises SampleError naming the one that does not."""
+    for ok, what in [
+        (temperature >= 0, f"temperature={temperature} must be >= 0 (0 = greedy)"),
+        (top_k >= 0, f"top_k={top_k} must be >= 0 (0 = all tokens)"),
+        (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1] (1 = off)"),
+    ]:
+        if not ok:
+            raise SampleError(what)
+
+
 def generate(
     model: GPT,
     prompts: list[list[int]],
@@ -129,21 +145,22 @@ def generate(
     included when it was produced).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise SampleError("every prompt needs at least one token")
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+        raise SampleError(f"chunk must be >= 1, got {chunk}")
+    check_settings(temperature, top_k, top_p)
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     B, lengths = len(prompts), [len(p) for p in prompts]
     total = max(lengths) + max_new_tokens
     if total > model.cfg.block_size:
-        raise ValueError(
+        raise SampleError(
             f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) "
             f"exceeds the model's block_size ({model.cfg.block_size})"
         )
     bad = [t for p in prompts for t in p if not 0 <= t < model.cfg.valid_vocab_size]
     if bad:
-        raise ValueError(
+        raise SampleError(
             f"prompt token {bad[0]} is outside the vocabulary [0, {model.cfg.valid_vocab_size})"
         )
     graphdef, params = nnx.split(model)
@@ -191,14 +208,15 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax narrates every save and restore at INFO
     from llmjax.checkpoint import load_model  # late: Orbax's import would slow `--help`
 
-    try:
-        model, tok, step = load_model(FLAGS.workdir)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sample: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_settings(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    if FLAGS.num_samples < 1 or FLAGS.max_new_tokens < 1:
+        raise SampleError(
+            f"--num_samples={FLAGS.num_samples} and --max_new_tokens={FLAGS.max_new_tokens} "
+            "must be >= 1"
+        )
+    model, tok, step = load_model(FLAGS.workdir)
     print(f"# {FLAGS.workdir} at step {step}", file=sys.stderr)
     # An empty prompt starts a fresh document, as GPT-2 was trained; a long one keeps its end.
     ids = tok.encode(FLAGS.prompt)[-(model.cfg.block_size - 1) :] or [tok.eot_id]
@@ -273,4 +291,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    errors.run(main)

@@ -16,6 +16,8 @@ import re
 import sysconfig
 from collections.abc import Iterator
 
+from llmjax.errors import UserError
+
 # The offline corpus's modules: docstrings of these stdlib modules, after pydoc's topic pages.
 PYDOCS_MODULES = (
     "abc argparse ast asyncio/base_events asyncio/tasks asyncio/streams base64 bisect calendar "
@@ -64,7 +66,7 @@ def _glob(source: str, pattern: str) -> list[str]:
         p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
     )
     if not paths:
-        raise ValueError(f"--source={source}: no file matches {pattern!r}")
+        raise UserError(f"--source={source}: no file matches {pattern!r}")
     return paths
 
 
@@ -96,10 +98,10 @@ def dataset_rows(
     try:
         ds = datasets.load_dataset(builder, streaming=True, **kwargs)
     except Exception as e:  # the hub raises many kinds (offline, gated, missing config, ...)
-        raise ValueError(f"--source={source}: cannot open ({_one_line(e)})") from e
+        raise UserError(f"--source={source}: cannot open ({_one_line(e)})") from e
     if ds.column_names is not None:
         if text_field not in ds.column_names:
-            raise ValueError(
+            raise UserError(
                 f"--source={source}: no field --text_field={text_field!r} "
                 f"(fields: {', '.join(ds.column_names)})"
             )
@@ -119,7 +121,7 @@ def dataset_rows(
             except StopIteration:
                 return
             except Exception as e:  # malformed JSON, a truncated parquet file, a dropped stream
-                raise ValueError(
+                raise UserError(
                     f"--source={source}: cannot read past row {n:,} ({_one_line(e)})"
                 ) from e
             n += len(next(iter(batch.values()), []))
@@ -128,13 +130,13 @@ def dataset_rows(
     def rows() -> Iterator[str]:
         for batch in batches():
             if text_field not in batch:
-                raise ValueError(
+                raise UserError(
                     f"--source={source}: no field --text_field={text_field!r} "
                     f"(fields: {', '.join(batch)})"
                 )
             for text in batch[text_field]:
                 if text is not None and not isinstance(text, str):
-                    raise ValueError(
+                    raise UserError(
                         f"--source={source}: field {text_field!r} holds "
                         f"{type(text).__name__}, not text"
                     )
@@ -161,7 +163,7 @@ def open_source(
                 try:
                     total += pq.ParquetFile(path).metadata.num_rows
                 except Exception as e:  # pyarrow's errors do not name the file
-                    raise ValueError(
+                    raise UserError(
                         f"--source={source}: {path}: not a readable parquet file ({_one_line(e)})"
                     ) from e
         rows, _ = dataset_rows(
@@ -175,7 +177,7 @@ def open_source(
         return paragraph_documents(_glob(source, arg)), None
     if kind == "builtin" and arg == "pydocs":
         return pydocs_documents(), None
-    raise ValueError(
+    raise UserError(
         f"--source={source!r}: expected hf:NAME, jsonl:GLOB, parquet:GLOB, "
         "text:GLOB, paragraphs:GLOB or builtin:pydocs"
     )

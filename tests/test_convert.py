@@ -228,7 +228,7 @@ def test_cli_import_export_and_init_from(tmp_path, byte_data):
     again = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     np.testing.assert_array_equal(hf_logits(again, idx), hf_logits(hf, idx))
     r = _run("llmjax.convert", f"--from_hf={tmp_path / 'nowhere'}", f"--workdir={work}")
-    assert r.returncode == 2 and r.stderr.startswith("convert: ") and "nowhere" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("llmjax: ") and "nowhere" in r.stderr
 
     # model.init_from: a workdir or an HF directory gives the same step-0 params; the context is
     # cropped to the configured block_size (tiny: 64 -> 32 after the override).

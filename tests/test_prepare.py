@@ -325,7 +325,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     )
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prepare: --source=hf:HuggingFaceFW/fineweb-edu")
+    assert len(lines) == 1 and lines[0].startswith("llmjax: --source=hf:HuggingFaceFW/fineweb-edu")
     for args, needle in [
         (["--source=text:x"], "--out"),
         (["--source=text:x", "--out=o", "--workers=two"], "workers"),

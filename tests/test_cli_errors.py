@@ -1,0 +1,82 @@
+"""Every command fails the same way on bad input: exit code 2, one line `llmjax: ...` on stderr
+naming the offending path, key or value, and nothing on disk changed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llmjax import train
+from tests.conftest import ROOT, tiny_config
+
+
+def _snapshot(folder) -> dict:
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            out[p] = (os.path.getsize(p), os.path.getmtime(p))
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(byte_data, tmp_path_factory) -> str:
+    """A tiny pretrained run (bytes tokenizer, so it has no chat tokens)."""
+    work = str(tmp_path_factory.mktemp("cli") / "w")
+    cfg = tiny_config(byte_data, **{"train.steps": 2, "train.eval_every": 0, "train.ckpt_every": 2})
+    train.train_and_evaluate(cfg, work)
+    return work
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", f"llmjax.{module}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def _cases(workdir: str, byte_data: str, tmp) -> dict:
+    bad_json = tmp / "no_instructions.json"
+    bad_json.write_text(json.dumps([{"question": "q", "answer": "a"}]))
+    return {
+        "main": (
+            [
+                "--config=configs/tiny.py",
+                f"--workdir={tmp / 'sft'}",
+                f"--config.data.path={bad_json}",
+                "--config.data.tokenizer=bytes-chat",
+            ],
+            str(bad_json),
+        ),
+        "prepare": (["--source=text:/nowhere/*.txt", f"--out={tmp / 'out'}"], "/nowhere/*.txt"),
+        "sample": ([f"--workdir={workdir}", "--temperature=-1"], "temperature=-1"),
+        "convert": ([f"--workdir={tmp / 'absent'}", f"--to_hf={tmp / 'hf'}"], "absent"),
+        "evaluate": ([f"--workdir={workdir}", f"--data={tmp / 'no_data'}"], "no_data"),
+        "chat": ([f"--workdir={workdir}", "--prompt=hi"], "no chat tokens"),
+    }
+
+
+@pytest.mark.parametrize("module", ["main", "prepare", "sample", "convert", "evaluate", "chat"])
+def test_bad_input_is_one_line_exit_2(module, workdir, byte_data, tmp_path):
+    args, needle = _cases(workdir, byte_data, tmp_path)[module]
+    before, before_tmp = _snapshot(os.path.dirname(workdir)), _snapshot(tmp_path)
+    proc = _cli(module, *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert 1 <= len(lines) <= 2 and lines[-1].startswith("llmjax: "), proc.stderr[-2000:]
+    assert needle in lines[-1], proc.stderr
+    assert _snapshot(os.path.dirname(workdir)) == before
+    assert _snapshot(tmp_path) == before_tmp  # nothing created beside the inputs either
+
+
+def test_bad_flag_is_one_line_exit_2(workdir):
+    proc = _cli("sample", f"--workdir={workdir}", "--top_k=many")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "top_k" in lines[0], proc.stderr
