@@ -26,6 +26,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 
@@ -247,6 +248,7 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
                 mngr.close()
                 return step, state, {**meta, "corrupt": corrupt}
         why = why or "not restorable on another process"
+        _drop_abandoned_reads()
         logging.warning(
             "checkpoint %s is corrupt or truncated (%s); trying the one before", where, why
         )
@@ -259,6 +261,20 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
             "folder away to start over"
         )
     return None
+
+
+def _drop_abandoned_reads() -> None:
+    """Orbax abandons the pending reads of a restore that fails on damaged files; their callbacks
+    later find its event loop closed, and Python would print each as an unraisable traceback
+    under the one warning that matters. Those, and only those, are dropped."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def set_aside(workdir: str, steps: list[int]) -> None:
@@ -335,6 +351,8 @@ def should_stop(step: int) -> str | None:
 def load_model(workdir: str, step: int | None = None) -> tuple[GPT, Tokenizer, int]:
     """The model of a workdir's latest (or given) checkpoint, its tokenizer and its step: the one
     read path of `sample`, `evaluate`, `convert`, `chat` and `model.init_from`."""
+    if not os.path.isdir(directory(workdir)):
+        raise CheckpointError(f"--workdir={workdir}: no checkpoints folder (not a training run)")
     mngr = manager(workdir, read_only=True)
     step = mngr.latest_step() if step is None else step
     if step is None:
