@@ -1,17 +1,24 @@
 """The device mesh, the one table mapping logical axis names to mesh axes, and batch placement.
 
-The model names its weight axes logically (vocab, embed, heads, mlp); this file alone decides where
-they live. With fsdp > 1 weights and optimizer state are split over `fsdp` (ZeRO-3) and XLA gathers
-each layer's weights when it needs them; tensor > 1 splits heads and the MLP hidden dimension.
-Activations are constrained at two points only, both in train._train_step: the micro-batches
-(split over (data, fsdp) like the batch) and each micro-batch's gradients (in the parameters'
-layout, so fsdp reduce-scatters them). Everything else XLA propagates from the weights.
+The model names the axes of its weights (vocab, embed, heads, mlp) and of the activations that
+decide the layout (activation_batch, activation_heads, ...); this file alone decides where they
+live. With fsdp > 1 weights and optimizer state are split over `fsdp` (ZeRO-3) while every
+activation keeps its batch axis split over (data, fsdp): each device computes its own rows with
+each layer's weights all-gathered, and gradients are reduce-scattered. Without the activation
+names XLA is free to keep the weights' `embed` split and move activations of the whole global batch
+instead. tensor > 1 splits heads, the MLP hidden units and the vocabulary (Megatron's layout).
+
+The activation names take effect only inside `activation_rules` (the jitted train and eval steps
+enter it through `under_rules`); elsewhere the model's constraints are no-ops.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
@@ -27,12 +34,19 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (or axes). The single place where parallelism is decided.
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),  # examples are split over every data-parallel replica
+    # Weights.
     "vocab": "tensor",  # embedding rows
     "embed": "fsdp",  # model width: the ZeRO-3 axis of every weight
     "heads": "tensor",  # attention heads (q, k, v outputs and c_proj inputs)
     "mlp": "tensor",  # MLP hidden units
     "layers": None,  # the stacked-block axis of scan_layers: every device holds all layers
+    # Activations (and the input batch).
+    "activation_batch": ("data", "fsdp"),  # examples are split over every data-parallel replica
+    "activation_length": None,  # whole sequences per device (no sequence parallelism)
+    "activation_embed": None,  # the residual stream is whole on every device: fsdp moves weights
+    "activation_heads": "tensor",  # Megatron: each tensor rank attends with its own heads
+    "activation_mlp": "tensor",  # ... and holds its slice of the MLP hidden units
+    "activation_vocab": "tensor",  # vocabulary-parallel logits and loss
 }
 
 
@@ -71,12 +85,33 @@ def param_shardings(abstract_params, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(RULES["batch"]))
+    return NamedSharding(mesh, P(RULES["activation_batch"]))
 
 
 def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
     """Micro-batches stacked [A, B/A, ...]: every micro-batch split like the batch."""
-    return NamedSharding(mesh, P(None, RULES["batch"]))
+    return NamedSharding(mesh, P(None, RULES["activation_batch"]))
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh) -> Iterator[None]:
+    """Inside: the model's activation axis names (model.constrain) map onto `mesh` by RULES.
+    Usable inside a traced function: it sets JAX's abstract mesh, not a concrete one."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with nnx.logical_axis_rules(tuple(RULES.items())):
+            yield
+
+
+def under_rules(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` traced inside `activation_rules(mesh)`: wrap a step with it before jitting, so the
+    constraints apply wherever the jitted step is traced (the loop, plan, tests)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_rules(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -158,7 +193,7 @@ def describe(mesh: Mesh) -> str:
     axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
     return (
         f"mesh {axes} over {mesh.size} {mesh.devices.flat[0].platform} devices in "
-        f"{jax.process_count()} process(es); batch over {RULES['batch']}"
+        f"{jax.process_count()} process(es); batch over {RULES['activation_batch']}"
     )
 
 
