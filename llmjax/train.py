@@ -166,13 +166,13 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
         state_shardings=state_sh,
         abstract_state=abstract,
         train_step=jax.jit(
-            step_fn,
+            sharding.under_rules(step_fn, mesh),
             in_shardings=(state_sh, batch_sh),
             out_shardings=(state_sh, repl),
             donate_argnums=0,
         ),
         eval_step=jax.jit(
-            functools.partial(evaluate.eval_step, graphdef=graphdef),
+            sharding.under_rules(functools.partial(evaluate.eval_step, graphdef=graphdef), mesh),
             in_shardings=(param_sh, batch_sh),
             out_shardings=repl,
         ),
