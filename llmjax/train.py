@@ -184,12 +184,17 @@ def initial_state(run: Run) -> TrainState:
     """Step-0 state: random init, or the weights named by `model.init_from` (see convert.py)."""
     if run.cfg.model.init_from == "scratch":
         return run.init()
+
+    def start_from(params) -> TrainState:
+        # Every leaf its own buffer: the train step donates the state, and a buffer shared by
+        # two leaves (one zero for step and skipped, say) cannot be donated twice.
+        zero = lambda: jnp.zeros((), jnp.int32)
+        return TrainState(zero(), params, run.tx.init(params), zero(), zero())
+
     sh = run.state_shardings
     params = jax.device_put(load_params(run.cfg.model.init_from, run.model_cfg), sh.params)
-    opt_state = jax.jit(run.tx.init, out_shardings=sh.opt_state)(params)
-    zero = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
     metrics.console(f"initialised from {run.cfg.model.init_from}")
-    return TrainState(zero, params, opt_state, zero, zero)
+    return jax.jit(start_from, out_shardings=sh, donate_argnums=0)(params)
 
 
 def _meta(run: Run, step: int, loop: dict) -> dict:
