@@ -209,3 +209,13 @@ def model_config(cfg: ml_collections.ConfigDict, backend: str = "cpu") -> GPTCon
         scan_layers=m.scan_layers,
         remat=m.remat,
     )
+
+
+def overrides(argv: list[str]) -> set[str]:
+    """The config keys given on a command line (`--config.model.n_layer=2` -> "model.n_layer"):
+    what the user asked for explicitly, as opposed to the config file's defaults."""
+    keys = set()
+    for arg in argv:
+        if arg.startswith("--config."):
+            keys.add(arg[len("--config.") :].split("=", 1)[0])
+    return keys

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Collection
 from importlib import resources
 
 import jax
@@ -29,7 +30,7 @@ from flax import nnx
 
 from llmjax import checkpoint, errors
 from llmjax.checkpoint import CheckpointError
-from llmjax.config import base_config
+from llmjax.config import ConfigError, base_config
 from llmjax.model import GPT, GPTConfig, pad_vocab, stack_layers, unstack_layers
 from llmjax.tokenizer import TOKENIZERS, get_tokenizer
 
@@ -259,8 +260,8 @@ def _hub_download(repo_id: str) -> str:
     return path
 
 
-def read_hf(src: str) -> tuple[dict, dict[str, np.ndarray], str]:
-    """(config.json, float32 numpy state dict, directory) of a local HF directory or a hub id."""
+def _read_hf_config(src: str) -> tuple[dict, str]:
+    """(config.json, directory) of a local HF directory or a hub id (fetched once, then cached)."""
     path = src if os.path.isdir(src) else None
     if path is None:
         if os.path.exists(src) or src.startswith((".", "/")) or src.count("/") > 1:
@@ -273,7 +274,12 @@ def read_hf(src: str) -> tuple[dict, dict[str, np.ndarray], str]:
     if not os.path.exists(cfg_path):
         raise ConvertError(f"{path}: no config.json (expected a Hugging Face GPT-2 directory)")
     with open(cfg_path) as f:
-        hf_cfg = json.load(f)
+        return json.load(f), path
+
+
+def read_hf(src: str) -> tuple[dict, dict[str, np.ndarray], str]:
+    """(config.json, float32 numpy state dict, directory) of a local HF directory or a hub id."""
+    hf_cfg, path = _read_hf_config(src)
     st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
     if os.path.exists(st):
         from safetensors import safe_open
@@ -381,6 +387,59 @@ def write_workdir(model: GPT, workdir: str, source: str) -> None:
 
 def is_workdir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def source_config(src: str) -> tuple[GPTConfig, str]:
+    """The architecture of a `model.init_from` source and the tokenizer it was trained with,
+    read without its weights: an llmjax workdir's checkpoint metadata, or a Hugging Face
+    config.json (GPT-2's tokenizer)."""
+    if is_workdir(src):
+        mngr = checkpoint.manager(src, read_only=True)
+        step = mngr.latest_step()
+        if step is None:
+            raise ConvertError(f"model.init_from={src}: no checkpoint in {mngr.directory}")
+        meta = checkpoint.read_meta(mngr, step)
+        return GPTConfig(**meta["model"]), meta["config"]["data"]["tokenizer"]
+    hf_cfg, path = _read_hf_config(src)
+    return config_from_hf(hf_cfg, os.path.join(path, "config.json")), "gpt2"
+
+
+def adopt_architecture(cfg, explicit: Collection[str] = ()) -> str | None:
+    """With `model.init_from` set, the model's shape comes from the source: n_layer, n_head and
+    n_embd, block_size unless the config asks for less (a shorter context is cropped), the
+    tokenizer's family (gpt2 or bytes; a chat config keeps its chat tokens), and data.seq_len
+    cut to the context. Changes `cfg` in place and returns the one line that says so (None for
+    a random init). A key in `explicit` (given on the command line) that contradicts the
+    source is a ConfigError."""
+    src = cfg.model.init_from
+    if src == "scratch":
+        return None
+    m, d = cfg.model, cfg.data
+    source, tok = source_config(src)
+    chat = d.tokenizer.endswith("-chat") or tok.endswith("-chat")
+    want = {
+        "model.n_layer": source.n_layer,
+        "model.n_head": source.n_head,
+        "model.n_embd": source.n_embd,
+        "model.block_size": min(m.block_size, source.block_size),
+        "data.tokenizer": tok.removesuffix("-chat") + ("-chat" if chat else ""),
+    }
+    if "model.block_size" in explicit and m.block_size > source.block_size:
+        want["model.block_size"] = source.block_size  # reported below as a contradiction
+    want["data.seq_len"] = min(d.seq_len, want["model.block_size"])
+    for key, value in want.items():
+        group, name = key.split(".")
+        if key in explicit and cfg[group][name] != value:
+            raise ConfigError(
+                f"--config.{key}={cfg[group][name]} contradicts model.init_from={src} "
+                f"({name} {value}); leave it out to take the source's"
+            )
+        cfg[group][name] = value
+    return (
+        f"model.init_from={src}: {source.n_layer} layers, {source.n_head} heads, width "
+        f"{source.n_embd}, context {want['model.block_size']} (source {source.block_size}), "
+        f"tokenizer {want['data.tokenizer']}, data.seq_len {want['data.seq_len']}"
+    )
 
 
 def load_params(src: str, cfg: GPTConfig) -> dict:

@@ -6,6 +6,8 @@ or launch under SLURM srun / Open MPI, which jax.distributed detects (see launch
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -26,9 +28,13 @@ def main(argv: list[str]) -> None:
     cfg = FLAGS.config
     config.validate(cfg)  # a UserError: one line, exit code 2 (errors.run)
     # late: jax starts after the config is known good
-    from llmjax import checkpoint, sharding, train
+    from llmjax import checkpoint, convert, metrics, sharding, train
 
     sharding.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    adopted = convert.adopt_architecture(cfg, config.overrides(sys.argv[1:]))
+    if adopted:  # the model's shape comes from model.init_from
+        config.validate(cfg)
+        metrics.console(adopted)
     # After jax.distributed: with several processes, a signal to one stops all at one step.
     checkpoint.handle_signals()  # SIGTERM/SIGINT: finish the step, save, exit 0
     try:

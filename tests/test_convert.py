@@ -268,3 +268,34 @@ def test_scanned_layout_imports_and_exports(tmp_path):
     scanned = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))), params)
     idx = np.random.default_rng(0).integers(0, 257, (1, 16))
     np.testing.assert_allclose(ours_logits(scanned, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
+
+
+def test_init_from_sets_the_architecture(tmp_path, byte_data):
+    """configs/sft_gpt2.py (GPT-2 124M's shape, gpt2-chat, seq_len 512) finetunes a 2-layer,
+    64-wide, 64-token bytes model given only init_from and the data: the shape, the tokenizer
+    family and the context come from the source."""
+    src = str(tmp_path / "pretrained")
+    cfg = tiny_config(byte_data, **{"train.steps": 2, "train.eval_every": 0, "train.ckpt_every": 2})
+    train.train_and_evaluate(cfg, src)
+    sft = tmp_path / "sft"
+    common = [
+        "--config=configs/sft_gpt2.py",
+        f"--workdir={sft}",
+        f"--config.model.init_from={src}",
+        f"--config.data.path={ROOT}/data/instruction-data.json",
+    ]
+    r = run_main(*common, "--config.model.n_layer=12")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert f"--config.model.n_layer=12 contradicts model.init_from={src}" in lines[0]
+    assert not sft.exists()
+
+    r = run_main(*common, "--config.train.steps=3")  # 3 steps: this checks wiring, not learning
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (
+        f"model.init_from={src}: 2 layers, 4 heads, width 64, context 64 (source 64), "
+        "tokenizer bytes-chat, data.seq_len 64"
+    ) in r.stdout
+    model, tok, step = checkpoint.load_model(str(sft))
+    assert (model.cfg.n_layer, model.cfg.n_embd, model.cfg.block_size) == (2, 64, 64)
+    assert (tok.name, step) == ("bytes-chat", 3)
