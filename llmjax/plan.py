@@ -26,13 +26,12 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from llmjax import config, hlo_stats, roofline, xla_flags
+from llmjax import config, errors, hlo_stats, roofline, xla_flags
 
 GPUS = ("h100", "h200", "a100")
 # jax's GPU client preallocates this fraction of device memory (XLA_PYTHON_CLIENT_MEM_FRACTION);
@@ -374,16 +373,6 @@ def _model_statement() -> dict:
     }
 
 
-def _parse(argv: list[str]) -> list[str]:
-    # absl reports a bad flag with a usage dump and exit 1; users get one line and exit 2.
-    try:
-        return FLAGS(argv)
-    except (flags.Error, KeyError, TypeError, ValueError, AttributeError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"llmjax: {msg}", file=sys.stderr)
-        sys.exit(2)
-
-
 def run(cfg) -> None:
     """Everything after the flags: prints the table(s), then the JSON object."""
     config.validate(cfg)
@@ -447,11 +436,7 @@ def main(argv: list[str]) -> None:
 
         os.environ["JAX_PLATFORMS"] = "cpu"
         jax.config.update("jax_platforms", "cpu")
-    try:
-        run(FLAGS.config)
-    except config.ConfigError as e:
-        print(f"llmjax: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(FLAGS.config)  # a ConfigError is one line, exit code 2 (errors.run)
 
 
 def _define_flags() -> None:
@@ -477,4 +462,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main, flags_parser=_parse)
+    errors.run(main)
