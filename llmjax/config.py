@@ -11,6 +11,7 @@ import ml_collections
 from llmjax.errors import UserError
 from llmjax.model import REMAT_POLICIES, GPTConfig, pad_vocab
 from llmjax.tokenizer import TOKENIZERS, get_tokenizer
+from llmjax.trackers import parse as parse_trackers
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("auto", "xla", "cudnn")
@@ -80,6 +81,13 @@ def base_config() -> ml_collections.ConfigDict:
     t.hellaswag_every = 0  # steps between HellaSwag evaluations (eval/hellaswag_acc*); 0 disables
     t.hellaswag_path = "download"  # HellaSwag val jsonl, or "download" (official file, cached)
     t.hellaswag_items = 0  # first N items per evaluation; 0 = all 10,042
+    # Where metrics.jsonl's rows are also sent, comma-separated: tensorboard (WORKDIR/tb) | mlflow
+    # | wandb | none. MLflow and W&B are extras: pip install -e ".[mlflow]" / ".[wandb]".
+    t.trackers = "tensorboard"
+    t.mlflow_uri = ""  # MLflow tracking URI (http://127.0.0.1:5000, sqlite:///...); "" = env
+    t.experiment = ""  # MLflow experiment (W&B project if wandb_project is ""); "" = config name
+    t.wandb_project = ""  # W&B project; "" = the experiment; WANDB_MODE=offline is honoured
+    t.tracker_optional = False  # a tracker that cannot start: True = one warning, False = error
 
     c.mesh = h = ml_collections.ConfigDict()
     h.data = -1  # data-parallel axis; -1 takes the devices the other axes leave
@@ -163,6 +171,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         d.tokenizer in TOKENIZERS,
         f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}",
     )
+    parse_trackers(t.trackers)  # an unknown name: TrackerError, a UserError
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
     _check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)")

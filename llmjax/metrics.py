@@ -1,6 +1,7 @@
-"""Where numbers go: WORKDIR/metrics.jsonl, TensorBoard event files under WORKDIR/tb, the console.
+"""Where numbers go: WORKDIR/metrics.jsonl, the trackers (TensorBoard under WORKDIR/tb, MLflow,
+W&B: trackers.py), the console.
 
-Only process 0 writes. TensorBoard's own event writer is used, so no TensorFlow is needed.
+Only process 0 writes.
 `RunLog` is the training loop's side of it: what is logged at each interval, loss-spike events,
 throughput and MFU, and the state a checkpoint keeps so a resumed run logs exactly as an
 uninterrupted one would.
@@ -8,6 +9,7 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -16,10 +18,9 @@ import time
 
 import jax
 import numpy as np
-from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-from tensorboard.compat.proto.summary_pb2 import Summary
-from tensorboard.plugins.text.summary_v2 import text_pb
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from llmjax import trackers as trackers_lib
+from llmjax.errors import one_line
 
 # Dense bf16 peak FLOP/s (no sparsity) by jax device_kind, for MFU. Unknown devices report no MFU.
 PEAK_FLOPS = {
@@ -45,37 +46,71 @@ def peak_flops(device: jax.Device) -> float | None:
 
 
 class Writer:
-    def __init__(self, workdir: str, enabled: bool = True):
+    """Makes each row once: appends it to metrics.jsonl, the record, and forwards it to the
+    trackers (default: TensorBoard). A tracker that fails is reported once and keeps its unsent
+    rows; they are offered again at the next log interval, so training never waits on it."""
+
+    def __init__(
+        self,
+        workdir: str,
+        enabled: bool = True,
+        trackers: list[trackers_lib.Tracker] | None = None,
+    ):
         self.enabled = enabled
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-        self.tb = EventFileWriter(os.path.join(workdir, "tb"))
+        self.trackers = [trackers_lib.TensorBoard(workdir)] if trackers is None else trackers
+        # A bounded backlog: a tracker down for very long loses its oldest rows, never memory.
+        self.unsent = {t.name: collections.deque(maxlen=BACKLOG) for t in self.trackers}
+        self.failed_at: dict[str, int] = {}  # tracker -> step of its last failure
+        self.step = 0  # the latest step forwarded
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         row = {"step": step, **{k: _json_number(v) for k, v in values.items()}}
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
-        summary = Summary(
-            value=[
-                Summary.Value(tag=k, simple_value=float(v))
-                for k, v in values.items()
-                if v is not None
-            ]
+        self._append(row)
+        self._forward(
+            step, "scalars", step, {k: float(v) for k, v in values.items() if v is not None}
         )
-        self.tb.add_event(Event(wall_time=time.time(), step=step, summary=summary))
-        self.tb.flush()
 
     def text(self, step: int, tag: str, text: str) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, tag: text}) + "\n")
+        self._append({"step": step, tag: text})
+        self._forward(step, "text", step, tag, text)
+
+    def _append(self, row: dict) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
-        self.tb.add_event(Event(wall_time=time.time(), step=step, summary=text_pb(tag, text)))
-        self.tb.flush()
+
+    def _forward(self, step: int, method: str, *args) -> None:
+        self.step = max(self.step, step)
+        for t in self.trackers:
+            self.unsent[t.name].append((method, args))
+            if step > self.failed_at.get(t.name, -1):  # a failed tracker: once per interval
+                self._send(t, step)
+
+    def _send(self, t: trackers_lib.Tracker, step: int) -> bool:
+        queue = self.unsent[t.name]
+        try:
+            while queue:
+                method, args = queue[0]
+                getattr(t, method)(*args)
+                queue.popleft()
+        except Exception as e:  # a tracker never stops training
+            if t.name not in self.failed_at:
+                trackers_lib.warn(
+                    f"tracker {t.name} failed at step {step} ({one_line(e)}); training goes on, "
+                    "metrics.jsonl keeps every row, and the tracker is retried at each log interval"
+                )
+            self.failed_at[t.name] = step
+            return False
+        if self.failed_at.pop(t.name, None) is not None:
+            console(f"tracker {t.name} works again at step {step}; the rows it missed were sent")
+        return True
 
     def log_bytes(self) -> int:
         """Length of metrics.jsonl so far: saved with each checkpoint for `truncate`."""
@@ -91,20 +126,27 @@ class Writer:
             return
         if log_bytes < self.log_bytes():
             self.jsonl.truncate(log_bytes)
-        # TensorBoard drops events at or after a START event's step when it meets one.
-        self.tb.add_event(
-            Event(
-                wall_time=time.time(),
-                step=step + 1,
-                session_log=SessionLog(status=SessionLog.START),
-            )
-        )
-        self.tb.flush()
+        self._forward(step, "rewind", step)
 
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
+    def close(self, finished: bool = True) -> None:
+        """`finished`: the run reached its last step (else it stopped, to be resumed)."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        for t in self.trackers:
+            # A last try for a failing tracker's backlog.
+            if not self._send(t, self.step) and self.unsent[t.name]:
+                trackers_lib.warn(
+                    f"tracker {t.name}: {len(self.unsent[t.name])} rows were never sent "
+                    "(metrics.jsonl has them)"
+                )
+            try:
+                t.close(finished)
+            except Exception as e:  # the run is over; its record is metrics.jsonl
+                trackers_lib.warn(f"tracker {t.name} failed to close ({one_line(e)})")
+
+
+BACKLOG = 100_000  # calls kept per failing tracker
 
 
 def _json_number(v):
@@ -185,8 +227,9 @@ class RunLog:
         spike_factor: float,
         replay: dict | None,
         enabled: bool,
+        trackers: list[trackers_lib.Tracker] | None = None,
     ):
-        self.writer = Writer(workdir, enabled=enabled)
+        self.writer = Writer(workdir, enabled=enabled, trackers=trackers)
         if replay is not None:  # absent in checkpoints of older versions: logs are left alone
             self.writer.truncate(replay["log_bytes"], start)
         replay = replay or {"pending": [], "loss_mean": [0.0, 0]}
@@ -273,4 +316,4 @@ class RunLog:
         }
 
     def close(self) -> None:
-        self.writer.close()
+        self.writer.close(finished=self.step_log == self.steps)

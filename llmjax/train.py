@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llmjax import checkpoint, data, evaluate, instruct, metrics, optim, sharding
+from llmjax import checkpoint, data, evaluate, instruct, metrics, optim, sharding, trackers
 from llmjax.config import ConfigError, model_config
 from llmjax.convert import load_params
 from llmjax.loss import lm_loss
@@ -300,6 +300,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     model_dict = dataclasses.asdict(run.model_cfg)
     restored = checkpoint.restore_latest(workdir, run.abstract_state, model_dict)
     checkpoint.check_writable(workdir)
+    # Process 0 only, before anything compiles: a tracker that cannot start fails the run now.
+    opened = trackers.start_run(cfg, workdir) if jax.process_index() == 0 else []
     if restored is not None:
         latest, state, meta = restored
         checkpoint.set_aside(workdir, meta["corrupt"])
@@ -322,6 +324,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         spike_factor=t.spike_factor,
         replay=meta.get("loop"),
         enabled=jax.process_index() == 0,
+        trackers=opened,
     )
     train_step = compile_train_step(run, state, start)
     put = lambda batch: sharding.put_batch(batch, run.mesh)
