@@ -3,8 +3,11 @@
 Shapes: B batch, T time (query positions), S key positions, D model width (n_embd),
 N heads, H head size, F MLP hidden size (4D), V padded vocabulary, L layers.
 
-Weights carry logical axis names (vocab, embed, heads, mlp, ...); `sharding.py` maps them to mesh
-axes with one rules table. The model never sees a mesh.
+Weights carry logical axis names (vocab, embed, heads, mlp, ...), and so do the activations that
+decide the layout (`constrain(x_BTD, "BTD")`: block inputs and outputs, q/k/v, the MLP's hidden
+units, logits); `sharding.py` maps both to mesh axes with one rules table. The model never sees a
+mesh: outside sharding.activation_rules (one device, sampling, conversion, direct calls) the
+constraints are no-ops.
 
 With `scan_layers` the blocks are one Block whose every weight has a leading layer axis (logical
 name "layers"), still stored under `h`, and the forward pass is one `lax.scan`: compile time and
@@ -23,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec as P
 
 # A padded logit must never win a sample or take probability mass in the loss. A large finite value
 # rather than -inf keeps every softmax and its gradient free of inf - inf.
@@ -53,6 +58,37 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
+
+
+# Shape letters -> the logical names of activation axes (mapped onto the mesh by sharding.RULES).
+# H (the size of one head) is never split.
+ACTIVATION_AXES = {
+    "B": "activation_batch",
+    "T": "activation_length",
+    "S": "activation_length",
+    "D": "activation_embed",
+    "N": "activation_heads",
+    "H": None,
+    "F": "activation_mlp",
+    "V": "activation_vocab",
+}
+
+
+def constrain(x: jax.Array, axes: str | tuple[str | None, ...]) -> jax.Array:
+    """`x` with its axes named for the SPMD partitioner: an activation by shape letters (`"BTD"`,
+    `"BTNH"`, ...; ACTIVATION_AXES), or any array by logical names (`("vocab", "embed")`).
+
+    Where the names land is sharding.py's decision, in force only inside its `activation_rules`
+    context (the jitted train and eval steps). Outside it, or on a single device, `x` itself.
+    """
+    rules = dict(flax_spmd.get_logical_axis_rules())
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty or mesh.size == 1:
+        return x
+    if len(axes) != x.ndim:
+        raise ValueError(f"axes {axes!r} name {len(axes)} dimensions of a {x.ndim}-d array")
+    names = [ACTIVATION_AXES[a] for a in axes] if isinstance(axes, str) else axes
+    return jax.lax.with_sharding_constraint(x, P(*(rules[n] if n else None for n in names)))
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -120,7 +156,9 @@ class CausalSelfAttention(nnx.Module):
         B, T, D = x_BTD.shape
         N = self.n_head
         qkv_BTKD = self.c_attn(x_BTD)
-        q_BTNH, k_BTNH, v_BTNH = (qkv_BTKD[:, :, i].reshape(B, T, N, D // N) for i in range(3))
+        q_BTNH, k_BTNH, v_BTNH = (
+            constrain(qkv_BTKD[:, :, i].reshape(B, T, N, D // N), "BTNH") for i in range(3)
+        )
         if cache is None:
             # Attention-probability dropout is left out: fused kernels (cuDNN flash) do not offer
             # it, and GPT-2 pretraining runs with dropout 0.
@@ -146,7 +184,8 @@ class CausalSelfAttention(nnx.Module):
                 implementation="xla",
             )
             cache = (k_BSNH, v_BSNH)
-        y_BTD = self.c_proj(y_BTNH.reshape(B, T, D))
+        y_BTNH = constrain(y_BTNH, "BTNH")
+        y_BTD = constrain(self.c_proj(y_BTNH.reshape(B, T, D)), "BTD")
         return self.resid_dropout(y_BTD, deterministic=deterministic, rngs=rngs), cache
 
 
@@ -160,8 +199,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD, *, deterministic: bool = True, rngs=None):
         # GPT-2 uses the tanh approximation of GELU.
-        h_BTF = jax.nn.gelu(self.c_fc(x_BTD), approximate=True)
-        return self.dropout(self.c_proj(h_BTF), deterministic=deterministic, rngs=rngs)
+        h_BTF = jax.nn.gelu(constrain(self.c_fc(x_BTD), "BTF"), approximate=True)
+        y_BTD = constrain(self.c_proj(h_BTF), "BTD")
+        return self.dropout(y_BTD, deterministic=deterministic, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -173,12 +213,15 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_BTD, *, cache=None, pos=None, deterministic: bool = True, rngs=None):
+        # Pinning the residual stream's batch split here is what makes fsdp gather weights rather
+        # than activations: each device keeps its own rows through every layer.
+        x_BTD = constrain(x_BTD, "BTD")
         a_BTD, cache = self.attn(
             self.ln_1(x_BTD), cache=cache, pos=pos, deterministic=deterministic, rngs=rngs
         )
         x_BTD = x_BTD + a_BTD
         x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), deterministic=deterministic, rngs=rngs)
-        return x_BTD, cache
+        return constrain(x_BTD, "BTD"), cache
 
 
 class GPT(nnx.Module):
@@ -209,10 +252,23 @@ class GPT(nnx.Module):
 
     def logits(self, x_BTD):
         """The LM head: float32 logits [..., V] of hidden states, padded ids masked out."""
-        # Tied embedding: the output projection is wte itself (GPT-2 shares them).
-        logits_BTV = self.wte.attend(x_BTD).astype(jnp.float32)
+        # Tied embedding: the output projection is wte itself (GPT-2 shares them). Rows stay split
+        # like the batch and the vocabulary like wte's rows (tensor): vocabulary-parallel logits.
+        axes = "V" if x_BTD.ndim == 1 else "B" + "T" * (x_BTD.ndim - 2) + "V"
+        x_BTD = constrain(x_BTD.astype(self.cfg.dtype), axes[:-1] + "D")
+        logits_BTV = constrain(jnp.dot(x_BTD, self.embedding_VD().T), axes)
+        logits_BTV = logits_BTV.astype(jnp.float32)
         valid_V = jnp.arange(self.cfg.vocab_size) < self.cfg.valid_vocab_size
         return jnp.where(valid_V, logits_BTV, MASKED_LOGIT)
+
+    def embedding_VD(self) -> jax.Array:
+        """wte as the lookup and the LM head use it: in the compute dtype, named like an activation
+        (split over the vocabulary only). Under fsdp that all-gathers the table once, in bf16, and
+        each device looks up and projects its own rows; left to itself XLA splits the lookup by
+        width instead and moves every device's rows to every other (all-to-alls of the batch)."""
+        # Cast where the shards live, so that the gather moves the compute dtype, not float32.
+        table_VD = constrain(self.wte.embedding[...].astype(self.cfg.dtype), ("vocab", "embed"))
+        return constrain(table_VD, "VD")
 
     def decode(self, idx_BT, cache: list, pos):
         """Runs `idx_BT` at positions pos..pos+T-1 against a KV cache (see `init_cache`)."""
@@ -233,8 +289,8 @@ class GPT(nnx.Module):
 
     def _forward(self, idx_BT, cache, pos, deterministic, rngs):
         T = idx_BT.shape[1]
-        x_BTD = self.wte(idx_BT) + self.wpe(pos + jnp.arange(T))[None]
-        x_BTD = self.drop(x_BTD, deterministic=deterministic, rngs=rngs)
+        x_BTD = jnp.take(self.embedding_VD(), idx_BT, axis=0) + self.wpe(pos + jnp.arange(T))[None]
+        x_BTD = constrain(self.drop(x_BTD, deterministic=deterministic, rngs=rngs), "BTD")
         # One dropout key per layer, so scanned and unrolled layers draw the same masks.
         keys_L = None if rngs is None else jax.random.split(rngs.dropout(), self.cfg.n_layer)
         run = functools.partial(_run_block, deterministic=deterministic)
@@ -261,7 +317,7 @@ class GPT(nnx.Module):
                     None if keys_L is None else keys_L[i],
                 )
                 new_cache.append(c)
-        return self.ln_f(x_BTD), (None if cache is None else new_cache)
+        return constrain(self.ln_f(x_BTD), "BTD"), (None if cache is None else new_cache)
 
 
 def _stacked_blocks(cfg: GPTConfig, rngs: nnx.Rngs) -> Block:
