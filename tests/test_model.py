@@ -5,9 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from llmjax.model import GPT, GPTConfig, count_params, flops_per_token, pad_vocab
+from llmjax import sharding
+from llmjax.model import GPT, GPTConfig, constrain, count_params, flops_per_token, pad_vocab
 
+AUTO = jax.sharding.AxisType.Auto  # what sharding.make_mesh's meshes use
 TINY = GPTConfig(
     vocab_size=320, valid_vocab_size=257, n_layer=2, n_head=4, n_embd=64, block_size=32
 )
@@ -100,3 +103,51 @@ def test_flops_per_token_hand_count():
     assert fpt == 803_478_528
     # The issue's goal: 500K tokens/s on one H100 SXM (989 TFLOP/s dense bf16) is 40.6% MFU.
     assert 500_000 * fpt / 989e12 == pytest.approx(0.40621, abs=1e-5)
+
+
+def _constraints(fn, *args) -> list:
+    """The sharding constraints in `fn`'s jaxpr, outermost first, nested jaxprs included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "sharding_constraint":
+                found.append(eqn.params["sharding"].spec)
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    if hasattr(sub, "jaxpr"):
+                        walk(getattr(sub.jaxpr, "jaxpr", sub.jaxpr))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_activation_names_are_no_ops_outside_a_mesh():
+    # Sampling, conversion and direct calls run the model with no mesh: nothing is constrained,
+    # and on a one-device mesh neither (the golden losses are those of the unconstrained model).
+    model = GPT(TINY, nnx.Rngs(0))
+    x = jnp.zeros((2, 8), jnp.int32)
+    assert _constraints(lambda x: model(x), x) == []
+    one = jax.sharding.AbstractMesh((1, 1, 1), sharding.MESH_AXES, axis_types=(AUTO,) * 3)
+    with sharding.activation_rules(one):
+        assert _constraints(lambda x: model(x), x) == []
+    y = jnp.ones((2, 3))
+    assert constrain(y, "BD") is y
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_activation_names_map_through_the_rules(scan):
+    cfg = GPTConfig(**{**TINY.__dict__, "scan_layers": scan})
+    model = GPT(cfg, nnx.Rngs(0))
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES, axis_types=(AUTO,) * 3)
+    with sharding.activation_rules(mesh):
+        specs = _constraints(lambda x: model(x), jnp.zeros((8, 16), jnp.int32))
+    batch, tensor = ("data", "fsdp"), "tensor"
+    assert P(batch, None, None) in specs  # the residual stream: own rows, whole width
+    assert P(batch, None, tensor, None) in specs  # q, k, v: heads over tensor
+    assert P(batch, None, tensor) in specs  # MLP hidden units and the logits' vocabulary
+    assert P(tensor, None) in specs  # wte as the lookup and head use it: gathered over fsdp
+    assert {s[0] for s in specs} == {batch, tensor}  # every row split like the batch, or wte's
+    with pytest.raises(ValueError, match="name 2 dimensions of a 3-d array"):
+        with sharding.activation_rules(mesh):
+            constrain(jnp.ones((2, 3, 4)), "BD")
