@@ -1,5 +1,6 @@
-"""Meshes over 8 fake CPU devices: same losses as one device, weights placed as the rules say, and
-checkpoints that move between meshes.
+"""Meshes over 8 fake CPU devices: same losses as one device, weights placed as the rules say,
+collectives that move weights (fsdp) or per-device activations (tensor), never the global batch,
+and checkpoints that move between meshes.
 
 The device count is fixed when JAX starts, and this pytest process already runs JAX on one device,
 so the 8-device work runs in one child process (`_child`) that prints its measurements as JSON;
@@ -9,14 +10,16 @@ the assertions are made here against hand-derived expectations.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from llmjax import sharding
+from llmjax import plan, sharding
 from llmjax.config import ConfigError
 from tests.conftest import ROOT, tiny_config
 
@@ -25,8 +28,24 @@ STEPS, SAVE_AT = 6, 3
 MESHES = {
     "one": ({"data": 1}, 1),
     "data8": ({"data": 8}, 1),
+    "fsdp8": ({"data": 1, "fsdp": 8}, 1),
     "data2_fsdp4": ({"data": 2, "fsdp": 4}, 1),
     "data2_fsdp2_tensor2": ({"data": 2, "fsdp": 2, "tensor": 2}, 2),
+}
+# The compiled steps whose collectives are checked: batch HLO_B x HLO_T, a length no weight
+# dimension is a multiple of (tiny weights: 3, 64, 256, 320 and their shards), and batch rows per
+# device (40 / 8, / 4) that do not divide the width HLO_D, so an array that carries activations
+# shows it. name: (mesh axes, scan_layers).
+HLO_B, HLO_T, HLO_D = 40, 36, 64
+HLO_MESHES = {
+    f"{name}{'_scan' if scan else ''}": (axes, scan)
+    for name, axes in {
+        "data8": {"data": 8},
+        "fsdp8": {"data": 1, "fsdp": 8},
+        "data2_fsdp4": {"data": 2, "fsdp": 4},
+        "data4_tensor2": {"data": 4, "tensor": 2},
+    }.items()
+    for scan in (False, True)
 }
 # Tiny model: D=64, 4 heads, MLP 256, vocab padded to 320, block 64. Shapes one device holds.
 SHARDS = {
@@ -65,9 +84,57 @@ SHARDS = {
 }
 
 
+_INST = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$", re.M)
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+
+
+def collectives(hlo_text: str) -> list[dict]:
+    """The collectives of an optimized HLO module: kind (all-gather, ...; async ones by their
+    start), their operands and every array among operands and results, as [dtype, [dims]]."""
+    shapes = {name: shape for name, shape, _, _ in _INST.findall(hlo_text)}
+    found = []
+    for name, shape, op, rest in _INST.findall(hlo_text):
+        kind = op.removesuffix("-start")
+        if kind not in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all") and not (
+            kind == "collective-permute"
+        ):
+            continue
+        operands = " ".join(
+            shapes.get(o, "") for o in re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+        )
+        parse = lambda t: [[d, [int(n) for n in ds.split(",") if n]] for d, ds in _ARRAY.findall(t)]
+        found.append(
+            {
+                "kind": kind,
+                "name": name,
+                "operands": parse(operands),
+                "arrays": parse(shape + operands),
+            }
+        )
+    return found
+
+
+def batch_rows(dims: list[int], T: int = HLO_T, D: int = HLO_D) -> int:
+    """How many sequences of length T (or T+1, the token batch) an array holds: the product of
+    the dimensions before a T, or a flattened B*T dimension; 0 if it holds none. wpe's first T
+    rows, [T, D/k] in either order, are a weight."""
+    if len(dims) == 2 and T in dims and D % (dims[0] * dims[1] // T) == 0:
+        return 0
+    rows = 0
+    for i, d in enumerate(dims):
+        if d in (T, T + 1):
+            rows = max(rows, math.prod(dims[:i]))
+        for t in (T, T + 1):
+            if d > t and d % t == 0:
+                rows = max(rows, d // t)
+    return rows
+
+
 def _child(data_path: str, ckpt_dir: str) -> None:
     """Runs in a process with 8 CPU devices; prints one JSON object on its last line."""
     import jax
+    import jax.numpy as jnp
 
     from llmjax import checkpoint, data, train
 
@@ -97,7 +164,10 @@ def _child(data_path: str, ckpt_dir: str) -> None:
         for b in batches[start:stop]:
             state, m = run.train_step(state, sharding.put_batch(b, run.mesh))
             losses.append(float(m["train/loss"]))
+            grad_norms.setdefault(id(run), []).append(float(m["train/grad_norm"]))
         return losses, state
+
+    grad_norms: dict = {}
 
     def placement(run, state) -> dict:
         flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
@@ -114,7 +184,14 @@ def _child(data_path: str, ckpt_dir: str) -> None:
             }
         return out
 
-    out: dict = {"losses": {}, "placement": {}, "restored": {}, "errors": {}}
+    out: dict = {
+        "losses": {},
+        "grad_norms": {},
+        "placement": {},
+        "restored": {},
+        "errors": {},
+        "hlo": {},
+    }
     runs = {}
     for name in MESHES:
         run = runs[name] = build(name)
@@ -129,6 +206,28 @@ def _child(data_path: str, ckpt_dir: str) -> None:
             out["losses"][name] = head + tail
         else:
             out["losses"][name] = steps(run, state, 0, STEPS)[0]
+        out["grad_norms"][name] = grad_norms[id(run)][:STEPS]
+    # The compiled programs (nothing runs): which collectives move what.
+    for name, (axes, scan) in HLO_MESHES.items():
+        cfg = tiny_config(
+            data_path,
+            **{
+                "data.batch_size": HLO_B,
+                "data.seq_len": HLO_T,
+                "model.scan_layers": scan,
+                **{f"mesh.{k}": v for k, v in axes.items()},
+            },
+        )
+        run = train.build(cfg)
+        batch = jax.ShapeDtypeStruct(
+            (HLO_B, HLO_T + 1), jnp.int32, sharding=sharding.batch_sharding(run.mesh)
+        )
+        text = run.train_step.lower(run.abstract_state, batch).compile().as_text()
+        params = jax.tree.leaves(run.abstract_state.params)
+        out["hlo"][name] = {
+            "collectives": collectives(text),
+            "param_bytes": sum(p.size * p.dtype.itemsize for p in params),
+        }
     # Resharding on restore: the 8-device fsdp checkpoint onto 1 device and onto another mesh.
     mngr = checkpoint.manager(ckpt_dir)
     for name in ("one", "data2_fsdp2_tensor2"):
@@ -174,11 +273,82 @@ def meshes(byte_data, tmp_path_factory) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["data8", "data2_fsdp4", "data2_fsdp2_tensor2"])
+@pytest.mark.parametrize("name", ["data8", "fsdp8", "data2_fsdp4", "data2_fsdp2_tensor2"])
 def test_mesh_matches_one_device(meshes, name):
     ref, got = np.array(meshes["losses"]["one"]), np.array(meshes["losses"][name])
     assert len(got) == STEPS and ref[-1] < ref[0] - 0.3  # it trained
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=0)
+    ref, got = meshes["grad_norms"]["one"], meshes["grad_norms"][name]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=0)
+
+
+def check_collectives(found: list[dict], axes: dict, param_bytes: int, B: int = HLO_B) -> None:
+    """What every mesh's step may move: never the global batch; with data and fsdp only, no
+    activation at all (weights gathered, gradients reduced); with tensor, per-device rows in
+    all-reduces (Megatron); never an all-to-all or a collective-permute."""
+    dp = axes.get("data", 1) * axes.get("fsdp", 1)
+    kinds = {c["kind"] for c in found}
+    assert kinds <= {"all-gather", "reduce-scatter", "all-reduce"}, kinds
+    for c in found:
+        for dtype, dims in c["arrays"]:
+            rows = batch_rows(dims)
+            assert rows < B, f"{c['kind']} {c['name']} moves the global batch: {dtype}{dims}"
+            if axes.get("tensor", 1) == 1:
+                assert rows < B // dp, f"{c['kind']} {c['name']} moves activations: {dtype}{dims}"
+    # Each device's shard of the weights is gathered at most twice (forward and backward).
+    shards = sum(
+        math.prod(dims) * _DTYPE_BYTES[dtype]
+        for c in found
+        if c["kind"] == "all-gather"
+        for dtype, dims in c["operands"]
+    )
+    assert shards <= 2 * param_bytes / axes.get("fsdp", 1), (shards, param_bytes)
+
+
+@pytest.mark.parametrize("name", list(HLO_MESHES))
+def test_collectives_move_weights_not_the_batch(meshes, name):
+    axes, _ = HLO_MESHES[name]
+    hlo = meshes["hlo"][name]
+    check_collectives(hlo["collectives"], axes, hlo["param_bytes"])
+    kinds = {c["kind"] for c in hlo["collectives"]}
+    if axes.get("fsdp", 1) > 1:
+        assert "all-gather" in kinds  # the weights, layer by layer
+    else:
+        assert "all-gather" not in kinds and "reduce-scatter" not in kinds
+
+
+@pytest.mark.plan
+@pytest.mark.skipif(
+    not plan.cuda_plugin_available(),
+    reason="jax's CUDA plugin is not installed (make plan-install)",
+)
+@pytest.mark.parametrize("scan", [False, True])
+def test_gpu_fsdp_collectives_move_weights_not_the_batch(tmp_path, scan):
+    """The same checks on the program XLA compiles for 8 H100s (llmjax.plan, deviceless)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmjax.plan",
+        "--config=configs/tiny.py",
+        "--gpu=h100",
+        "--devices=8",
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=8",
+        f"--config.data.batch_size={HLO_B}",
+        f"--config.data.seq_len={HLO_T}",
+        f"--config.model.scan_layers={scan}",
+        "--config.model.dtype=bfloat16",
+        f"--dump={tmp_path}",
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    with open(tmp_path / "train_step.after_optimizations.hlo", encoding="utf-8") as f:
+        found = collectives(f.read())
+    # Weights are gathered in the compute dtype, bf16 on a GPU.
+    check_collectives(found, {"data": 1, "fsdp": 8}, 2 * report["params"])
+    kinds = {c["kind"] for c in found}
+    assert {"all-gather", "reduce-scatter"} <= kinds, kinds
 
 
 @pytest.mark.parametrize("name", list(SHARDS))
