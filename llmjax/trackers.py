@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import os
+import secrets
 import sys
 import time
 from typing import Any
@@ -166,16 +168,16 @@ def start(names: list[str], setup: Setup, optional: bool) -> list[Tracker]:
                 opened.append(TensorBoard(setup.workdir))
             elif name == "mlflow":
                 opened.append(_start_mlflow(setup, stored))
+                _write_ids(setup.workdir, stored)
             elif name == "wandb":
                 opened.append(_start_wandb(setup, stored))
+                _write_ids(setup.workdir, stored)
         except TrackerError as e:
             if not optional:
                 for t in opened:
                     t.close(finished=False)
                 raise
             warn(f"{e}; training goes on without it (train.tracker_optional=True)")
-    if any(t.name in ("mlflow", "wandb") for t in opened):
-        _write_ids(setup.workdir, stored)
     return opened
 
 
@@ -225,6 +227,8 @@ def _start_mlflow(setup: Setup, stored: dict) -> MLflow:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # Each retry would print a warning; a failure is reported once, by us.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     try:
         client = MlflowClient(tracking_uri=uri)
         run_id = stored.get("mlflow", {}).get("run_id")
@@ -270,7 +274,7 @@ def _find_run(client, run_id: str):
 def _start_wandb(setup: Setup, stored: dict) -> WandB:
     wandb = _import("wandb")
     project = setup.wandb_project or setup.experiment
-    run_id = stored.get("wandb", {}).get("id") or wandb.util.generate_id()
+    run_id = stored.get("wandb", {}).get("id") or secrets.token_hex(4)  # W&B's own id shape
     try:
         run = wandb.init(
             project=project,
