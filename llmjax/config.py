@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from llmjax.errors import UserError
+from llmjax.loss import CHUNK_TOKENS
 from llmjax.model import REMAT_POLICIES, GPTConfig, pad_vocab
 from llmjax.tokenizer import TOKENIZERS, get_tokenizer
 from llmjax.trackers import parse as parse_trackers
@@ -67,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = t = ml_collections.ConfigDict()
     t.steps = 19073  # optimizer steps (19073 x 524288 tokens = 10B tokens)
     t.seed = 0  # one seed: init, dropout and data order derive from it
+    # Tokens of each micro-batch per LM-head/cross-entropy chunk (loss.py): the [B, T, V] logits
+    # never exist, only one chunk's. Smaller saves memory, larger saves traffic (see loss.py).
+    t.loss_chunk = CHUNK_TOKENS
+    t.z_loss = 0.0  # weight of PaLM's z-loss, z * logsumexp^2 per scored target; 0 = off
     t.log_every = 10  # steps between metric logs (the only host syncs in the loop)
     t.eval_every = 250  # steps between validation-loss evaluations; 0 disables
     t.eval_batches = 20  # validation batches per evaluation (same batches every time)
@@ -117,6 +122,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("train.ckpt_every", t.ckpt_every),
         ("train.keep_ckpts", t.keep_ckpts),
         ("train.max_bad_steps", t.max_bad_steps),
+        ("train.loss_chunk", t.loss_chunk),
     ]:
         _check(v >= 1, f"{key}={v} must be >= 1")
     for key, v in [
@@ -133,6 +139,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("train.keep_every", t.keep_every),
         ("train.hellaswag_every", t.hellaswag_every),
         ("train.hellaswag_items", t.hellaswag_items),
+        ("train.z_loss", t.z_loss),
     ]:
         _check(v >= 0, f"{key}={v} must be >= 0")
     _check(

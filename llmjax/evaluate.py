@@ -29,7 +29,7 @@ from absl import flags
 from flax import nnx
 
 from llmjax import checkpoint, data, errors
-from llmjax.loss import lm_loss
+from llmjax.loss import CHUNK_TOKENS, lm_loss
 from llmjax.tokenizer import Tokenizer
 
 # The validation split (10,042 items) as published with the paper's code.
@@ -45,10 +45,13 @@ class EvalError(data.DataError):
 # Validation loss
 
 
-def eval_step(params, batch_BT1: jax.Array, *, graphdef) -> tuple[jax.Array, jax.Array]:
+def eval_step(
+    params, batch_BT1: jax.Array, *, graphdef, chunk: int = CHUNK_TOKENS
+) -> tuple[jax.Array, jax.Array]:
     """(summed loss, scored targets) of one batch: summed over batches, their ratio is the exact
-    mean. Training jits it with the run's shardings; `val_loss` jits it as it is."""
-    return lm_loss(params, graphdef, batch_BT1, None, True)
+    mean. Training jits it with the run's shardings (and its train.loss_chunk); `val_loss` jits it
+    as it is. `chunk` changes memory and speed, never the loss (z-loss is training's alone)."""
+    return lm_loss(params, graphdef, batch_BT1, None, True, chunk=chunk)
 
 
 def mean_loss(step, params, batches: Iterable) -> float:

@@ -5,25 +5,184 @@ One function serves pretraining, finetuning, the train step and evaluation. A ba
 (prompt and padding in finetuning batches, see instruct.py); pretraining batches score every
 target. Returning (sum, count) rather than a mean keeps means exact across micro-batches,
 devices and evaluation batches: sum the pairs, divide once.
+
+The LM head and the cross-entropy run chunk by chunk over the sequence (`chunked_ce`), so the
+[B, T, V] logits never exist: at GPT-2's vocabulary they outweigh the whole transformer's saved
+activations and a third of the step's memory traffic. Under differentiation each chunk's softmax
+gradient is formed while its logits are at hand and pushed through the head's two backward matmuls
+at once (as llm.c and Liger's fused linear cross-entropy do): the backward pass only scales the
+saved gradients, and nothing is recomputed.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
+
+from llmjax.model import MASKED_LOGIT
+
+# Tokens of the micro-batch per loss chunk (train.loss_chunk's default). A chunk's logits are
+# chunk x V in the compute dtype (bf16, GPT-2's vocabulary: 206 MB at 2,048 tokens); each chunk
+# also reads and writes the float32 gradient of the tied embedding once (0.3 GB for GPT-2).
+# benchmarks/NOTES.md has the trade-off measured for 124M on an H100.
+CHUNK_TOKENS = 2048
 
 
 def lm_loss(
-    params, graphdef, batch_BT1: jax.Array, rng: jax.Array | None, deterministic: bool
+    params,
+    graphdef,
+    batch_BT1: jax.Array,
+    rng: jax.Array | None,
+    deterministic: bool,
+    *,
+    chunk: int = CHUNK_TOKENS,
+    z_loss: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """(summed cross-entropy over scored targets, number of scored targets), both float32."""
+    """(summed cross-entropy over scored targets, number of scored targets), both float32.
+
+    `chunk`: tokens per LM-head chunk (see `chunked_ce`); `z_loss`: weight of PaLM's
+    log(Z)^2 term, added to each scored target's loss (0 = plain cross-entropy)."""
     tokens_BT1 = jnp.where(batch_BT1 < 0, -1 - batch_BT1, batch_BT1)
     weights_BT = (batch_BT1[:, 1:] >= 0).astype(jnp.float32)
     model = nnx.merge(graphdef, params)
     rngs = None if deterministic else nnx.Rngs(dropout=rng)
-    logits_BTV = model(tokens_BT1[:, :-1], deterministic=deterministic, rngs=rngs)
-    # Logits arrive in float32 whatever the compute dtype: the softmax and loss stay exact.
-    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:])
-    return (ce_BT * weights_BT).sum(), weights_BT.sum()
+    x_BTD = model.hidden(tokens_BT1[:, :-1], deterministic=deterministic, rngs=rngs)
+    ce = chunked_ce(
+        x_BTD,
+        model.wte.embedding[...],
+        tokens_BT1[:, 1:],
+        weights_BT,
+        valid_vocab=model.cfg.valid_vocab_size,
+        chunk=chunk,
+        z_loss=z_loss,
+    )
+    return ce, weights_BT.sum()
+
+
+def chunked_ce(
+    x_BTD: jax.Array,
+    w_VD: jax.Array,
+    targets_BT: jax.Array,
+    weights_BT: jax.Array,
+    *,
+    valid_vocab: int,
+    chunk: int = CHUNK_TOKENS,
+    z_loss: float = 0.0,
+) -> jax.Array:
+    """sum over (b, t) of weights * (logsumexp(logits) - logits[target] + z_loss * lse^2), where
+    logits = x @ w.T in x's dtype (the tied head, as `GPT.logits`), ids >= valid_vocab masked.
+
+    The sequence is cut into chunks of chunk // B positions (at least 1, at most T), each chunk
+    every row's positions i*C..(i+1)*C-1, so that a chunk keeps the batch's sharding. Logits stay
+    in x's dtype straight out of the matmul; logsumexp, the target logit and the loss are
+    float32."""
+    B, T, _ = x_BTD.shape
+    C = max(1, min(T, chunk // B))
+    return _ce_sum(valid_vocab, float(z_loss), C, x_BTD, w_VD, targets_BT, weights_BT)
+
+
+def _chunk_stats(logits_BCV, tgt_BC, valid_vocab: int):
+    """(cross-entropy, logsumexp) per position, float32, padded ids masked out: one pass over the
+    chunk's logits, a variadic reduction carrying (running max m, sum of exp(l - m), target
+    logit), where max-then-sum would read the chunk twice. Partitioned over the vocabulary it
+    reduces each device's slice and combines the three numbers per position."""
+
+    def combine(a, b):
+        (m1, s1, t1), (m2, s2, t2) = a, b
+        m = jnp.maximum(m1, m2)
+        return m, s1 * jnp.exp(m1 - m) + s2 * jnp.exp(m2 - m), t1 + t2
+
+    ids_V = jnp.arange(logits_BCV.shape[-1])
+    l_BCV = logits_BCV.astype(jnp.float32)
+    lowest = jnp.float32(jnp.finfo(jnp.float32).min)
+    m_BC, s_BC, t_BC = jax.lax.reduce(
+        (
+            jnp.where(ids_V < valid_vocab, l_BCV, MASKED_LOGIT),
+            jnp.ones_like(l_BCV),
+            jnp.where(ids_V == tgt_BC[..., None], l_BCV, 0.0),
+        ),
+        (lowest, jnp.float32(0), jnp.float32(0)),
+        combine,
+        (l_BCV.ndim - 1,),
+    )
+    log_s_BC = jnp.log(s_BC)
+    # As optax writes it, log(sum exp(l - m)) - (l[target] - m): no large m added and taken away.
+    return log_s_BC - (t_BC - m_BC), m_BC + log_s_BC
+
+
+def _chunk_loss(ce_BC, lse_BC, wt_BC, z_loss: float):
+    if z_loss:
+        ce_BC = ce_BC + z_loss * lse_BC**2
+    return jnp.sum(ce_BC * wt_BC)
+
+
+def _for_chunks(body, init, C: int, x_BTD, w_VD, tgt_BT, wt_BT):
+    """Runs body(carry, start, wc_VD, x_BCD, tgt_BC, wt_BC) over the chunks in order. The last
+    chunk ends at T: where C does not divide T it overlaps its predecessor, and the overlap gets
+    weight 0 there, so every position is scored once and nothing is padded or copied."""
+    B, T, _ = x_BTD.shape
+    n = -(-T // C)
+    # The head's weights are cast to the compute dtype once, not once per chunk.
+    wc_VD = w_VD.astype(x_BTD.dtype)
+    wt_BT = wt_BT.astype(jnp.float32)
+
+    def step(i, carry):
+        start = jnp.minimum(i * C, T - C)
+        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, C, axis=1)
+        fresh_C = start + jnp.arange(C) >= i * C
+        return body(carry, start, wc_VD, sl(x_BTD), sl(tgt_BT), sl(wt_BT) * fresh_C)
+
+    return jax.lax.fori_loop(0, n, step, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ce_sum(valid_vocab, z_loss, C, x_BTD, w_VD, tgt_BT, wt_BT):
+    def body(total, start, wc_VD, x_BCD, tgt_BC, wt_BC):
+        # bf16 operands with float32 accumulation give bf16 logits straight out of the matmul:
+        # no float32 copy of a chunk is ever written.
+        logits_BCV = jnp.einsum("bcd,vd->bcv", x_BCD, wc_VD)
+        ce_BC, lse_BC = _chunk_stats(logits_BCV, tgt_BC, valid_vocab)
+        return total + _chunk_loss(ce_BC, lse_BC, wt_BC, z_loss)
+
+    return _for_chunks(body, jnp.zeros((), jnp.float32), C, x_BTD, w_VD, tgt_BT, wt_BT)
+
+
+def _ce_sum_fwd(valid_vocab, z_loss, C, x_BTD, w_VD, tgt_BT, wt_BT):
+    def body(carry, start, wc_VD, x_BCD, tgt_BC, wt_BC):
+        total, dx_BTD, dw_VD = carry
+        logits_BCV = jnp.einsum("bcd,vd->bcv", x_BCD, wc_VD)
+        ce_BC, lse_BC = _chunk_stats(logits_BCV, tgt_BC, valid_vocab)
+        total = total + _chunk_loss(ce_BC, lse_BC, wt_BC, z_loss)
+        # d loss / d logits = weight * (softmax * (1 + 2 z lse) - onehot(target)); padded ids get
+        # none of it, as their probability is exactly 0.
+        ids_V = jnp.arange(logits_BCV.shape[-1])
+        p_BCV = jnp.exp(logits_BCV.astype(jnp.float32) - lse_BC[..., None])
+        p_BCV = jnp.where(ids_V < valid_vocab, p_BCV, 0.0)
+        if z_loss:
+            p_BCV = p_BCV * (1.0 + 2.0 * z_loss * lse_BC)[..., None]
+        onehot_BCV = ids_V == tgt_BC[..., None]
+        d_BCV = ((p_BCV - onehot_BCV) * wt_BC[..., None]).astype(x_BCD.dtype)
+        dx_BCD = jnp.einsum("bcv,vd->bcd", d_BCV, wc_VD)
+        # Positions a previous chunk owns got weight 0 here, so adding leaves their gradient.
+        C = x_BCD.shape[1]
+        dx_BCD = dx_BCD + jax.lax.dynamic_slice_in_dim(dx_BTD, start, C, axis=1)
+        dx_BTD = jax.lax.dynamic_update_slice_in_dim(dx_BTD, dx_BCD, start, axis=1)
+        dw_VD = dw_VD + jnp.einsum("bcv,bcd->vd", d_BCV, x_BCD, preferred_element_type=jnp.float32)
+        return total, dx_BTD, dw_VD
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros_like(x_BTD), jnp.zeros(w_VD.shape, jnp.float32))
+    total, dx_BTD, dw_VD = _for_chunks(body, init, C, x_BTD, w_VD, tgt_BT, wt_BT)
+    return total, (dx_BTD, dw_VD.astype(w_VD.dtype))
+
+
+def _ce_sum_bwd(valid_vocab, z_loss, C, res, g):
+    del valid_vocab, z_loss, C
+    dx_BTD, dw_VD = res
+    # The saved gradients are those of the sum itself; the cotangent only scales them.
+    return (g * dx_BTD).astype(dx_BTD.dtype), (g * dw_VD).astype(dw_VD.dtype), None, None
+
+
+_ce_sum.defvjp(_ce_sum_fwd, _ce_sum_bwd)

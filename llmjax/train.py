@@ -53,6 +53,8 @@ def _train_step(
     schedule,
     micro_sh,
     param_sh,
+    loss_chunk: int,
+    z_loss: float,
 ):
     """One optimizer step over `accum` micro-batches; skipped if the loss or gradient is not finite.
 
@@ -66,7 +68,9 @@ def _train_step(
     micro_ABT1 = batch_BT1.reshape(B // accum, accum, -1).swapaxes(0, 1)
     micro_ABT1 = jax.lax.with_sharding_constraint(micro_ABT1, micro_sh)
     key = jax.random.fold_in(jax.random.key(seed), state.step)
-    grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(
+        functools.partial(lm_loss, chunk=loss_chunk, z_loss=z_loss), has_aux=True
+    )
 
     def micro(acc, xs):
         grads, total, count = acc
@@ -156,6 +160,8 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
         schedule=optim.lr_schedule(cfg.optim, cfg.train.steps),
         micro_sh=sharding.micro_batch_sharding(mesh),
         param_sh=param_sh,
+        loss_chunk=cfg.train.loss_chunk,
+        z_loss=cfg.train.z_loss,
     )
     return Run(
         cfg=cfg,
@@ -172,7 +178,12 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
             donate_argnums=0,
         ),
         eval_step=jax.jit(
-            sharding.under_rules(functools.partial(evaluate.eval_step, graphdef=graphdef), mesh),
+            sharding.under_rules(
+                functools.partial(
+                    evaluate.eval_step, graphdef=graphdef, chunk=cfg.train.loss_chunk
+                ),
+                mesh,
+            ),
             in_shardings=(param_sh, batch_sh),
             out_shardings=repl,
         ),
