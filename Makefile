@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# Prepares the offline pydocs corpus, trains configs/quickstart.py on CPU (~3 min), samples.
+# Prepares the offline pydocs corpus, trains configs/quickstart.py on CPU (~3 min), samples, and
+# draws the run (runs/demo/report.png).
 demo: $(STAMP)
 	$(PY) -m llmjax.prepare --source=builtin:pydocs --tokenizer=bytes --val_fraction=0.05 \
 		--out=$(DEMO_DIR)/data
@@ -24,6 +25,7 @@ demo: $(STAMP)
 	$(PY) -m llmjax.sample --workdir=$(DEMO_DIR) --prompt="The built-in function" \
 		--max_new_tokens=100 --temperature=0.8 --top_k=40 --seed=0
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/tb"
+	$(PY) -m llmjax.report --workdir=$(DEMO_DIR) --out=$(DEMO_DIR)/report.png
 
 test: lint
 	$(PY) -m pytest -q
