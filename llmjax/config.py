@@ -64,6 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
     o.eps = 1e-8  # Adam epsilon
     o.grad_clip = 1.0  # global-norm clipping threshold; 0 disables
     o.grad_accum = 1  # micro-batches per step; data.batch_size must divide evenly
+    # Preference finetuning (a data.path of chosen/rejected pairs, see dpo.py): beta scales the
+    # implicit reward beta * (log pi - log pi_ref); label smoothing > 0 is conservative DPO (the
+    # share of pairs assumed mislabelled), 0 plain DPO.
+    o.dpo_beta = 0.1
+    o.dpo_label_smoothing = 0.0
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 19073  # optimizer steps (19073 x 524288 tokens = 10B tokens)
@@ -180,6 +185,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     )
     parse_trackers(t.trackers)  # an unknown name: TrackerError, a UserError
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _check(o.dpo_beta > 0, f"optim.dpo_beta={o.dpo_beta} must be > 0")
+    _check(
+        0 <= o.dpo_label_smoothing < 0.5,
+        f"optim.dpo_label_smoothing={o.dpo_label_smoothing} must be in [0, 0.5)",
+    )
     _check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)")
     _check(
