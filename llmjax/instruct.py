@@ -33,6 +33,10 @@ SAMPLE_QUESTIONS = (
 )
 
 
+# A split's examples: [N, T+1] rows, or for preference pairs a dict of arrays with a leading N.
+Rows = np.ndarray | dict[str, np.ndarray]
+
+
 class InstructError(UserError):
     """A dataset file that cannot be used; the message names the file and the record."""
 
@@ -86,34 +90,43 @@ def alpaca_to_messages(ex: dict) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": ex["output"]}]
 
 
-def load_examples(path: str) -> list[list[dict]]:
-    """Conversations from a JSON list or JSONL file, Alpaca or messages format."""
+def read_records(path: str) -> list:
+    """The records of a JSON list or JSONL file, unchecked."""
     if not os.path.isfile(path):
         raise InstructError(f"data.path={path!r}: no such file")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
-        records = (
+        return (
             json.loads(text)
             if text.lstrip().startswith("[")
             else [json.loads(line) for line in text.splitlines() if line.strip()]
         )
     except json.JSONDecodeError as e:
         raise InstructError(f"{path}: not JSON or JSONL ({e})") from e
+
+
+def is_messages(msgs) -> bool:
+    """A non-empty list of {role: system|user|assistant, content: str}."""
+    return (
+        isinstance(msgs, list)
+        and bool(msgs)
+        and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+            for m in msgs
+        )
+    )
+
+
+def load_examples(path: str) -> list[list[dict]]:
+    """Conversations from a JSON list or JSONL file, Alpaca or messages format."""
+    records = read_records(path)
     out = []
     for n, r in enumerate(records):
         msgs = r.get("messages") if isinstance(r, dict) else None
         if msgs is None and isinstance(r, dict) and {"instruction", "output"} <= r.keys():
             msgs = alpaca_to_messages(r)
-        ok = (
-            isinstance(msgs, list)
-            and msgs
-            and all(
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-                for m in msgs
-            )
-        )
-        if not ok or not any(m["role"] == "assistant" for m in msgs):
+        if not is_messages(msgs) or not any(m["role"] == "assistant" for m in msgs):
             raise InstructError(
                 f"{path}: record {n} is neither Alpaca (instruction, input, "
                 "output) nor messages ([{role: user|assistant|system, content}]) "
@@ -125,9 +138,22 @@ def load_examples(path: str) -> list[list[dict]]:
     return out
 
 
-def _is_val(messages: list[dict], val_fraction: float) -> bool:
+def is_held_out(messages: list[dict], val_fraction: float) -> bool:
+    """Whether a conversation (or a pair's prompt) is in the validation split: by its hash, so the
+    split does not depend on file order."""
     h = hashlib.blake2b(json.dumps(messages, sort_keys=True).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2**64 < val_fraction
+
+
+def encode_row(tok: Tokenizer, messages: list[dict], seq_len: int) -> tuple[np.ndarray, bool]:
+    """One conversation as an int32 row [seq_len+1] (context-only tokens encoded, EOT padding read
+    as context) and whether it was truncated to fit."""
+    ids, scored = render(tok, messages)
+    cut = len(ids) > seq_len + 1
+    ids, scored = np.asarray(ids[: seq_len + 1]), np.asarray(scored[: seq_len + 1])
+    row = np.full(seq_len + 1, context_only(np.int32(tok.eot_id)), np.int32)
+    row[: len(ids)] = np.where(scored, ids, context_only(ids))
+    return row, cut
 
 
 def encode_split(
@@ -142,12 +168,9 @@ def encode_split(
     rows: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     truncated = 0
     for msgs in examples:
-        ids, scored = render(tok, msgs)
-        truncated += len(ids) > seq_len + 1
-        ids, scored = np.asarray(ids[: seq_len + 1]), np.asarray(scored[: seq_len + 1])
-        row = np.full(seq_len + 1, context_only(np.int32(tok.eot_id)), np.int32)
-        row[: len(ids)] = np.where(scored, ids, context_only(ids))
-        rows["val" if _is_val(msgs, val_fraction) else "train"].append(row)
+        row, cut = encode_row(tok, msgs, seq_len)
+        truncated += cut
+        rows["val" if is_held_out(msgs, val_fraction) else "train"].append(row)
     if not rows["val"]:  # at least one validation example, chosen deterministically
         rows["val"].append(rows["train"].pop())
     if not rows["train"]:
@@ -161,22 +184,32 @@ def encode_split(
     return {k: np.stack(v) for k, v in rows.items()}, counts
 
 
+def take(rows: Rows, idx) -> Rows:
+    """Examples `idx` of rows: an array, or a dict of arrays indexed alike (DPO's tokens and
+    reference log-probabilities of each pair)."""
+    return {k: v[idx] for k, v in rows.items()} if isinstance(rows, dict) else rows[idx]
+
+
+def count(rows: Rows) -> int:
+    return len(next(iter(rows.values())) if isinstance(rows, dict) else rows)
+
+
 class _Epochs:
     """Step -> this process's rows: example order reshuffled every epoch from (seed, epoch)."""
 
-    def __init__(self, rows: np.ndarray, seed: int, batch: int, sl: slice):
+    def __init__(self, rows: Rows, seed: int, batch: int, sl: slice):
         self.rows, self.seed, self.batch, self.sl = rows, seed, batch, sl
 
-    def __call__(self, step: int) -> np.ndarray:
-        n = len(self.rows)
+    def __call__(self, step: int) -> Rows:
+        n = count(self.rows)
         j = np.arange(step * self.batch, (step + 1) * self.batch)[self.sl]
         perms = {e: np.random.default_rng([self.seed, e]).permutation(n) for e in set(j // n)}
-        return self.rows[[perms[e][i] for e, i in zip(j // n, j % n, strict=True)]]
+        return take(self.rows, [perms[e][i] for e, i in zip(j // n, j % n, strict=True)])
 
 
 def train_batches(
-    rows: np.ndarray, *, batch: int, seed: int, start_step: int, steps: int, rows_slice: slice
-) -> Iterator[np.ndarray]:
+    rows: Rows, *, batch: int, seed: int, start_step: int, steps: int, rows_slice: slice
+) -> Iterator[Rows]:
     return data.iterate_steps(start_step, steps, _Epochs(rows, seed, batch, rows_slice))
 
 
