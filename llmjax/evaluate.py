@@ -2,6 +2,7 @@
 
     python -m llmjax.evaluate --workdir=DIR --data=PREPARED_DIR [--hellaswag=PATH|download] \
         [--max_batches=N]
+    python -m llmjax.evaluate --workdir=DPO_RUN --data=PREFS.json [--reference=WORKDIR]
 
 Prints one JSON object. Validation loss is the mean of the same `eval_step` that training runs, over
 every non-overlapping seq_len window of the val split (or the first --max_batches batches).
@@ -10,6 +11,10 @@ HellaSwag is scored completion-style, as the GPT-2 reproductions (nanoGPT's buil
 do: each of the four endings is appended to the context (with a leading space), and the model's
 log-likelihood of the ending tokens given the context picks the answer. `acc` takes the largest
 sum, `acc_norm` the largest mean per token (the length-normalised score).
+
+A preference file (chosen/rejected pairs, dpo.py) as --data is scored on its held-out pairs (the
+split training uses): reward accuracy, rewards and margin against the reference model, which is
+the run's model.init_from unless --reference names another workdir.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import optax
 from absl import flags
 from flax import nnx
 
-from llmjax import checkpoint, data, errors
+from llmjax import checkpoint, data, dpo, errors
 from llmjax.loss import CHUNK_TOKENS, lm_loss
 from llmjax.tokenizer import Tokenizer
 
@@ -58,9 +63,27 @@ def mean_loss(step, params, batches: Iterable) -> float:
     """Mean loss per scored target over `batches`, from `step` (a jitted `eval_step`): the one
     validation loss, in the training loop and on the command line alike. Sums are added in
     float64 on the host, so the order and number of batches cost no precision."""
-    sums = [step(params, b) for b in batches]
-    total, count = np.sum(jax.device_get(sums), axis=0, dtype=np.float64)
-    return float(total / max(count, 1.0))
+
+    def objective(p, b):
+        loss_sum, n = step(p, b)
+        return loss_sum, (n, {})
+
+    return mean_metrics(objective, params, batches)["loss"]
+
+
+def mean_metrics(step, params, batches: Iterable) -> dict[str, float]:
+    """{loss, and each metric the objective sums} as means per unit (scored target, or pair)
+    over `batches`, from `step`: (params, batch) -> (loss sum, (units, {metric: sum})), the
+    training loop's eval step. Added in float64 on the host, as `mean_loss`."""
+    outs = jax.device_get([step(params, b) for b in batches])
+    names = sorted(outs[0][1][1]) if outs else []
+    table = np.array([[s, n, *(m[k] for k in names)] for s, (n, m) in outs], np.float32)
+    total, count, *sums = np.sum(table.reshape(-1, 2 + len(names)), axis=0, dtype=np.float64)
+    count = max(count, 1.0)
+    return {
+        "loss": float(total / count),
+        **{k: float(v / count) for k, v in zip(names, sums, strict=True)},
+    }
 
 
 def val_loss(
@@ -212,6 +235,54 @@ def hellaswag(graphdef, params, items: list[dict], tok: Tokenizer, block_size: i
 
 
 # ---------------------------------------------------------------------------------------------
+# Preference pairs
+
+
+def preference_eval(
+    policy, tok: Tokenizer, reference, tokens_N2T1: np.ndarray, *, beta: float, batch: int
+) -> dict:
+    """DPO's metrics of `policy` against `reference` (models) over the pairs, float64 means.
+    Both are scored by one jitted function, so identical weights give a margin of exactly 0."""
+    graphdef, params = nnx.split(policy)
+    ref_graphdef, ref_params = nnx.split(reference)
+    scores = {}
+    for name, g, p in (("policy", graphdef, params), ("reference", ref_graphdef, ref_params)):
+        step = jax.jit(lambda p, t, g=g: dpo.pair_logps(p, g, t, chunk=CHUNK_TOKENS))
+        scores[name] = dpo.reference_logps(
+            step, p, tokens_N2T1, batch=batch, rows_slice=slice(None), put=jnp.asarray
+        )
+    valid_N = (tokens_N2T1[:, :, 1:] >= 0).any(axis=(1, 2))
+    loss, (n, sums) = dpo.pair_loss(
+        jnp.asarray(scores["policy"]), jnp.asarray(scores["reference"]), valid_N, beta=beta
+    )
+    n = max(float(n), 1.0)
+    out = {"pairs": int(valid_N.sum()), "dpo_loss": float(loss) / n}
+    return out | {k: float(v) / n for k, v in sums.items()}
+
+
+def _preference_main(model, tok: Tokenizer, step: int, out: dict) -> None:
+    mngr = checkpoint.manager(FLAGS.workdir, read_only=True)
+    cfg = checkpoint.read_meta(mngr, step)["config"]
+    source = FLAGS.reference or cfg["model"]["init_from"]
+    if source == "scratch":
+        raise EvalError(
+            f"--data={FLAGS.data} holds preference pairs but {FLAGS.workdir} has no reference "
+            "model (model.init_from=scratch): give --reference=WORKDIR"
+        )
+    reference, ref_tok, _ = checkpoint.load_model(source)
+    if ref_tok.name != tok.name:
+        raise EvalError(
+            f"--reference={source} uses tokenizer {ref_tok.name}, {FLAGS.workdir} {tok.name}"
+        )
+    seq_len = min(FLAGS.seq_len or int(cfg["data"]["seq_len"]), model.cfg.block_size)
+    pairs = dpo.encode_split(tok, FLAGS.data, seq_len)[0]["val"]
+    # Checkpoints written before DPO existed have no dpo_beta; 0.1 was its first default.
+    beta = FLAGS.dpo_beta or cfg["optim"].get("dpo_beta", 0.1)
+    result = preference_eval(model, tok, reference, pairs, beta=beta, batch=FLAGS.batch_size)
+    out.update({"reference": source, "dpo_beta": beta, "held_out": result})
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 
 FLAGS = flags.FLAGS
@@ -226,10 +297,15 @@ def main(argv) -> None:
         if FLAGS.hellaswag
         else None
     )
+    preference = bool(FLAGS.data) and os.path.isfile(FLAGS.data)
+    if preference and not dpo.is_preference_file(FLAGS.data):
+        raise EvalError(f"--data={FLAGS.data}: a file must hold preference pairs (chosen/rejected)")
     model, tok, step = checkpoint.load_model(FLAGS.workdir)
     graphdef, params = nnx.split(model)
     out: dict = {"workdir": FLAGS.workdir, "step": step}
-    if FLAGS.data:
+    if preference:
+        _preference_main(model, tok, step, out)
+    elif FLAGS.data:
         meta = checkpoint_seq_len(FLAGS.workdir, step)
         seq_len = min(FLAGS.seq_len or meta, model.cfg.block_size)
         data.check_dataset(FLAGS.data, tok.name, seq_len)
@@ -258,10 +334,19 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "workdir", None, "workdir whose latest checkpoint is evaluated", required=True
     )
-    flags.DEFINE_string("data", None, "directory of prepared shards (its val split is used)")
+    flags.DEFINE_string(
+        "data",
+        None,
+        "directory of prepared shards (its val split is used), or a preference file (its "
+        "held-out pairs are scored)",
+    )
+    flags.DEFINE_string(
+        "reference", None, "preference data: the reference workdir (default: model.init_from)"
+    )
+    flags.DEFINE_float("dpo_beta", 0.0, "preference data: beta of the rewards; 0 = the run's")
     flags.DEFINE_string("hellaswag", None, "HellaSwag val jsonl path, or 'download'")
     flags.DEFINE_integer("max_batches", 0, "validation batches; 0 = the whole val split")
-    flags.DEFINE_integer("batch_size", 8, "sequences per validation batch")
+    flags.DEFINE_integer("batch_size", 8, "sequences (or pairs) per validation batch")
     flags.DEFINE_integer("seq_len", 0, "validation window; 0 = the checkpoint's data.seq_len")
     flags.DEFINE_integer("hellaswag_items", 0, "first N HellaSwag items; 0 = all")
 

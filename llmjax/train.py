@@ -1,8 +1,10 @@
 """The training run: state creation, the pure train step, and the loop with its cadence.
 
 `_train_step` is a pure function of (state, batch), jitted once with explicit shardings and with
-the state donated, so parameters are updated in place; the eval step is evaluate.py's, jitted
-here with the same shardings. The loop reads metrics back from the device only every
+the state donated, so parameters are updated in place. What it minimises is an objective that
+`build` picks from the data: the language-model loss (pretraining shards, finetuning
+conversations) or DPO's (preference pairs, dpo.py); the eval step is the same objective without
+dropout, jitted with the same shardings. The loop reads metrics back from the device only every
 `train.log_every` steps (metrics.RunLog).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -23,9 +26,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llmjax import checkpoint, data, evaluate, instruct, metrics, optim, sharding, trackers
+from llmjax import checkpoint, data, dpo, evaluate, instruct, metrics, optim, sharding, trackers
 from llmjax.config import ConfigError, model_config
-from llmjax.convert import load_params
+from llmjax.convert import load_params, source_config
 from llmjax.loss import lm_loss
 from llmjax.model import GPT, GPTConfig, count_params, flops_per_token
 from llmjax.sample import generate
@@ -41,9 +44,31 @@ class TrainState:
     bad_streak: jax.Array  # consecutive non-finite steps up to now
 
 
+# An objective: (params, graphdef, batch, rng, deterministic) -> (loss summed over the batch's
+# units, (number of units, {metric: sum over the units})). Units are scored targets for the
+# language-model loss, pairs for DPO; sums rather than means keep every mean exact across
+# micro-batches, devices and evaluation batches.
+Objective = Callable[..., tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]
+
+
+def lm_objective(params, graphdef, batch_BT1, rng, deterministic, *, chunk: int, z_loss: float):
+    """loss.lm_loss as an objective: no metrics besides the loss."""
+    loss_sum, n = lm_loss(
+        params, graphdef, batch_BT1, rng, deterministic, chunk=chunk, z_loss=z_loss
+    )
+    return loss_sum, (n, {})
+
+
+def _eval_objective(params, graphdef, batch_BT1, rng, deterministic, *, chunk: int):
+    # evaluate.eval_step, the one validation loss (z-loss is training's alone).
+    del rng, deterministic
+    loss_sum, n = evaluate.eval_step(params, batch_BT1, graphdef=graphdef, chunk=chunk)
+    return loss_sum, (n, {})
+
+
 def _train_step(
     state: TrainState,
-    batch_BT1,
+    batch,
     *,
     graphdef,
     tx,
@@ -53,39 +78,47 @@ def _train_step(
     schedule,
     micro_sh,
     param_sh,
-    loss_chunk: int,
-    z_loss: float,
+    objective: Objective,
 ):
     """One optimizer step over `accum` micro-batches; skipped if the loss or gradient is not finite.
 
     The step is pure: the dropout key derives from (seed, step), so a resumed run repeats it
-    exactly. The loss is the mean over every scored target of the whole batch, whatever the split
-    into micro-batches.
+    exactly. The loss, and every metric the objective sums, is the mean over the units of the
+    whole batch, whatever the split into micro-batches. `batch` is an array [B, ...] or a dict of
+    them (DPO's pairs and reference log-probabilities), split alike.
     """
-    B = batch_BT1.shape[0]
+    B = jax.tree.leaves(batch)[0].shape[0]
     # Micro-batch a is rows a, a + accum, ...: each device keeps its own rows in every micro-batch,
     # so splitting the batch moves no data between devices.
-    micro_ABT1 = batch_BT1.reshape(B // accum, accum, -1).swapaxes(0, 1)
-    micro_ABT1 = jax.lax.with_sharding_constraint(micro_ABT1, micro_sh)
-    key = jax.random.fold_in(jax.random.key(seed), state.step)
-    grad_fn = jax.value_and_grad(
-        functools.partial(lm_loss, chunk=loss_chunk, z_loss=z_loss), has_aux=True
+    micro_AB = jax.tree.map(
+        lambda x: x.reshape(B // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch
     )
+    micro_AB = jax.lax.with_sharding_constraint(micro_AB, micro_sh)
+    key = jax.random.fold_in(jax.random.key(seed), state.step)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def micro(acc, xs):
-        grads, total, count = acc
-        batch_BT1, i = xs
-        (loss_sum, n), g = grad_fn(
-            state.params, graphdef, batch_BT1, jax.random.fold_in(key, i), not dropout
+        grads, total, count, sums = acc
+        batch, i = xs
+        (loss_sum, (n, m)), g = grad_fn(
+            state.params, graphdef, batch, jax.random.fold_in(key, i), not dropout
         )
         # Gradients take the parameters' layout: with fsdp > 1 they are reduce-scattered (ZeRO),
         # never all-reduced into full copies on every device.
         g = jax.lax.with_sharding_constraint(g, param_sh)
-        return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n), None
+        sums = jax.tree.map(jnp.add, sums, m)
+        return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n, sums), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, jnp.zeros(()), jnp.zeros(()))
-    (grads, total, count), _ = jax.lax.scan(micro, init, (micro_ABT1, jnp.arange(accum)))
+    # The metrics' structure, from a trace of the objective (nothing of it is computed).
+    _, (_, shapes) = jax.eval_shape(
+        lambda p, b, k: objective(p, graphdef, b, k, not dropout),
+        state.params,
+        jax.tree.map(lambda x: x[0], micro_AB),
+        key,
+    )
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, shapes))
+    (grads, total, count, sums), _ = jax.lax.scan(micro, init, (micro_AB, jnp.arange(accum)))
     count = jnp.maximum(count, 1.0)  # nothing scored: a zero gradient, never a division by zero
     grads = jax.tree.map(lambda g: g / count, grads)
     loss, grad_norm = total / count, optax.tree_utils.tree_norm(grads)
@@ -103,7 +136,8 @@ def _train_step(
     )
     # Skipped steps never reached the optimizer, so its schedule counts only the applied ones.
     lr = schedule(state.step - state.skipped)
-    return new_state, {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
+    extra = {f"train/{k}": v / count for k, v in sums.items()}
+    return new_state, {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr, **extra}
 
 
 @dataclasses.dataclass
@@ -118,8 +152,10 @@ class Run:
     state_shardings: Any
     abstract_state: Any
     train_step: Any
-    eval_step: Any
+    eval_step: Any  # (params, batch) -> the objective's (sum, (count, sums)), no dropout
     init: Any
+    batch_spec: Any  # the global batch's shapes, dtypes and sharding (a pytree for DPO)
+    logps_step: Any = None  # DPO: (params, tokens [P, 2, T+1]) -> (log-probs, counts) [P, 2]
 
 
 def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
@@ -150,6 +186,32 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
     )
     batch_sh = sharding.batch_sharding(mesh)
+    repl_sh = sharding.replicated(mesh)
+    B, T1, chunk = cfg.data.batch_size, cfg.data.seq_len + 1, cfg.train.loss_chunk
+    logps_step = None
+    if is_preference(cfg):
+        objective = functools.partial(
+            dpo.dpo_loss,
+            beta=cfg.optim.dpo_beta,
+            label_smoothing=cfg.optim.dpo_label_smoothing,
+            chunk=chunk,
+        )
+        eval_objective = objective
+        batch_spec = {
+            "tokens": jax.ShapeDtypeStruct((B, 2, T1), jnp.int32, sharding=batch_sh),
+            "ref": jax.ShapeDtypeStruct((B, 2), jnp.float32, sharding=batch_sh),
+        }
+        logps_step = jax.jit(
+            sharding.under_rules(
+                lambda params, tokens: dpo.pair_logps(params, graphdef, tokens, chunk=chunk), mesh
+            ),
+            in_shardings=(param_sh, batch_sh),
+            out_shardings=repl_sh,
+        )
+    else:
+        objective = functools.partial(lm_objective, chunk=chunk, z_loss=cfg.train.z_loss)
+        eval_objective = functools.partial(_eval_objective, chunk=chunk)
+        batch_spec = jax.ShapeDtypeStruct((B, T1), jnp.int32, sharding=batch_sh)
     step_fn = functools.partial(
         _train_step,
         graphdef=graphdef,
@@ -160,8 +222,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
         schedule=optim.lr_schedule(cfg.optim, cfg.train.steps),
         micro_sh=sharding.micro_batch_sharding(mesh),
         param_sh=param_sh,
-        loss_chunk=cfg.train.loss_chunk,
-        z_loss=cfg.train.z_loss,
+        objective=objective,
     )
     return Run(
         cfg=cfg,
@@ -179,15 +240,14 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
         ),
         eval_step=jax.jit(
             sharding.under_rules(
-                functools.partial(
-                    evaluate.eval_step, graphdef=graphdef, chunk=cfg.train.loss_chunk
-                ),
-                mesh,
+                lambda params, batch: eval_objective(params, graphdef, batch, None, True), mesh
             ),
             in_shardings=(param_sh, batch_sh),
             out_shardings=repl,
         ),
         init=jax.jit(init, out_shardings=state_sh),
+        batch_spec=batch_spec,
+        logps_step=logps_step,
     )
 
 
@@ -221,16 +281,31 @@ def _meta(run: Run, step: int, loop: dict) -> dict:
 
 
 def is_instruct(cfg: ml_collections.ConfigDict) -> bool:
-    """A file (JSON/JSONL conversations) means finetuning; a directory of shards, pretraining."""
+    """A file (JSON/JSONL conversations or preference pairs) means finetuning; a directory of
+    shards, pretraining."""
     return os.path.isfile(cfg.data.path)
 
 
-def open_data(
-    cfg: ml_collections.ConfigDict, tok: Tokenizer, vocab_size: int
-) -> tuple[Callable[[int], Iterator[np.ndarray]], Callable[[], Iterator[np.ndarray]]]:
-    """(train batches from a step on, the validation batches, the same each call) of this
-    process: shards for pretraining, or an instruction file for finetuning. Reads and checks the
-    data before anything compiles, so bad data fails fast."""
+def is_preference(cfg: ml_collections.ConfigDict) -> bool:
+    """A file of chosen/rejected pairs means DPO (a file mixing formats is a UserError)."""
+    return is_instruct(cfg) and dpo.is_preference_file(cfg.data.path)
+
+
+@dataclasses.dataclass
+class Data:
+    """This process's batches: `train(start)` from a step on, `val()` the same each call. DPO's
+    are made by `with_reference` once the reference log-probabilities exist; until then `pairs`
+    holds the encoded pairs per split."""
+
+    train: Callable[[int], Iterator] | None
+    val: Callable[[], Iterator] | None
+    pairs: dict[str, np.ndarray] | None = None
+
+
+def open_data(cfg: ml_collections.ConfigDict, tok: Tokenizer, vocab_size: int) -> Data:
+    """The batches of this process: shards for pretraining, an instruction file for finetuning, a
+    preference file for DPO. Reads and checks the data (and for DPO the reference model's
+    tokenizer) before anything compiles, so bad input fails fast and nothing is written."""
     d, t = cfg.data, cfg.train
     micro = d.batch_size // cfg.optim.grad_accum
     pid, n_proc = jax.process_index(), jax.process_count()
@@ -250,12 +325,20 @@ def open_data(
             **common,
         )
         val = lambda: data.val_batches(d.path, batch=micro, num_batches=t.eval_batches, **common)
-        return train, val
+        return Data(train, val)
     if not tok.chat:
         raise data.DataError(
             f"data.path={d.path!r} is an instruction dataset but data.tokenizer={d.tokenizer!r} "
             "has no chat tokens (use gpt2-chat or bytes-chat)"
         )
+    if is_preference(cfg):
+        check_reference_source(cfg)
+        pairs, counts = dpo.encode_split(tok, d.path, d.seq_len)
+        metrics.console(
+            f"preference pairs: {counts['train']} train / {counts['val']} held out, "
+            f"{counts['truncated']} truncated to {d.seq_len + 1} tokens"
+        )
+        return Data(None, None, pairs)
     rows, counts = instruct.encode_split(tok, d.path, d.seq_len, 0.05)
     metrics.console(
         f"instructions: {counts['train']} train / {counts['val']} val examples, "
@@ -272,7 +355,79 @@ def open_data(
     val = lambda: instruct.val_batches(
         rows["val"], batch=micro, rows_slice=data.process_rows(micro, pid, n_proc)
     )
-    return train, val
+    return Data(train, val)
+
+
+def check_reference_source(cfg: ml_collections.ConfigDict) -> None:
+    """DPO starts from, and compares against, an instruction-finetuned model: `model.init_from`
+    must name one, with the chat tokens the pairs are rendered with."""
+    src = cfg.model.init_from
+    if src == "scratch":
+        raise data.DataError(
+            f"data.path={cfg.data.path!r} holds preference pairs: DPO needs model.init_from=an "
+            "instruction-finetuned workdir (its weights are the start and the frozen reference)"
+        )
+    tokenizer = source_config(src)[1]
+    if not tokenizer.endswith("-chat"):
+        raise data.DataError(
+            f"model.init_from={src} has no chat tokens (tokenizer {tokenizer}): DPO starts from "
+            "an instruction-finetuned model (see configs/sft_gpt2.py)"
+        )
+
+
+def with_reference(run: Run, d: Data, params, workdir: str, *, fresh: bool) -> Data:
+    """DPO's batches, with the reference log-probabilities of every answer: read from the
+    workdir's cache when it matches the pairs and the source, else computed from the step-0
+    weights (`params` of a fresh run, `model.init_from` reloaded otherwise) and cached."""
+    cfg, src = run.cfg, run.cfg.model.init_from
+    B, micro = cfg.data.batch_size, cfg.data.batch_size // cfg.optim.grad_accum
+    pid, n_proc = jax.process_index(), jax.process_count()
+    steps = checkpoint.steps_on_disk(checkpoint.directory(src))
+    source = {
+        "init_from": os.path.abspath(src),
+        "step": steps[-1] if steps else None,
+        "model": dataclasses.asdict(run.model_cfg),
+    }
+
+    def compute() -> dict[str, np.ndarray]:
+        t0 = time.time()
+        ref_params = params
+        if not fresh:
+            ref_params = jax.device_put(load_params(src, run.model_cfg), run.state_shardings.params)
+        put = lambda b: sharding.put_batch(b, run.mesh)
+        out = {
+            split: dpo.reference_logps(
+                run.logps_step,
+                ref_params,
+                tokens,
+                batch=micro,
+                rows_slice=data.process_rows(micro, pid, n_proc),
+                put=put,
+            )
+            for split, tokens in d.pairs.items()
+        }
+        metrics.console(
+            f"reference log-probabilities of {sum(map(len, d.pairs.values()))} pairs from "
+            f"{src} in {time.time() - t0:.1f}s (cached in {dpo.REFERENCE_FILE})"
+        )
+        return out
+
+    ref, _ = dpo.cached_reference(
+        workdir, dpo.reference_key(d.pairs, source), compute, write=pid == 0
+    )
+    rows = {k: {"tokens": v, "ref": ref[k]} for k, v in d.pairs.items()}
+    train = lambda start: instruct.train_batches(
+        rows["train"],
+        batch=B,
+        seed=cfg.train.seed,
+        start_step=start,
+        steps=cfg.train.steps,
+        rows_slice=data.process_rows(B, pid, n_proc),
+    )
+    val = lambda: dpo.val_batches(
+        rows["val"], batch=micro, rows_slice=data.process_rows(micro, pid, n_proc)
+    )
+    return Data(train, val, d.pairs)
 
 
 def sample_text(run: Run, params, tok: Tokenizer, prompt: str, n: int, seed: int) -> str:
@@ -302,7 +457,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     workdir, t = os.path.abspath(workdir), cfg.train
     tok = get_tokenizer(cfg.data.tokenizer)
     run = build(cfg)
-    train_batches, val_batches = open_data(cfg, tok, run.model_cfg.valid_vocab_size)
+    batches_of = open_data(cfg, tok, run.model_cfg.valid_vocab_size)
     hellaswag_items = None
     if t.hellaswag_every:  # read (or downloaded) before anything compiles: a bad path fails fast
         path = evaluate.hellaswag_path(t.hellaswag_path)
@@ -322,9 +477,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
             initial_state(run),
             {"loop": {"pending": [], "loss_mean": [0.0, 0], "log_bytes": 0}},
         )
+    if batches_of.pairs is not None:  # DPO: after every check, before the first step
+        batches_of = with_reference(run, batches_of, state.params, workdir, fresh=restored is None)
     mngr = checkpoint.manager(workdir, t.keep_ckpts, t.keep_every)
     start = int(jax.device_get(state.step))
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    tokens_per_step = step_tokens(run)
     n_params = count_params(model_shapes(run))
     log = metrics.RunLog(
         workdir,
@@ -338,8 +495,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         trackers=opened,
     )
     train_step = compile_train_step(run, state, start)
-    put = lambda batch: sharding.put_batch(batch, run.mesh)
-    batches = train_batches(start)
+    put = lambda batch: jax.tree.map(lambda a: sharding.put_batch(a, run.mesh), batch)
+    batches = batches_of.train(start)
     for step in range(start, t.steps):
         state, m = train_step(state, put(next(batches)))
         log.record(m)
@@ -349,9 +506,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
             if streak >= t.max_bad_steps:
                 raise diverged(log.last, done, streak, mngr)
         if _due(done, t.eval_every, t.steps):
-            loss = evaluate.mean_loss(run.eval_step, state.params, map(put, val_batches()))
-            log.writer.scalars(done, {"eval/loss": loss})
-            log.line(f"step {done:>6}/{t.steps} | eval loss {loss:.4f}")
+            ev = evaluate.mean_metrics(run.eval_step, state.params, map(put, batches_of.val()))
+            log.writer.scalars(done, {f"eval/{k}": v for k, v in ev.items()})
+            log.line(
+                f"step {done:>6}/{t.steps} | "
+                + " | ".join(f"eval {k} {v:.4f}" for k, v in ev.items())
+            )
         if hellaswag_items and _due(done, t.hellaswag_every, t.steps):
             hs = evaluate.hellaswag(
                 run.graphdef, state.params, hellaswag_items, tok, run.model_cfg.block_size
@@ -397,6 +557,12 @@ def model_shapes(run: Run) -> GPT:
     return nnx.merge(run.graphdef, jax.tree.map(strip, run.abstract_state.params))
 
 
+def step_tokens(run: Run) -> int:
+    """Tokens in one step's batch: sequences x seq_len (a DPO pair is two sequences)."""
+    spec = run.batch_spec["tokens"] if isinstance(run.batch_spec, dict) else run.batch_spec
+    return math.prod(spec.shape[:-1]) * run.cfg.data.seq_len
+
+
 def compile_train_step(run: Run, state: TrainState, start: int):
     """The train step compiled ahead of time, so the first logged throughput measures steps,
     not compilation; prints the run's shape, mesh and memory."""
@@ -406,16 +572,11 @@ def compile_train_step(run: Run, state: TrainState, start: int):
     metrics.console(
         f"model: {n_params:,} parameters ({count_params(shapes, padding=False):,} without vocab "
         f"padding); mesh {dict(run.mesh.shape)}; "
-        f"{cfg.data.batch_size * cfg.data.seq_len:,} tokens/step; "
+        f"{step_tokens(run):,} tokens/step; "
         f"attention {run.model_cfg.attention}; steps {start} -> {cfg.train.steps}"
     )
     t0 = time.time()
-    batch_spec = jax.ShapeDtypeStruct(
-        (cfg.data.batch_size, cfg.data.seq_len + 1),
-        jnp.int32,
-        sharding=sharding.batch_sharding(run.mesh),
-    )
-    train_step = run.train_step.lower(run.abstract_state, batch_spec).compile()
+    train_step = run.train_step.lower(run.abstract_state, run.batch_spec).compile()
     metrics.console(f"compiled train step in {time.time() - t0:.1f}s")
     metrics.console(sharding.describe(run.mesh))
     metrics.console(sharding.memory_report(state.params, state.opt_state, train_step))
