@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from llmjax import metrics, trackers
+from llmjax import checkpoint, metrics, trackers
 from tests.conftest import ROOT
 
 STEPS = 12
@@ -89,7 +89,11 @@ def mlflow_uri(tmp_path_factory):
         yield uri
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # uvicorn's graceful shutdown can take a while
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
         log.close()
 
 
@@ -141,6 +145,8 @@ def test_mlflow_run_survives_sigkill_and_reads_as_one_run(byte_data, env, mlflow
             proc.send_signal(signal.SIGKILL)
             break
     assert proc.wait(timeout=60) == -signal.SIGKILL
+    # The checkpoint at step 4 is written asynchronously: on a busy machine it may not be there.
+    saved = checkpoint.steps_on_disk(checkpoint.directory(workdir))
     run_id = trackers.read_ids(workdir)["mlflow"]["run_id"]
     client = MlflowClient(mlflow_uri)
     killed = client.get_metric_history(run_id, "train/loss")
@@ -148,7 +154,7 @@ def test_mlflow_run_survives_sigkill_and_reads_as_one_run(byte_data, env, mlflow
 
     resumed = _run(env, workdir, byte_data, *extra)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
+    assert ("resumed from" in resumed.stdout) == bool(saved)
     assert trackers.read_ids(workdir)["mlflow"]["run_id"] == run_id
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -258,12 +264,12 @@ def test_unreachable_tracker_is_one_line_before_compiling(byte_data, env, tmp_pa
         byte_data,
         *extra,
         "--config.train.tracker_optional=True",
-        "--config.train.steps=2",
+        "--config.train.sample_every=0",
     )
     assert proc.returncode == 0, proc.stderr
     warnings = [x for x in proc.stderr.splitlines() if x.startswith("llmjax: warning:")]
     assert len(warnings) == 1 and "tracker_optional" in warnings[0]
-    assert [r["step"] for r in _rows(workdir) if "train/loss" in r] == [1, 2]
+    assert [r["step"] for r in _rows(workdir) if "train/loss" in r] == list(range(1, STEPS + 1))
 
 
 def test_unknown_tracker_is_one_line(env, tmp_path):
