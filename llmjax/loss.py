@@ -17,18 +17,23 @@ saved gradients, and nothing is recomputed.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmjax.model import MASKED_LOGIT
+from llmjax.model import MASKED_LOGIT, constrain
 
-# Tokens of the micro-batch per loss chunk (train.loss_chunk's default). A chunk's logits are
+# Tokens per loss chunk, train.loss_chunk's default (per device: train.build multiplies it by the
+# data-parallel size, as `chunk` here counts the batch the loss is given). A chunk's logits are
 # chunk x V in the compute dtype (bf16, GPT-2's vocabulary: 206 MB at 2,048 tokens); each chunk
 # also reads and writes the float32 gradient of the tied embedding once (0.3 GB for GPT-2).
 # benchmarks/NOTES.md has the trade-off measured for 124M on an H100.
 CHUNK_TOKENS = 2048
+# Groups of the vocabulary reduced separately, then combined (see _chunk_stats): a multiple of
+# any tensor-parallel size, so that each device's slice holds whole groups.
+VOCAB_GROUPS = 64
 
 
 def lm_loss(
@@ -52,7 +57,7 @@ def lm_loss(
     x_BTD = model.hidden(tokens_BT1[:, :-1], deterministic=deterministic, rngs=rngs)
     ce = chunked_ce(
         x_BTD,
-        model.wte.embedding[...],
+        model.embedding_VD(),
         tokens_BT1[:, 1:],
         weights_BT,
         valid_vocab=model.cfg.valid_vocab_size,
@@ -73,7 +78,8 @@ def chunked_ce(
     z_loss: float = 0.0,
 ) -> jax.Array:
     """sum over (b, t) of weights * (logsumexp(logits) - logits[target] + z_loss * lse^2), where
-    logits = x @ w.T in x's dtype (the tied head, as `GPT.logits`), ids >= valid_vocab masked.
+    logits = x @ w.T (the tied head, as `GPT.logits`; w in the compute dtype, as
+    `GPT.embedding_VD` gives it), ids >= valid_vocab masked.
 
     The sequence is cut into chunks of chunk // B positions (at least 1, at most T), each chunk
     every row's positions i*C..(i+1)*C-1, so that a chunk keeps the batch's sharding. Logits stay
@@ -85,30 +91,39 @@ def chunked_ce(
 
 
 def _chunk_stats(logits_BCV, tgt_BC, valid_vocab: int):
-    """(cross-entropy, logsumexp) per position, float32, padded ids masked out: one pass over the
-    chunk's logits, a variadic reduction carrying (running max m, sum of exp(l - m), target
-    logit), where max-then-sum would read the chunk twice. Partitioned over the vocabulary it
-    reduces each device's slice and combines the three numbers per position."""
+    """(cross-entropy, logsumexp) per position, float32, padded ids masked out, in one pass over
+    the chunk's logits (max-then-sum would read them twice).
+
+    The vocabulary is cut into K groups (64 where it divides V): a variadic reduction over each
+    group carries (running max m, sum of exp(l - m), target logit), and the K partial triples
+    combine with a plain max and sums. Split over the vocabulary (tensor), each device reduces its
+    own groups and only [B, C] maxima and sums are all-reduced, as Megatron's vocabulary-parallel
+    cross-entropy does; a custom reducer across devices would all-gather instead."""
 
     def combine(a, b):
         (m1, s1, t1), (m2, s2, t2) = a, b
         m = jnp.maximum(m1, m2)
         return m, s1 * jnp.exp(m1 - m) + s2 * jnp.exp(m2 - m), t1 + t2
 
-    ids_V = jnp.arange(logits_BCV.shape[-1])
+    *BC, V = logits_BCV.shape
+    K = math.gcd(V, VOCAB_GROUPS)
+    ids_V = jnp.arange(V)
     l_BCV = logits_BCV.astype(jnp.float32)
+    grouped = lambda a_BCV: a_BCV.reshape(*BC, K, V // K)
     lowest = jnp.float32(jnp.finfo(jnp.float32).min)
-    m_BC, s_BC, t_BC = jax.lax.reduce(
+    m_BCK, s_BCK, t_BCK = jax.lax.reduce(
         (
-            jnp.where(ids_V < valid_vocab, l_BCV, MASKED_LOGIT),
-            jnp.ones_like(l_BCV),
-            jnp.where(ids_V == tgt_BC[..., None], l_BCV, 0.0),
+            grouped(jnp.where(ids_V < valid_vocab, l_BCV, MASKED_LOGIT)),
+            grouped(jnp.ones_like(l_BCV)),
+            grouped(jnp.where(ids_V == tgt_BC[..., None], l_BCV, 0.0)),
         ),
         (lowest, jnp.float32(0), jnp.float32(0)),
         combine,
-        (l_BCV.ndim - 1,),
+        (len(BC) + 1,),
     )
-    log_s_BC = jnp.log(s_BC)
+    m_BC = jnp.max(m_BCK, axis=-1)
+    log_s_BC = jnp.log(jnp.sum(s_BCK * jnp.exp(m_BCK - m_BC[..., None]), axis=-1))
+    t_BC = jnp.sum(t_BCK, axis=-1)
     # As optax writes it, log(sum exp(l - m)) - (l[target] - m): no large m added and taken away.
     return log_s_BC - (t_BC - m_BC), m_BC + log_s_BC
 
@@ -133,18 +148,23 @@ def _for_chunks(body, init, C: int, x_BTD, w_VD, tgt_BT, wt_BT):
         start = jnp.minimum(i * C, T - C)
         sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, C, axis=1)
         fresh_C = start + jnp.arange(C) >= i * C
-        return body(carry, start, wc_VD, sl(x_BTD), sl(tgt_BT), sl(wt_BT) * fresh_C)
+        x_BCD = constrain(sl(x_BTD), "BTD")
+        return body(carry, start, wc_VD, x_BCD, sl(tgt_BT), sl(wt_BT) * fresh_C)
 
     return jax.lax.fori_loop(0, n, step, init)
+
+
+def _head(x_BCD, w_VD):
+    # bf16 operands with float32 accumulation give bf16 logits straight out of the matmul: no
+    # float32 copy of a chunk is ever written. Rows split like the batch, the vocabulary like
+    # wte's rows (tensor): vocabulary-parallel logits, as `GPT.logits` has them.
+    return constrain(jnp.einsum("bcd,vd->bcv", x_BCD, w_VD), "BTV")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _ce_sum(valid_vocab, z_loss, C, x_BTD, w_VD, tgt_BT, wt_BT):
     def body(total, start, wc_VD, x_BCD, tgt_BC, wt_BC):
-        # bf16 operands with float32 accumulation give bf16 logits straight out of the matmul:
-        # no float32 copy of a chunk is ever written.
-        logits_BCV = jnp.einsum("bcd,vd->bcv", x_BCD, wc_VD)
-        ce_BC, lse_BC = _chunk_stats(logits_BCV, tgt_BC, valid_vocab)
+        ce_BC, lse_BC = _chunk_stats(_head(x_BCD, wc_VD), tgt_BC, valid_vocab)
         return total + _chunk_loss(ce_BC, lse_BC, wt_BC, z_loss)
 
     return _for_chunks(body, jnp.zeros((), jnp.float32), C, x_BTD, w_VD, tgt_BT, wt_BT)
@@ -153,7 +173,7 @@ def _ce_sum(valid_vocab, z_loss, C, x_BTD, w_VD, tgt_BT, wt_BT):
 def _ce_sum_fwd(valid_vocab, z_loss, C, x_BTD, w_VD, tgt_BT, wt_BT):
     def body(carry, start, wc_VD, x_BCD, tgt_BC, wt_BC):
         total, dx_BTD, dw_VD = carry
-        logits_BCV = jnp.einsum("bcd,vd->bcv", x_BCD, wc_VD)
+        logits_BCV = _head(x_BCD, wc_VD)
         ce_BC, lse_BC = _chunk_stats(logits_BCV, tgt_BC, valid_vocab)
         total = total + _chunk_loss(ce_BC, lse_BC, wt_BC, z_loss)
         # d loss / d logits = weight * (softmax * (1 + 2 z lse) - onehot(target)); padded ids get
@@ -164,7 +184,7 @@ def _ce_sum_fwd(valid_vocab, z_loss, C, x_BTD, w_VD, tgt_BT, wt_BT):
         if z_loss:
             p_BCV = p_BCV * (1.0 + 2.0 * z_loss * lse_BC)[..., None]
         onehot_BCV = ids_V == tgt_BC[..., None]
-        d_BCV = ((p_BCV - onehot_BCV) * wt_BC[..., None]).astype(x_BCD.dtype)
+        d_BCV = constrain(((p_BCV - onehot_BCV) * wt_BC[..., None]).astype(x_BCD.dtype), "BTV")
         dx_BCD = jnp.einsum("bcv,vd->bcd", d_BCV, wc_VD)
         # Positions a previous chunk owns got weight 0 here, so adding leaves their gradient.
         C = x_BCD.shape[1]

@@ -187,7 +187,9 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
     )
     batch_sh = sharding.batch_sharding(mesh)
     repl_sh = sharding.replicated(mesh)
-    B, T1, chunk = cfg.data.batch_size, cfg.data.seq_len + 1, cfg.train.loss_chunk
+    B, T1 = cfg.data.batch_size, cfg.data.seq_len + 1
+    # train.loss_chunk counts one device's tokens; the objectives see the global batch.
+    chunk = cfg.train.loss_chunk * sharding.data_parallel_size(mesh)
     logps_step = None
     if is_preference(cfg):
         objective = functools.partial(
