@@ -10,7 +10,8 @@ import ml_collections
 
 from llmjax.errors import UserError
 from llmjax.loss import CHUNK_TOKENS
-from llmjax.model import REMAT_POLICIES, GPTConfig, pad_vocab
+from llmjax.model import MLPS, NORMS, POSITIONS, REMAT_POLICIES, GPTConfig, pad_vocab
+from llmjax.optim import OPTIMIZERS, SCHEDULES
 from llmjax.tokenizer import TOKENIZERS, get_tokenizer
 from llmjax.trackers import parse as parse_trackers
 
@@ -45,6 +46,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Recompute each block's activations in the backward pass so bigger batches/models fit:
     # none | dots_saveable (keep weight-matmul outputs) | full (keep only block inputs).
     m.remat = "none"
+    # Architecture beside exact GPT-2 (the defaults; llmjax.convert exports only those). The
+    # speedrun recipe (configs/speedrun_*.py, README) turns these on; each is ablated in
+    # benchmarks/RESULTS.md.
+    m.position = "learned"  # learned (GPT-2's wpe) | rope (rotary q and k, no wpe)
+    m.norm = "layernorm"  # layernorm (GPT-2's, scale and bias) | rmsnorm (no parameters)
+    m.qk_norm = False  # parameter-free RMSNorm of q and k per head before attention
+    m.mlp = "gelu"  # gelu (GPT-2's tanh GELU) | relu2 (ReLU squared)
+    m.bias = True  # biases in the linear layers (and c_attn)
+    m.tie_embeddings = True  # head = wte (GPT-2); False = its own lm_head, initialised to zero
+    m.zero_init_proj = False  # attn/mlp c_proj start at zero: each block starts as the identity
+    m.logit_cap = 0.0  # logits -> cap * tanh(logits / cap) (Gemma 2's soft-cap); 0 = off
+    m.x0_mix = False  # each block's input is a * x + b * x0 (x0: the embedding), a, b learned
 
     c.data = d = ml_collections.ConfigDict()
     d.path = ""  # directory of shards written by `python -m llmjax.prepare`
@@ -64,6 +77,18 @@ def base_config() -> ml_collections.ConfigDict:
     o.eps = 1e-8  # Adam epsilon
     o.grad_clip = 1.0  # global-norm clipping threshold; 0 disables
     o.grad_accum = 1  # micro-batches per step; data.batch_size must divide evenly
+    # adamw | muon: Muon (optax.contrib) on the blocks' weight matrices, with its own peak rate
+    # muon_lr on the same schedule; AdamW with the keys above for embeddings, head, norms, biases.
+    o.name = "adamw"
+    # cosine: warmup then cosine to min_lr | wsd: warmup, constant, then linear to min_lr over the
+    # last decay_frac of the steps (warm-up/stable/decay, the speedruns' trapezoid)
+    o.schedule = "cosine"
+    o.decay_frac = 0.2  # share of train.steps the wsd schedule spends decaying
+    o.muon_lr = 0.02  # Muon's peak learning rate (its updates are orthogonalised, so ~unit RMS)
+    o.muon_momentum = 0.95  # Muon's (Nesterov) momentum after its warm-up
+    o.muon_momentum_start = 0.85  # momentum at step 0, raised linearly over the warm-up
+    o.muon_momentum_warmup = 0  # steps of Muon momentum warm-up; 0 = muon_momentum throughout
+    o.muon_weight_decay = 0.0  # Muon's decoupled weight decay (multiplied by its learning rate)
     # Preference finetuning (a data.path of chosen/rejected pairs, see dpo.py): beta scales the
     # implicit reward beta * (log pi - log pi_ref); label smoothing > 0 is conservative DPO (the
     # share of pairs assumed mislabelled), 0 plain DPO.
@@ -146,6 +171,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("train.hellaswag_every", t.hellaswag_every),
         ("train.hellaswag_items", t.hellaswag_items),
         ("train.z_loss", t.z_loss),
+        ("model.logit_cap", m.logit_cap),
+        ("optim.muon_weight_decay", o.muon_weight_decay),
+        ("optim.muon_momentum_warmup", o.muon_momentum_warmup),
     ]:
         _check(v >= 0, f"{key}={v} must be >= 0")
     _check(
@@ -174,6 +202,25 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check(
         m.attention in ATTENTION,
         f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION)}",
+    )
+    for key, v, allowed in [
+        ("model.position", m.position, POSITIONS),
+        ("model.norm", m.norm, NORMS),
+        ("model.mlp", m.mlp, MLPS),
+        ("optim.name", o.name, OPTIMIZERS),
+        ("optim.schedule", o.schedule, SCHEDULES),
+    ]:
+        _check(v in allowed, f"{key}={v!r} is not one of {', '.join(allowed)}")
+    _check(0 < o.decay_frac <= 1, f"optim.decay_frac={o.decay_frac} must be in (0, 1]")
+    _check(o.muon_lr > 0, f"optim.muon_lr={o.muon_lr} must be > 0")
+    for key, v in [
+        ("optim.muon_momentum", o.muon_momentum),
+        ("optim.muon_momentum_start", o.muon_momentum_start),
+    ]:
+        _check(0 <= v < 1, f"{key}={v} must be in [0, 1)")
+    _check(
+        m.position != "rope" or (m.n_embd // m.n_head) % 2 == 0,
+        f"model.position=rope needs an even head size, not {m.n_embd}/{m.n_head}",
     )
     _check(bool(m.init_from), "model.init_from is empty (use scratch for a random init)")
     _check(
@@ -235,6 +282,15 @@ def model_config(cfg: ml_collections.ConfigDict, backend: str = "cpu") -> GPTCon
         attention=attention,
         scan_layers=m.scan_layers,
         remat=m.remat,
+        position=m.position,
+        norm=m.norm,
+        qk_norm=m.qk_norm,
+        mlp=m.mlp,
+        bias=m.bias,
+        tie_embeddings=m.tie_embeddings,
+        zero_init_proj=m.zero_init_proj,
+        logit_cap=m.logit_cap,
+        x0_mix=m.x0_mix,
     )
 
 

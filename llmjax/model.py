@@ -14,6 +14,11 @@ name "layers"), still stored under `h`, and the forward pass is one `lax.scan`: 
 program size stop growing with depth. `stack_layers` / `unstack_layers` convert parameter dicts
 between the two layouts. `remat` recomputes each block's activations in the backward pass to save
 memory.
+
+Beside exact GPT-2 (the default, and all that convert exports) the config offers the changes of
+the speedrun recipe (modded-nanogpt, nanochat): rotary positions, parameter-free RMSNorm, QK-norm,
+ReLU^2, no biases, an untied zero-initialised head, zero-initialised output projections, a logit
+soft-cap and the x0 shortcut. They keep GPT-2's module names where a module survives.
 """
 
 from __future__ import annotations
@@ -48,6 +53,34 @@ class GPTConfig:
     attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
     scan_layers: bool = False  # blocks stacked on a leading layer axis and run by one lax.scan
     remat: str = "none"  # per-block rematerialisation: none | dots_saveable | full (REMAT_POLICIES)
+    # Architecture options (config.py documents each); the defaults are GPT-2.
+    position: str = "learned"  # POSITIONS
+    norm: str = "layernorm"  # NORMS
+    qk_norm: bool = False
+    mlp: str = "gelu"  # MLPS
+    bias: bool = True
+    tie_embeddings: bool = True
+    zero_init_proj: bool = False
+    logit_cap: float = 0.0
+    x0_mix: bool = False
+
+
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2")
+ROPE_BASE = 10000.0  # rotary frequencies base ** (-2i / H), as RoFormer and Llama
+RMS_EPS = 1e-6
+# Fields that change what the network computes (zero_init_proj only changes where it starts).
+_ARCH_FIELDS = ("position", "norm", "qk_norm", "mlp", "bias", "tie_embeddings", "logit_cap")
+_ARCH_FIELDS += ("x0_mix",)
+
+
+def gpt2_departures(cfg: GPTConfig) -> list[str]:
+    """The architecture options of `cfg` that differ from GPT-2's, as key=value strings."""
+    default = GPTConfig()
+    return [
+        f"{f}={getattr(cfg, f)!r}" for f in _ARCH_FIELDS if getattr(cfg, f) != getattr(default, f)
+    ]
 
 
 # What each block keeps for the backward pass; everything else is recomputed. "dots_saveable"
@@ -107,6 +140,36 @@ def _ones(names: tuple[str | None, ...]):
     return nnx.with_partitioning(nnx.initializers.ones_init(), names, eager_sharding=False)
 
 
+def rms_norm(x: jax.Array, eps: float = RMS_EPS) -> jax.Array:
+    """x / rms(x) over the last axis, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm without a learned scale: the next layer's weights can absorb one."""
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        return rms_norm(x_BTD)
+
+
+def rotary(x_BTNH: jax.Array, pos_T: jax.Array) -> jax.Array:
+    """Rotary position embedding: the pairs (x[i], x[i + H/2]) of each head turned by the angle
+    pos * ROPE_BASE ** (-2i / H) (the split-halves layout of GPT-NeoX and Llama). Angles in
+    float32, so long positions keep their precision in bf16."""
+    H = x_BTNH.shape[-1]
+    inv_freq_h = ROPE_BASE ** (-jnp.arange(0, H // 2, dtype=jnp.float32) / (H // 2))
+    angle_Th = pos_T.astype(jnp.float32)[:, None] * inv_freq_h[None, :]
+    cos_T1h, sin_T1h = jnp.cos(angle_Th)[:, None, :], jnp.sin(angle_Th)[:, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    y = jnp.concatenate([x1 * cos_T1h - x2 * sin_T1h, x1 * sin_T1h + x2 * cos_T1h], axis=-1)
+    return y.astype(x_BTNH.dtype)
+
+
+def _norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.Module:
+    return RMSNorm() if cfg.norm == "rmsnorm" else _layer_norm(cfg, rngs)
+
+
 def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # GPT-2 uses epsilon 1e-5 (flax's default is 1e-6).
     return nnx.LayerNorm(
@@ -126,30 +189,37 @@ def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, names, rngs) -> n
         d_out,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
-        kernel_init=_init(std, names),
+        kernel_init=_zeros(names) if std == 0 else _init(std, names),
         bias_init=_zeros(names[1:]),
+        use_bias=cfg.bias,
         rngs=rngs,
     )
+
+
+def _proj_std(cfg: GPTConfig, std: float) -> float:
+    # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer); the
+    # speedrun starts them at zero, so that every block starts as the identity.
+    return 0.0 if cfg.zero_init_proj else std / math.sqrt(2 * cfg.n_layer)
 
 
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         D, std = cfg.n_embd, 0.02
         self.n_head, self.attention = cfg.n_head, cfg.attention
+        self.rope, self.qk_norm = cfg.position == "rope", cfg.qk_norm
         # c_attn is GPT-2's [D, 3D] projection stored as [D, 3, D] so that a tensor-parallel split
         # of the last axis keeps whole heads together (the flat 3D axis would split q from k and v).
         self.c_attn = nnx.Einsum(
             "btd,dkf->btkf",
             (D, 3, D),
-            (3, D),
+            (3, D) if cfg.bias else None,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             kernel_init=_init(std, ("embed", None, "heads")),
             bias_init=_zeros((None, "heads")),
             rngs=rngs,
         )
-        # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer).
-        self.c_proj = _linear(cfg, D, D, std / math.sqrt(2 * cfg.n_layer), ("heads", "embed"), rngs)
+        self.c_proj = _linear(cfg, D, D, _proj_std(cfg, std), ("heads", "embed"), rngs)
         self.resid_dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(self, x_BTD, *, cache=None, pos=None, deterministic: bool = True, rngs=None):
@@ -159,6 +229,12 @@ class CausalSelfAttention(nnx.Module):
         q_BTNH, k_BTNH, v_BTNH = (
             constrain(qkv_BTKD[:, :, i].reshape(B, T, N, D // N), "BTNH") for i in range(3)
         )
+        if self.qk_norm:
+            q_BTNH, k_BTNH = rms_norm(q_BTNH), rms_norm(k_BTNH)
+        if self.rope:
+            # Keys enter the cache already rotated: a decode step rotates only its own positions.
+            pos_T = (0 if pos is None else pos) + jnp.arange(T)
+            q_BTNH, k_BTNH = rotary(q_BTNH, pos_T), rotary(k_BTNH, pos_T)
         if cache is None:
             # Attention-probability dropout is left out: fused kernels (cuDNN flash) do not offer
             # it, and GPT-2 pretraining runs with dropout 0.
@@ -192,14 +268,17 @@ class CausalSelfAttention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         D, std = cfg.n_embd, 0.02
+        self.relu2 = cfg.mlp == "relu2"
         self.c_fc = _linear(cfg, D, 4 * D, std, ("embed", "mlp"), rngs)
-        resid_std = std / math.sqrt(2 * cfg.n_layer)
-        self.c_proj = _linear(cfg, 4 * D, D, resid_std, ("mlp", "embed"), rngs)
+        self.c_proj = _linear(cfg, 4 * D, D, _proj_std(cfg, std), ("mlp", "embed"), rngs)
         self.dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(self, x_BTD, *, deterministic: bool = True, rngs=None):
-        # GPT-2 uses the tanh approximation of GELU.
-        h_BTF = jax.nn.gelu(constrain(self.c_fc(x_BTD), "BTF"), approximate=True)
+        h_BTF = constrain(self.c_fc(x_BTD), "BTF")
+        if self.relu2:
+            h_BTF = jnp.square(jax.nn.relu(h_BTF))  # Primer's ReLU^2, as modded-nanogpt
+        else:
+            h_BTF = jax.nn.gelu(h_BTF, approximate=True)  # GPT-2's tanh approximation
         y_BTD = constrain(self.c_proj(h_BTF), "BTD")
         return self.dropout(y_BTD, deterministic=deterministic, rngs=rngs)
 
@@ -207,15 +286,29 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         # Pre-LayerNorm: GPT-2 normalises the input of each sub-block, not its output.
-        self.ln_1 = _layer_norm(cfg, rngs)
+        self.ln_1 = _norm(cfg, rngs)
         self.attn = CausalSelfAttention(cfg, rngs)
-        self.ln_2 = _layer_norm(cfg, rngs)
+        self.ln_2 = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
+        if cfg.x0_mix:
+            # (a, b) of x <- a * x + b * x0, starting at the plain residual stream (1, 0).
+            init = lambda key, shape, dtype: jnp.array([1.0, 0.0], dtype)
+            self.x0_lambdas = nnx.Param(
+                nnx.with_partitioning(init, (None,), eager_sharding=False)(
+                    rngs.params(), (2,), cfg.param_dtype
+                )
+            )
 
-    def __call__(self, x_BTD, *, cache=None, pos=None, deterministic: bool = True, rngs=None):
+    def __call__(
+        self, x_BTD, x0_BTD=None, *, cache=None, pos=None, deterministic: bool = True, rngs=None
+    ):
         # Pinning the residual stream's batch split here is what makes fsdp gather weights rather
         # than activations: each device keeps its own rows through every layer.
         x_BTD = constrain(x_BTD, "BTD")
+        if x0_BTD is not None:
+            # modded-nanogpt's x0 shortcut: every block can read the embedding directly.
+            a, b = self.x0_lambdas[...].astype(x_BTD.dtype)
+            x_BTD = a * x_BTD + b * x0_BTD
         a_BTD, cache = self.attn(
             self.ln_1(x_BTD), cache=cache, pos=pos, deterministic=deterministic, rngs=rngs
         )
@@ -231,15 +324,21 @@ class GPT(nnx.Module):
         self.wte = nnx.Embed(
             cfg.vocab_size, cfg.n_embd, embedding_init=_init(0.02, ("vocab", "embed")), **embed
         )
-        self.wpe = nnx.Embed(
-            cfg.block_size, cfg.n_embd, embedding_init=_init(0.02, (None, "embed")), **embed
-        )
+        if cfg.position == "learned":
+            self.wpe = nnx.Embed(
+                cfg.block_size, cfg.n_embd, embedding_init=_init(0.02, (None, "embed")), **embed
+            )
         self.drop = nnx.Dropout(cfg.dropout)
         if cfg.scan_layers:
             self.h = _stacked_blocks(cfg, rngs)
         else:
             self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
-        self.ln_f = _layer_norm(cfg, rngs)
+        self.ln_f = _norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            # modded-nanogpt's untied head starts at zero: the first logits are uniform.
+            self.lm_head = nnx.Embed(
+                cfg.vocab_size, cfg.n_embd, embedding_init=_zeros(("vocab", "embed")), **embed
+            )
 
     def __call__(self, idx_BT, *, deterministic: bool = True, rngs=None):
         """Returns float32 logits [B, T, V] with padded ids masked out."""
@@ -256,8 +355,8 @@ class GPT(nnx.Module):
         # like the batch and the vocabulary like wte's rows (tensor): vocabulary-parallel logits.
         axes = "V" if x_BTD.ndim == 1 else "B" + "T" * (x_BTD.ndim - 2) + "V"
         x_BTD = constrain(x_BTD.astype(self.cfg.dtype), axes[:-1] + "D")
-        logits_BTV = constrain(jnp.dot(x_BTD, self.embedding_VD().T), axes)
-        logits_BTV = logits_BTV.astype(jnp.float32)
+        logits_BTV = constrain(jnp.dot(x_BTD, self.head_VD().T), axes)
+        logits_BTV = soft_cap(logits_BTV.astype(jnp.float32), self.cfg.logit_cap)
         valid_V = jnp.arange(self.cfg.vocab_size) < self.cfg.valid_vocab_size
         return jnp.where(valid_V, logits_BTV, MASKED_LOGIT)
 
@@ -269,6 +368,14 @@ class GPT(nnx.Module):
         # Cast where the shards live, so that the gather moves the compute dtype, not float32.
         table_VD = constrain(self.wte.embedding[...].astype(self.cfg.dtype), ("vocab", "embed"))
         return constrain(table_VD, "VD")
+
+    def head_VD(self) -> jax.Array:
+        """The LM head's [V, D] matrix as `GPT.logits` and the loss use it: wte itself when tied
+        (GPT-2), else lm_head; in the compute dtype, named like `embedding_VD`."""
+        if self.cfg.tie_embeddings:
+            return self.embedding_VD()
+        table_VD = self.lm_head.embedding[...].astype(self.cfg.dtype)
+        return constrain(constrain(table_VD, ("vocab", "embed")), "VD")
 
     def decode(self, idx_BT, cache: list, pos):
         """Runs `idx_BT` at positions pos..pos+T-1 against a KV cache (see `init_cache`)."""
@@ -289,8 +396,11 @@ class GPT(nnx.Module):
 
     def _forward(self, idx_BT, cache, pos, deterministic, rngs):
         T = idx_BT.shape[1]
-        x_BTD = jnp.take(self.embedding_VD(), idx_BT, axis=0) + self.wpe(pos + jnp.arange(T))[None]
+        x_BTD = jnp.take(self.embedding_VD(), idx_BT, axis=0)
+        if self.cfg.position == "learned":
+            x_BTD = x_BTD + self.wpe(pos + jnp.arange(T))[None]
         x_BTD = constrain(self.drop(x_BTD, deterministic=deterministic, rngs=rngs), "BTD")
+        x0_BTD = x_BTD if self.cfg.x0_mix else None
         # One dropout key per layer, so scanned and unrolled layers draw the same masks.
         keys_L = None if rngs is None else jax.random.split(rngs.dropout(), self.cfg.n_layer)
         run = functools.partial(_run_block, deterministic=deterministic)
@@ -301,7 +411,7 @@ class GPT(nnx.Module):
 
             def layer(x_BTD, xs):
                 params, layer_cache, key = xs
-                return run(graphdef, params, x_BTD, layer_cache, pos, key)
+                return run(graphdef, params, x_BTD, x0_BTD, layer_cache, pos, key)
 
             x_BTD, new_cache = jax.lax.scan(layer, x_BTD, (params_L, cache, keys_L))
         else:
@@ -312,6 +422,7 @@ class GPT(nnx.Module):
                     graphdef,
                     params,
                     x_BTD,
+                    x0_BTD,
                     None if cache is None else cache[i],
                     pos,
                     None if keys_L is None else keys_L[i],
@@ -331,11 +442,16 @@ def _stacked_blocks(cfg: GPTConfig, rngs: nnx.Rngs) -> Block:
     return make(rngs)
 
 
-def _run_block(graphdef, params, x_BTD, cache, pos, key, *, deterministic: bool):
+def _run_block(graphdef, params, x_BTD, x0_BTD, cache, pos, key, *, deterministic: bool):
     # A pure function of arrays, so that jax.checkpoint and lax.scan can wrap it.
     block = nnx.merge(graphdef, params)
     rngs = None if key is None else nnx.Rngs(dropout=key)
-    return block(x_BTD, cache=cache, pos=pos, deterministic=deterministic, rngs=rngs)
+    return block(x_BTD, x0_BTD, cache=cache, pos=pos, deterministic=deterministic, rngs=rngs)
+
+
+def soft_cap(logits: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(logits / cap) (Gemma 2, modded-nanogpt): logits within (-cap, cap); 0 = off."""
+    return cap * jnp.tanh(logits / cap) if cap else logits
 
 
 def _stack(xs):
