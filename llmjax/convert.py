@@ -31,7 +31,14 @@ from flax import nnx
 from llmjax import checkpoint, errors
 from llmjax.checkpoint import CheckpointError
 from llmjax.config import ConfigError, base_config
-from llmjax.model import GPT, GPTConfig, pad_vocab, stack_layers, unstack_layers
+from llmjax.model import (
+    GPT,
+    GPTConfig,
+    gpt2_departures,
+    pad_vocab,
+    stack_layers,
+    unstack_layers,
+)
 from llmjax.tokenizer import TOKENIZERS, get_tokenizer
 
 # Vocabulary size -> the llmjax tokenizer whose ids those rows are.
@@ -325,6 +332,11 @@ def from_state_dict(hf_cfg: dict, sd: dict[str, np.ndarray], source: str = "chec
 def to_hf(model: GPT, out: str) -> None:
     """Writes `out/` as a Hugging Face GPT-2 directory that `transformers` loads directly."""
     cfg = model.cfg
+    if departures := gpt2_departures(cfg):
+        raise ConvertError(
+            f"--to_hf={out}: the model departs from GPT-2 ({', '.join(departures)}), which "
+            "Hugging Face's GPT2LMHeadModel cannot compute"
+        )
     if os.path.exists(os.path.join(out, "model.safetensors")):
         raise ConvertError(f"--to_hf={out} already holds model.safetensors; choose an empty folder")
     from safetensors.numpy import save_file

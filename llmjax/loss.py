@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmjax.model import MASKED_LOGIT, constrain
+from llmjax.model import MASKED_LOGIT, constrain, soft_cap
 
 # Tokens per loss chunk, train.loss_chunk's default (per device: train.build multiplies it by the
 # data-parallel size, as `chunk` here counts the batch the loss is given). A chunk's logits are
@@ -57,12 +57,13 @@ def lm_loss(
     x_BTD = model.hidden(tokens_BT1[:, :-1], deterministic=deterministic, rngs=rngs)
     ce = chunked_ce(
         x_BTD,
-        model.embedding_VD(),
+        model.head_VD(),
         tokens_BT1[:, 1:],
         weights_BT,
         valid_vocab=model.cfg.valid_vocab_size,
         chunk=chunk,
         z_loss=z_loss,
+        logit_cap=model.cfg.logit_cap,
     )
     return ce, weights_BT.sum()
 
@@ -76,6 +77,7 @@ def chunked_ce(
     valid_vocab: int,
     chunk: int = CHUNK_TOKENS,
     z_loss: float = 0.0,
+    logit_cap: float = 0.0,
 ) -> jax.Array:
     """sum over (b, t) of weights * (logsumexp(logits) - logits[target] + z_loss * lse^2), where
     logits = x @ w.T (the tied head, as `GPT.logits`; w in the compute dtype, as
@@ -84,10 +86,11 @@ def chunked_ce(
     The sequence is cut into chunks of chunk // B positions (at least 1, at most T), each chunk
     every row's positions i*C..(i+1)*C-1, so that a chunk keeps the batch's sharding. Logits stay
     in x's dtype straight out of the matmul; logsumexp, the target logit and the loss are
-    float32."""
+    float32. logit_cap > 0 soft-caps the logits first, as `GPT.logits` does."""
     B, T, _ = x_BTD.shape
     C = max(1, min(T, chunk // B))
-    return _ce_sum(valid_vocab, float(z_loss), C, x_BTD, w_VD, targets_BT, weights_BT)
+    stat = (valid_vocab, float(z_loss), float(logit_cap))
+    return _ce_sum(stat, C, x_BTD, w_VD, targets_BT, weights_BT)
 
 
 def _chunk_stats(logits_BCV, tgt_BC, valid_vocab: int):
@@ -154,26 +157,30 @@ def _for_chunks(body, init, C: int, x_BTD, w_VD, tgt_BT, wt_BT):
     return jax.lax.fori_loop(0, n, step, init)
 
 
-def _head(x_BCD, w_VD):
+def _head(x_BCD, w_VD, cap: float = 0.0):
     # bf16 operands with float32 accumulation give bf16 logits straight out of the matmul: no
     # float32 copy of a chunk is ever written. Rows split like the batch, the vocabulary like
     # wte's rows (tensor): vocabulary-parallel logits, as `GPT.logits` has them.
-    return constrain(jnp.einsum("bcd,vd->bcv", x_BCD, w_VD), "BTV")
+    return soft_cap(constrain(jnp.einsum("bcd,vd->bcv", x_BCD, w_VD), "BTV"), cap)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _ce_sum(valid_vocab, z_loss, C, x_BTD, w_VD, tgt_BT, wt_BT):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ce_sum(stat, C, x_BTD, w_VD, tgt_BT, wt_BT):
+    valid_vocab, z_loss, cap = stat
+
     def body(total, start, wc_VD, x_BCD, tgt_BC, wt_BC):
-        ce_BC, lse_BC = _chunk_stats(_head(x_BCD, wc_VD), tgt_BC, valid_vocab)
+        ce_BC, lse_BC = _chunk_stats(_head(x_BCD, wc_VD, cap), tgt_BC, valid_vocab)
         return total + _chunk_loss(ce_BC, lse_BC, wt_BC, z_loss)
 
     return _for_chunks(body, jnp.zeros((), jnp.float32), C, x_BTD, w_VD, tgt_BT, wt_BT)
 
 
-def _ce_sum_fwd(valid_vocab, z_loss, C, x_BTD, w_VD, tgt_BT, wt_BT):
+def _ce_sum_fwd(stat, C, x_BTD, w_VD, tgt_BT, wt_BT):
+    valid_vocab, z_loss, cap = stat
+
     def body(carry, start, wc_VD, x_BCD, tgt_BC, wt_BC):
         total, dx_BTD, dw_VD = carry
-        logits_BCV = _head(x_BCD, wc_VD)
+        logits_BCV = _head(x_BCD, wc_VD, cap)
         ce_BC, lse_BC = _chunk_stats(logits_BCV, tgt_BC, valid_vocab)
         total = total + _chunk_loss(ce_BC, lse_BC, wt_BC, z_loss)
         # d loss / d logits = weight * (softmax * (1 + 2 z lse) - onehot(target)); padded ids get
@@ -184,7 +191,11 @@ def _ce_sum_fwd(valid_vocab, z_loss, C, x_BTD, w_VD, tgt_BT, wt_BT):
         if z_loss:
             p_BCV = p_BCV * (1.0 + 2.0 * z_loss * lse_BC)[..., None]
         onehot_BCV = ids_V == tgt_BC[..., None]
-        d_BCV = constrain(((p_BCV - onehot_BCV) * wt_BC[..., None]).astype(x_BCD.dtype), "BTV")
+        d_BCV = (p_BCV - onehot_BCV) * wt_BC[..., None]
+        if cap:
+            # Through the soft-cap: d(cap * tanh(l / cap)) / dl = 1 - (capped / cap)^2.
+            d_BCV = d_BCV * (1.0 - jnp.square(logits_BCV.astype(jnp.float32) / cap))
+        d_BCV = constrain(d_BCV.astype(x_BCD.dtype), "BTV")
         dx_BCD = jnp.einsum("bcv,vd->bcd", d_BCV, wc_VD)
         # Positions a previous chunk owns got weight 0 here, so adding leaves their gradient.
         C = x_BCD.shape[1]
@@ -198,8 +209,8 @@ def _ce_sum_fwd(valid_vocab, z_loss, C, x_BTD, w_VD, tgt_BT, wt_BT):
     return total, (dx_BTD, dw_VD.astype(w_VD.dtype))
 
 
-def _ce_sum_bwd(valid_vocab, z_loss, C, res, g):
-    del valid_vocab, z_loss, C
+def _ce_sum_bwd(stat, C, res, g):
+    del stat, C
     dx_BTD, dw_VD = res
     # The saved gradients are those of the sum itself; the cotangent only scales them.
     return (g * dx_BTD).astype(dx_BTD.dtype), (g * dw_VD).astype(dw_VD.dtype), None, None
