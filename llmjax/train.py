@@ -15,7 +15,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -26,9 +26,20 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llmjax import checkpoint, data, dpo, evaluate, instruct, metrics, optim, sharding, trackers
+from llmjax import (
+    checkpoint,
+    data,
+    dpo,
+    evaluate,
+    inputs,
+    instruct,
+    metrics,
+    optim,
+    sharding,
+    trackers,
+)
 from llmjax.config import ConfigError, model_config
-from llmjax.convert import load_params, source_config
+from llmjax.convert import load_params
 from llmjax.loss import lm_loss
 from llmjax.model import GPT, GPTConfig, count_params, flops_per_token
 from llmjax.sample import generate
@@ -191,7 +202,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
     # train.loss_chunk counts one device's tokens; the objectives see the global batch.
     chunk = cfg.train.loss_chunk * sharding.data_parallel_size(mesh)
     logps_step = None
-    if is_preference(cfg):
+    if inputs.is_preference(cfg):
         objective = functools.partial(
             dpo.dpo_loss,
             beta=cfg.optim.dpo_beta,
@@ -282,102 +293,7 @@ def _meta(run: Run, step: int, loop: dict) -> dict:
     }
 
 
-def is_instruct(cfg: ml_collections.ConfigDict) -> bool:
-    """A file (JSON/JSONL conversations or preference pairs) means finetuning; a directory of
-    shards, pretraining."""
-    return os.path.isfile(cfg.data.path)
-
-
-def is_preference(cfg: ml_collections.ConfigDict) -> bool:
-    """A file of chosen/rejected pairs means DPO (a file mixing formats is a UserError)."""
-    return is_instruct(cfg) and dpo.is_preference_file(cfg.data.path)
-
-
-@dataclasses.dataclass
-class Data:
-    """This process's batches: `train(start)` from a step on, `val()` the same each call. DPO's
-    are made by `with_reference` once the reference log-probabilities exist; until then `pairs`
-    holds the encoded pairs per split."""
-
-    train: Callable[[int], Iterator] | None
-    val: Callable[[], Iterator] | None
-    pairs: dict[str, np.ndarray] | None = None
-
-
-def open_data(cfg: ml_collections.ConfigDict, tok: Tokenizer, vocab_size: int) -> Data:
-    """The batches of this process: shards for pretraining, an instruction file for finetuning, a
-    preference file for DPO. Reads and checks the data (and for DPO the reference model's
-    tokenizer) before anything compiles, so bad input fails fast and nothing is written."""
-    d, t = cfg.data, cfg.train
-    micro = d.batch_size // cfg.optim.grad_accum
-    pid, n_proc = jax.process_index(), jax.process_count()
-    if not is_instruct(cfg):
-        data.check_dataset(d.path, d.tokenizer, d.seq_len)
-        common = dict(
-            seq_len=d.seq_len, vocab_size=vocab_size, process_index=pid, process_count=n_proc
-        )
-        train = lambda start: data.train_batches(
-            d.path,
-            batch=d.batch_size,
-            seed=t.seed,
-            start_step=start,
-            steps=t.steps,
-            workers=d.workers,
-            prefetch=d.prefetch,
-            **common,
-        )
-        val = lambda: data.val_batches(d.path, batch=micro, num_batches=t.eval_batches, **common)
-        return Data(train, val)
-    if not tok.chat:
-        raise data.DataError(
-            f"data.path={d.path!r} is an instruction dataset but data.tokenizer={d.tokenizer!r} "
-            "has no chat tokens (use gpt2-chat or bytes-chat)"
-        )
-    if is_preference(cfg):
-        check_reference_source(cfg)
-        pairs, counts = dpo.encode_split(tok, d.path, d.seq_len)
-        metrics.console(
-            f"preference pairs: {counts['train']} train / {counts['val']} held out, "
-            f"{counts['truncated']} truncated to {d.seq_len + 1} tokens"
-        )
-        return Data(None, None, pairs)
-    rows, counts = instruct.encode_split(tok, d.path, d.seq_len, 0.05)
-    metrics.console(
-        f"instructions: {counts['train']} train / {counts['val']} val examples, "
-        f"{counts['truncated']} truncated to {d.seq_len + 1} tokens"
-    )
-    train = lambda start: instruct.train_batches(
-        rows["train"],
-        batch=d.batch_size,
-        seed=t.seed,
-        start_step=start,
-        steps=t.steps,
-        rows_slice=data.process_rows(d.batch_size, pid, n_proc),
-    )
-    val = lambda: instruct.val_batches(
-        rows["val"], batch=micro, rows_slice=data.process_rows(micro, pid, n_proc)
-    )
-    return Data(train, val)
-
-
-def check_reference_source(cfg: ml_collections.ConfigDict) -> None:
-    """DPO starts from, and compares against, an instruction-finetuned model: `model.init_from`
-    must name one, with the chat tokens the pairs are rendered with."""
-    src = cfg.model.init_from
-    if src == "scratch":
-        raise data.DataError(
-            f"data.path={cfg.data.path!r} holds preference pairs: DPO needs model.init_from=an "
-            "instruction-finetuned workdir (its weights are the start and the frozen reference)"
-        )
-    tokenizer = source_config(src)[1]
-    if not tokenizer.endswith("-chat"):
-        raise data.DataError(
-            f"model.init_from={src} has no chat tokens (tokenizer {tokenizer}): DPO starts from "
-            "an instruction-finetuned model (see configs/sft_gpt2.py)"
-        )
-
-
-def with_reference(run: Run, d: Data, params, workdir: str, *, fresh: bool) -> Data:
+def with_reference(run: Run, d: inputs.Data, params, workdir: str, *, fresh: bool) -> inputs.Data:
     """DPO's batches, with the reference log-probabilities of every answer: read from the
     workdir's cache when it matches the pairs and the source, else computed from the step-0
     weights (`params` of a fresh run, `model.init_from` reloaded otherwise) and cached."""
@@ -429,7 +345,7 @@ def with_reference(run: Run, d: Data, params, workdir: str, *, fresh: bool) -> D
     val = lambda: dpo.val_batches(
         rows["val"], batch=micro, rows_slice=data.process_rows(micro, pid, n_proc)
     )
-    return Data(train, val, d.pairs)
+    return inputs.Data(train, val, d.pairs)
 
 
 def sample_text(run: Run, params, tok: Tokenizer, prompt: str, n: int, seed: int) -> str:
@@ -459,7 +375,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     workdir, t = os.path.abspath(workdir), cfg.train
     tok = get_tokenizer(cfg.data.tokenizer)
     run = build(cfg)
-    batches_of = open_data(cfg, tok, run.model_cfg.valid_vocab_size)
+    batches_of = inputs.open_data(cfg, tok, run.model_cfg.valid_vocab_size)
     hellaswag_items = None
     if t.hellaswag_every:  # read (or downloaded) before anything compiles: a bad path fails fast
         path = evaluate.hellaswag_path(t.hellaswag_path)

@@ -1,0 +1,116 @@
+"""The run's batches, from what `data.path` names: shards (pretraining), a file of conversations
+(instruction finetuning) or of chosen/rejected pairs (DPO). The one place the three part ways.
+
+Everything here reads and checks before anything compiles, so bad input fails fast and nothing is
+written. DPO's batches also need the reference model's log-probabilities, which need the run's
+compiled forward pass: train.with_reference completes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from llmjax import data, dpo, instruct, metrics
+from llmjax.convert import source_config
+from llmjax.tokenizer import Tokenizer
+
+
+def is_instruct(cfg: ml_collections.ConfigDict) -> bool:
+    """A file (JSON/JSONL conversations or preference pairs) means finetuning; a directory of
+    shards, pretraining."""
+    return os.path.isfile(cfg.data.path)
+
+
+def is_preference(cfg: ml_collections.ConfigDict) -> bool:
+    """A file of chosen/rejected pairs means DPO (a file mixing formats is a UserError)."""
+    return is_instruct(cfg) and dpo.is_preference_file(cfg.data.path)
+
+
+@dataclasses.dataclass
+class Data:
+    """This process's batches: `train(start)` from a step on, `val()` the same each call. DPO's
+    are made by `with_reference` once the reference log-probabilities exist; until then `pairs`
+    holds the encoded pairs per split."""
+
+    train: Callable[[int], Iterator] | None
+    val: Callable[[], Iterator] | None
+    pairs: dict[str, np.ndarray] | None = None
+
+
+def open_data(cfg: ml_collections.ConfigDict, tok: Tokenizer, vocab_size: int) -> Data:
+    """The batches of this process: shards for pretraining, an instruction file for finetuning, a
+    preference file for DPO. Reads and checks the data (and for DPO the reference model's
+    tokenizer) before anything compiles, so bad input fails fast and nothing is written."""
+    d, t = cfg.data, cfg.train
+    micro = d.batch_size // cfg.optim.grad_accum
+    pid, n_proc = jax.process_index(), jax.process_count()
+    if not is_instruct(cfg):
+        data.check_dataset(d.path, d.tokenizer, d.seq_len)
+        common = dict(
+            seq_len=d.seq_len, vocab_size=vocab_size, process_index=pid, process_count=n_proc
+        )
+        train = lambda start: data.train_batches(
+            d.path,
+            batch=d.batch_size,
+            seed=t.seed,
+            start_step=start,
+            steps=t.steps,
+            workers=d.workers,
+            prefetch=d.prefetch,
+            **common,
+        )
+        val = lambda: data.val_batches(d.path, batch=micro, num_batches=t.eval_batches, **common)
+        return Data(train, val)
+    if not tok.chat:
+        raise data.DataError(
+            f"data.path={d.path!r} is an instruction dataset but data.tokenizer={d.tokenizer!r} "
+            "has no chat tokens (use gpt2-chat or bytes-chat)"
+        )
+    if is_preference(cfg):
+        check_reference_source(cfg)
+        pairs, counts = dpo.encode_split(tok, d.path, d.seq_len)
+        metrics.console(
+            f"preference pairs: {counts['train']} train / {counts['val']} held out, "
+            f"{counts['truncated']} truncated to {d.seq_len + 1} tokens"
+        )
+        return Data(None, None, pairs)
+    rows, counts = instruct.encode_split(tok, d.path, d.seq_len, 0.05)
+    metrics.console(
+        f"instructions: {counts['train']} train / {counts['val']} val examples, "
+        f"{counts['truncated']} truncated to {d.seq_len + 1} tokens"
+    )
+    train = lambda start: instruct.train_batches(
+        rows["train"],
+        batch=d.batch_size,
+        seed=t.seed,
+        start_step=start,
+        steps=t.steps,
+        rows_slice=data.process_rows(d.batch_size, pid, n_proc),
+    )
+    val = lambda: instruct.val_batches(
+        rows["val"], batch=micro, rows_slice=data.process_rows(micro, pid, n_proc)
+    )
+    return Data(train, val)
+
+
+def check_reference_source(cfg: ml_collections.ConfigDict) -> None:
+    """DPO starts from, and compares against, an instruction-finetuned model: `model.init_from`
+    must name one, with the chat tokens the pairs are rendered with."""
+    src = cfg.model.init_from
+    if src == "scratch":
+        raise data.DataError(
+            f"data.path={cfg.data.path!r} holds preference pairs: DPO needs model.init_from=an "
+            "instruction-finetuned workdir (its weights are the start and the frozen reference)"
+        )
+    tokenizer = source_config(src)[1]
+    if not tokenizer.endswith("-chat"):
+        raise data.DataError(
+            f"model.init_from={src} has no chat tokens (tokenizer {tokenizer}): DPO starts from "
+            "an instruction-finetuned model (see configs/sft_gpt2.py)"
+        )
