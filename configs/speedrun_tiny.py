@@ -5,9 +5,10 @@ steps; only the architecture, the optimizer and the schedule differ, so the two 
     python -m llmjax.main --config=configs/speedrun_tiny.py --workdir=runs/speedrun_tiny \
         --config.data.path=runs/demo/data
 
-What it is and how much it buys at this size: benchmarks/speedrun.py and its section of
-benchmarks/RESULTS.md (each change ablated one at a time). A change that did not help there is
-left at GPT-2's setting here.
+What it buys at this size: benchmarks/speedrun.py and its section of benchmarks/RESULTS.md.
+The logit soft-cap and the x0 shortcut (modded-nanogpt's later records) are off: the one-at-a-time
+ablation that would decide them at this scale (`benchmarks/speedrun.py --ablation`) has not been
+run yet on CPU.
 """
 
 import importlib.util
