@@ -33,7 +33,7 @@ from flax import nnx
 
 from llmjax import instruct
 from llmjax.instruct import InstructError
-from llmjax.model import MASKED_LOGIT, constrain
+from llmjax.model import MASKED_LOGIT, constrain, soft_cap
 from llmjax.tokenizer import Tokenizer
 
 # Held-out share of the prompts: reward accuracy on ~5% of 1,094 pairs moves in steps of 2%.
@@ -165,9 +165,11 @@ def answer_logps(
     *,
     valid_vocab: int,
     chunk: int,
+    logit_cap: float = 0.0,
 ) -> jax.Array:
     """Per row, the summed log-probability of the scored targets [B], float32, from hidden
-    states and the tied head, chunk by chunk over the sequence like loss.chunked_ce.
+    states and the head (`GPT.head_VD`; soft-capped as `GPT.logits` does when `logit_cap` > 0),
+    chunk by chunk over the sequence like loss.chunked_ce.
 
     The [B, T, V] logits never exist: each chunk's are formed, reduced to [B] and dropped, and
     rematerialised in the backward pass (jax.checkpoint). loss.py's fused variant computes the
@@ -185,6 +187,7 @@ def answer_logps(
     @jax.checkpoint
     def one(x_BCD, tgt_BC, wt_BC):
         logits_BCV = constrain(jnp.einsum("bcd,vd->bcv", x_BCD, wc_VD), "BTV")
+        logits_BCV = soft_cap(logits_BCV.astype(jnp.float32), logit_cap)
         l_BCV = jnp.where(ids_V < valid_vocab, logits_BCV.astype(jnp.float32), MASKED_LOGIT)
         lse_BC = jax.nn.logsumexp(l_BCV, axis=-1)
         tgt_logit_BC = jnp.take_along_axis(l_BCV, tgt_BC[..., None], axis=-1)[..., 0]
@@ -217,11 +220,12 @@ def pair_logps(
     x_NTD = model.hidden(tokens_NT1[:, :-1], deterministic=deterministic, rngs=rngs)
     lp_N = answer_logps(
         x_NTD,
-        model.embedding_VD(),
+        model.head_VD(),
         tokens_NT1[:, 1:],
         weights_NT,
         valid_vocab=model.cfg.valid_vocab_size,
         chunk=chunk,
+        logit_cap=model.cfg.logit_cap,
     )
     return lp_N.reshape(P, 2), weights_NT.sum(1).reshape(P, 2)
 
