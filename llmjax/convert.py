@@ -32,6 +32,7 @@ from llmjax import checkpoint, errors
 from llmjax.checkpoint import CheckpointError
 from llmjax.config import ConfigError, base_config
 from llmjax.model import (
+    ARCH_FIELDS,
     GPT,
     GPTConfig,
     gpt2_departures,
@@ -419,10 +420,10 @@ def source_config(src: str) -> tuple[GPTConfig, str]:
 def adopt_architecture(cfg, explicit: Collection[str] = ()) -> str | None:
     """With `model.init_from` set, the model's shape comes from the source: n_layer, n_head and
     n_embd, block_size unless the config asks for less (a shorter context is cropped), the
-    tokenizer's family (gpt2 or bytes; a chat config keeps its chat tokens), and data.seq_len
-    cut to the context. Changes `cfg` in place and returns the one line that says so (None for
-    a random init). A key in `explicit` (given on the command line) that contradicts the
-    source is a ConfigError."""
+    tokenizer's family (gpt2 or bytes; a chat config keeps its chat tokens), data.seq_len cut to
+    the context, and the architecture options (model.ARCH_FIELDS: rope, rmsnorm, ...). Changes
+    `cfg` in place and returns the one line that says so (None for a random init). A key in
+    `explicit` (given on the command line) that contradicts the source is a ConfigError."""
     src = cfg.model.init_from
     if src == "scratch":
         return None
@@ -439,6 +440,8 @@ def adopt_architecture(cfg, explicit: Collection[str] = ()) -> str | None:
     if "model.block_size" in explicit and m.block_size > source.block_size:
         want["model.block_size"] = source.block_size  # reported below as a contradiction
     want["data.seq_len"] = min(d.seq_len, want["model.block_size"])
+    # What the network computes (rope, rmsnorm, an untied head, ...) is the source's too.
+    want.update({f"model.{name}": getattr(source, name) for name in ARCH_FIELDS})
     for key, value in want.items():
         group, name = key.split(".")
         if key in explicit and cfg[group][name] != value:
@@ -451,6 +454,7 @@ def adopt_architecture(cfg, explicit: Collection[str] = ()) -> str | None:
         f"model.init_from={src}: {source.n_layer} layers, {source.n_head} heads, width "
         f"{source.n_embd}, context {want['model.block_size']} (source {source.block_size}), "
         f"tokenizer {want['data.tokenizer']}, data.seq_len {want['data.seq_len']}"
+        + "".join(f", {d}" for d in gpt2_departures(source))
     )
 
 

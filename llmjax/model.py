@@ -71,15 +71,15 @@ MLPS = ("gelu", "relu2")
 ROPE_BASE = 10000.0  # rotary frequencies base ** (-2i / H), as RoFormer and Llama
 RMS_EPS = 1e-6
 # Fields that change what the network computes (zero_init_proj only changes where it starts).
-_ARCH_FIELDS = ("position", "norm", "qk_norm", "mlp", "bias", "tie_embeddings", "logit_cap")
-_ARCH_FIELDS += ("x0_mix",)
+ARCH_FIELDS = ("position", "norm", "qk_norm", "mlp", "bias", "tie_embeddings", "logit_cap")
+ARCH_FIELDS += ("x0_mix",)
 
 
 def gpt2_departures(cfg: GPTConfig) -> list[str]:
     """The architecture options of `cfg` that differ from GPT-2's, as key=value strings."""
     default = GPTConfig()
     return [
-        f"{f}={getattr(cfg, f)!r}" for f in _ARCH_FIELDS if getattr(cfg, f) != getattr(default, f)
+        f"{f}={getattr(cfg, f)!r}" for f in ARCH_FIELDS if getattr(cfg, f) != getattr(default, f)
     ]
 
 
