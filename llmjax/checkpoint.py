@@ -216,6 +216,7 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
     path = directory(workdir)
     if not os.path.isdir(path):
         return None
+    _drop_abandoned_reads()
     mngr = manager(workdir, read_only=True)
     steps = sorted(mngr.all_steps(), reverse=True)
     corrupt, reasons = [], []
@@ -248,7 +249,6 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
                 mngr.close()
                 return step, state, {**meta, "corrupt": corrupt}
         why = why or "not restorable on another process"
-        _drop_abandoned_reads()
         logging.warning(
             "checkpoint %s is corrupt or truncated (%s); trying the one before", where, why
         )
@@ -264,17 +264,30 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
 
 
 def _drop_abandoned_reads() -> None:
-    """Orbax abandons the pending reads of a restore that fails on damaged files; their callbacks
-    later find its event loop closed, and Python would print each as an unraisable traceback
-    under the one warning that matters. Those, and only those, are dropped."""
+    """Orbax abandons the pending reads of a restore that fails on damaged files: their
+    coroutines end with the read error, and their callbacks find its event loop closed. Python
+    would print each as an unraisable traceback around the one warning that matters; those, and
+    only those, are dropped. Installed before the first restore: the reads can fail while it is
+    still under way."""
+    global _dropping
+    if _dropping:
+        return
+    _dropping = True
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        e = unraisable.exc_value
-        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        e, where = unraisable.exc_value, getattr(unraisable.object, "__qualname__", "")
+        closed_loop = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        abandoned_read = where == "_read_array_index_and_device_put" or str(e).startswith(
+            "Encountered error while reading array index"
+        )
+        if not (closed_loop or abandoned_read):
             previous(unraisable)
 
     sys.unraisablehook = hook
+
+
+_dropping = False
 
 
 def set_aside(workdir: str, steps: list[int]) -> None:
