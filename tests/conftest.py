@@ -96,3 +96,14 @@ def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def snapshot(folder) -> dict:
+    """Every file below `folder` with its size and modification time: equal snapshots before and
+    after a command mean it changed nothing on disk."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            out[p] = (os.path.getsize(p), os.stat(p).st_mtime_ns)
+    return out

@@ -9,16 +9,7 @@ import sys
 import pytest
 
 from llmjax import train
-from tests.conftest import ROOT, tiny_config
-
-
-def _snapshot(folder) -> dict:
-    out = {}
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            p = os.path.join(dirpath, name)
-            out[p] = (os.path.getsize(p), os.path.getmtime(p))
-    return out
+from tests.conftest import ROOT, snapshot, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +57,14 @@ def _cases(workdir: str, byte_data: str, tmp) -> dict:
 @pytest.mark.parametrize("module", ["main", "prepare", "sample", "convert", "evaluate", "chat"])
 def test_bad_input_is_one_line_exit_2(module, workdir, byte_data, tmp_path):
     args, needle = _cases(workdir, byte_data, tmp_path)[module]
-    before, before_tmp = _snapshot(os.path.dirname(workdir)), _snapshot(tmp_path)
+    before, before_tmp = snapshot(os.path.dirname(workdir)), snapshot(tmp_path)
     proc = _cli(module, *args)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert 1 <= len(lines) <= 2 and lines[-1].startswith("llmjax: "), proc.stderr[-2000:]
     assert needle in lines[-1], proc.stderr
-    assert _snapshot(os.path.dirname(workdir)) == before
-    assert _snapshot(tmp_path) == before_tmp  # nothing created beside the inputs either
+    assert snapshot(os.path.dirname(workdir)) == before
+    assert snapshot(tmp_path) == before_tmp  # nothing created beside the inputs either
 
 
 def test_bad_flag_is_one_line_exit_2(workdir):

@@ -20,7 +20,7 @@ from flax import nnx
 from llmjax import checkpoint, dpo, train
 from llmjax.model import GPT, GPTConfig
 from llmjax.tokenizer import get_tokenizer
-from tests.conftest import INSTRUCTIONS, ROOT, tiny_config
+from tests.conftest import INSTRUCTIONS, ROOT, snapshot, tiny_config
 
 PREFS = os.path.join(ROOT, "data", "instruction-data-with-preference.json")
 SEQ = 128
@@ -317,15 +317,6 @@ def test_sigkill_and_resume_repeat_an_uninterrupted_run(sft, prefs, env, tmp_pat
     assert _logged(killed) == _logged(ref_dir), f"killed after step {at}"
 
 
-def _snapshot(folder) -> dict:
-    out = {}
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            p = os.path.join(dirpath, name)
-            out[p] = (os.path.getsize(p), os.path.getmtime(p))
-    return out
-
-
 @pytest.fixture(scope="module")
 def no_chat(byte_data, tmp_path_factory) -> str:
     """A tiny pretrained run (bytes tokenizer: no chat tokens)."""
@@ -359,7 +350,7 @@ def test_bad_input_is_one_line_exit_2(case, needle, sft, no_chat, tmp_path):
     data = tmp_path / "prefs.json"
     data.write_text(json.dumps(records))
     source = no_chat if case == "no_chat" else sft
-    before = {**_snapshot(tmp_path), **_snapshot(os.path.dirname(source))}
+    before = {**snapshot(tmp_path), **snapshot(os.path.dirname(source))}
     proc = subprocess.run(
         _args(str(tmp_path / "w"), source, str(data)),
         cwd=ROOT,
@@ -372,4 +363,4 @@ def test_bad_input_is_one_line_exit_2(case, needle, sft, no_chat, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert 1 <= len(lines) <= 2 and lines[-1].startswith("llmjax: "), proc.stderr[-2000:]
     assert needle in lines[-1], lines[-1]
-    assert {**_snapshot(tmp_path), **_snapshot(os.path.dirname(source))} == before
+    assert {**snapshot(tmp_path), **snapshot(os.path.dirname(source))} == before

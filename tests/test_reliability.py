@@ -26,7 +26,7 @@ import pytest
 from llmjax import checkpoint, metrics, train
 from llmjax.checkpoint import CheckpointError
 from llmjax.data import DataError
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, snapshot, tiny_config
 
 STEPS = 16
 ARGS = [
@@ -343,17 +343,6 @@ def test_loss_spikes_are_found_against_the_running_mean():
     assert metrics.loss_spikes(losses, 0.0, 0, 0.0)[0] == []  # 0 turns events off
 
 
-def _snapshot(folder) -> dict:
-    return {
-        os.path.join(d, f): (
-            os.path.getsize(os.path.join(d, f)),
-            os.stat(os.path.join(d, f)).st_mtime_ns,
-        )
-        for d, _, fs in os.walk(folder)
-        for f in fs
-    }
-
-
 def _bad_tokens(folder) -> str:
     """Shards with no meta.json whose token ids reach 300: beyond the byte vocabulary (257)."""
     os.makedirs(folder)
@@ -381,13 +370,13 @@ def test_cli_bad_input_is_one_line_exit_2_and_changes_nothing(
     else:
         workdir, data_path = str(tmp_path / "fresh"), _bad_tokens(str(tmp_path / "bad"))
         needle = "train_000000.bin: token id 300 >= vocabulary size 257"
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     t0 = time.time()
     proc = _run(run_env, workdir, data_path, *extra, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
     assert "compiled" not in proc.stdout and time.time() - t0 < 60  # before anything compiles
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("case", ["incompatible_dtype", "unwritable", "no_shards", "tokenizer"])
@@ -407,10 +396,10 @@ def test_bad_input_is_refused_before_compiling(byte_data, reference, tmp_path, c
     else:
         over, needle = {"data.tokenizer": "gpt2"}, "tokenized with 'bytes'"
     cfg = tiny_config(data_path, **OVERRIDES, **over)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises((CheckpointError, DataError), match=re.escape(needle)):
         train.train_and_evaluate(cfg, workdir)
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 TWO_PROCESS_DRIVER = """
