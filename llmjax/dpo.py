@@ -29,10 +29,10 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from llmjax import instruct
 from llmjax.instruct import InstructError
+from llmjax.loss import read_batch
 from llmjax.model import MASKED_LOGIT, constrain, soft_cap
 from llmjax.tokenizer import Tokenizer
 
@@ -213,15 +213,13 @@ def pair_logps(
     """(log-probability of each answer [P, 2], its number of scored tokens [P, 2])."""
     P, _, T1 = tokens_P2T1.shape
     batch_NT1 = tokens_P2T1.reshape(2 * P, T1)
-    tokens_NT1 = jnp.where(batch_NT1 < 0, -1 - batch_NT1, batch_NT1)
-    weights_NT = (batch_NT1[:, 1:] >= 0).astype(jnp.float32)
-    model = nnx.merge(graphdef, params)
-    rngs = None if deterministic else nnx.Rngs(dropout=rng)
-    x_NTD = model.hidden(tokens_NT1[:, :-1], deterministic=deterministic, rngs=rngs)
+    model, x_NTD, targets_NT, weights_NT = read_batch(
+        params, graphdef, batch_NT1, rng, deterministic
+    )
     lp_N = answer_logps(
         x_NTD,
         model.head_VD(),
-        tokens_NT1[:, 1:],
+        targets_NT,
         weights_NT,
         valid_vocab=model.cfg.valid_vocab_size,
         chunk=chunk,

@@ -50,15 +50,13 @@ def lm_loss(
 
     `chunk`: tokens per LM-head chunk (see `chunked_ce`); `z_loss`: weight of PaLM's
     log(Z)^2 term, added to each scored target's loss (0 = plain cross-entropy)."""
-    tokens_BT1 = jnp.where(batch_BT1 < 0, -1 - batch_BT1, batch_BT1)
-    weights_BT = (batch_BT1[:, 1:] >= 0).astype(jnp.float32)
-    model = nnx.merge(graphdef, params)
-    rngs = None if deterministic else nnx.Rngs(dropout=rng)
-    x_BTD = model.hidden(tokens_BT1[:, :-1], deterministic=deterministic, rngs=rngs)
+    model, x_BTD, targets_BT, weights_BT = read_batch(
+        params, graphdef, batch_BT1, rng, deterministic
+    )
     ce = chunked_ce(
         x_BTD,
         model.head_VD(),
-        tokens_BT1[:, 1:],
+        targets_BT,
         weights_BT,
         valid_vocab=model.cfg.valid_vocab_size,
         chunk=chunk,
@@ -66,6 +64,19 @@ def lm_loss(
         logit_cap=model.cfg.logit_cap,
     )
     return ce, weights_BT.sum()
+
+
+def read_batch(
+    params, graphdef, batch_BT1: jax.Array, rng: jax.Array | None, deterministic: bool
+) -> tuple:
+    """(model, final hidden states [B, T, D], targets [B, T], float32 target weights [B, T]) of a
+    batch in the context-only encoding: what every objective (this loss, DPO's) scores."""
+    tokens_BT1 = jnp.where(batch_BT1 < 0, -1 - batch_BT1, batch_BT1)
+    weights_BT = (batch_BT1[:, 1:] >= 0).astype(jnp.float32)
+    model = nnx.merge(graphdef, params)
+    rngs = None if deterministic else nnx.Rngs(dropout=rng)
+    x_BTD = model.hidden(tokens_BT1[:, :-1], deterministic=deterministic, rngs=rngs)
+    return model, x_BTD, tokens_BT1[:, 1:], weights_BT
 
 
 def chunked_ce(
