@@ -107,3 +107,18 @@ def snapshot(folder) -> dict:
             p = os.path.join(dirpath, name)
             out[p] = (os.path.getsize(p), os.stat(p).st_mtime_ns)
     return out
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict:
+    """The environment of a CLI subprocess: CPU, this checkout's llmjax whatever the working
+    directory, and one persistent compilation cache so repeated runs compile once."""
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        PYTHONPATH=ROOT,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )

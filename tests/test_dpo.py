@@ -269,19 +269,6 @@ def _args(workdir, sft, prefs) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    return dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=cache,
-        PYTHONPATH=ROOT,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-
-
 def _logged(workdir) -> list[tuple]:
     return [
         tuple(sorted((k, v) for k, v in r.items() if not k.startswith("perf/")))

@@ -46,20 +46,6 @@ OVERRIDES = {
 }
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    # PYTHONPATH: this checkout's llmjax, whatever the working directory.
-    return dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=cache,
-        PYTHONPATH=ROOT,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-
-
 def _cmd(workdir, data_path, *extra) -> list[str]:
     return [
         sys.executable,

@@ -33,18 +33,9 @@ DETERMINISTIC = ("train/", "eval/", "event/")  # reproduced bit for bit by a res
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    return dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        PYTHONPATH=ROOT,
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-    )
+def env(env) -> dict:
+    """conftest's, with W&B offline and quiet."""
+    return dict(env, WANDB_MODE="offline", WANDB_SILENT="true")
 
 
 def _free_port() -> int:
