@@ -126,17 +126,9 @@ def encode_split(
         rows["val" if instruct.is_held_out(prompt, val_fraction) else "train"].append(
             np.stack([c, r])
         )
-    if not rows["val"]:  # at least one held-out pair, chosen deterministically
-        rows["val"].append(rows["train"].pop())
-    if not rows["train"]:
-        raise InstructError(f"{path}: too few pairs for a train/held-out split")
-    counts = {
-        "pairs": len(pairs),
-        "truncated": truncated,
-        "train": len(rows["train"]),
-        "val": len(rows["val"]),
-    }
-    return {k: np.stack(v) for k, v in rows.items()}, counts
+    split = instruct.stack_split(rows, f"{path}: too few pairs for a train/held-out split")
+    counts = {"pairs": len(pairs), "truncated": truncated}
+    return split, counts | {k: len(v) for k, v in split.items()}
 
 
 def val_batches(pairs: dict[str, np.ndarray], *, batch: int, rows_slice: slice) -> Iterator[dict]:

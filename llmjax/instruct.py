@@ -171,17 +171,19 @@ def encode_split(
         row, cut = encode_row(tok, msgs, seq_len)
         truncated += cut
         rows["val" if is_held_out(msgs, val_fraction) else "train"].append(row)
-    if not rows["val"]:  # at least one validation example, chosen deterministically
+    split = stack_split(rows, f"{path}: too few examples for a train/val split")
+    counts = {"examples": len(examples), "truncated": truncated}
+    return split, counts | {k: len(v) for k, v in split.items()}
+
+
+def stack_split(rows: dict[str, list[np.ndarray]], too_few: str) -> dict[str, np.ndarray]:
+    """The train and val lists as arrays, with at least one val example (the last train one,
+    deterministically); `too_few` is the InstructError when none is left to train on."""
+    if not rows["val"]:
         rows["val"].append(rows["train"].pop())
     if not rows["train"]:
-        raise InstructError(f"{path}: too few examples for a train/val split")
-    counts = {
-        "examples": len(examples),
-        "truncated": truncated,
-        "train": len(rows["train"]),
-        "val": len(rows["val"]),
-    }
-    return {k: np.stack(v) for k, v in rows.items()}, counts
+        raise InstructError(too_few)
+    return {k: np.stack(v) for k, v in rows.items()}
 
 
 def take(rows: Rows, idx) -> Rows:
