@@ -16,12 +16,6 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
 
 
-def _key(cfg: ml_collections.ConfigDict, key: str, gpt2: str):
-    # config.py declares every key; an optimizer config written before name and schedule existed
-    # (an older run's, a hand-made one) means GPT-2's AdamW on the cosine schedule.
-    return cfg[key] if key in cfg else gpt2
-
-
 def lr_schedule(
     cfg: ml_collections.ConfigDict, steps: int, peak: float | None = None
 ) -> optax.Schedule:
@@ -32,7 +26,7 @@ def lr_schedule(
     peak = cfg.lr if peak is None else peak
     floor = peak * cfg.min_lr / cfg.lr
     warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
-    if _key(cfg, "schedule", "cosine") == "wsd":
+    if cfg.schedule == "wsd":
         decay_steps = min(max(round(steps * cfg.decay_frac), 1), max(steps - cfg.warmup_steps, 1))
         stable_end = steps - decay_steps
         stable = optax.constant_schedule(peak)
@@ -196,7 +190,7 @@ def _muon(cfg: ml_collections.ConfigDict, steps: int) -> optax.GradientTransform
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
-    inner = _muon(cfg, steps) if _key(cfg, "name", "adamw") == "muon" else _adamw(cfg, steps)
+    inner = _muon(cfg, steps) if cfg.name == "muon" else _adamw(cfg, steps)
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         inner,

@@ -1,28 +1,17 @@
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
+from llmjax.config import base_config
 from llmjax.model import GPT
 from llmjax.optim import decay_mask, lr_schedule, make_optimizer
 from tests.test_model import TINY
 
 
 def _cfg(**kw):
-    c = ml_collections.ConfigDict(
-        dict(
-            lr=6e-4,
-            min_lr=6e-5,
-            warmup_steps=10,
-            weight_decay=0.1,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            grad_clip=1.0,
-            grad_accum=1,
-        )
-    )
-    c.update(kw)
+    # The optimizer section of the real default config, so every key optim.py reads exists.
+    c = base_config().optim
+    c.update({**dict(lr=6e-4, min_lr=6e-5, warmup_steps=10, weight_decay=0.1), **kw})
     return c
 
 
