@@ -139,7 +139,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
         mngr.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(_stored(state)), meta=ocp.args.JsonSave(meta)
             ),
             force=True,
         )
@@ -148,6 +148,19 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
             f"cannot save checkpoint {mngr.directory}/{step}: {_reason(e)}; the checkpoints "
             f"already on disk ({steps_on_disk(str(mngr.directory))}) are intact"
         ) from e
+
+
+def _stored(tree):
+    # Orbax refuses zero-size arrays, and the Muon optimizer's state holds some (optim._split's
+    # stand-ins); they carry no data, so they are stored as empty nodes and rebuilt on restore.
+    return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
+
+
+def _rebuilt(restored, abstract_state):
+    leaves, treedef = jax.tree.flatten(abstract_state)
+    got = jax.tree.leaves(restored, is_leaf=lambda x: x is None)
+    zeros = lambda a: jax.jit(lambda: jnp.zeros(a.shape, a.dtype), out_shardings=a.sharding)()
+    return treedef.unflatten(zeros(a) if r is None else r for a, r in zip(leaves, got, strict=True))
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -159,8 +172,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
     target = jax.tree.map(
         lambda x: ocp.utils.to_shape_dtype_struct(x) if hasattr(x, "shape") else x, abstract_state
     )
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return restored["state"]
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_stored(target)))
+    )
+    return _rebuilt(restored["state"], target)
 
 
 def restore_params(mngr: ocp.CheckpointManager, step: int, target):

@@ -68,11 +68,32 @@ def test_non_finite_step_is_skipped(byte_data):
     assert int(after.opt_state[1][0].count) == 0  # the optimizer never saw the step
 
 
+# The speedrun recipe (configs/speedrun_tiny.py's keys) on the tiny model: Muon's optimizer state
+# and rotary decoding go through the same checkpoint, resume and sampling paths as GPT-2's.
+RECIPE = {
+    "model.position": "rope",
+    "model.norm": "rmsnorm",
+    "model.qk_norm": True,
+    "model.mlp": "relu2",
+    "model.bias": False,
+    "model.tie_embeddings": False,
+    "model.zero_init_proj": True,
+    "optim.name": "muon",
+    "optim.muon_momentum_warmup": 10,
+    "optim.schedule": "wsd",
+}
+
+
+@pytest.fixture(scope="module", params=["gpt2", "recipe"])
+def recipe(request) -> dict:
+    return RECIPE if request.param == "recipe" else {}
+
+
 @pytest.fixture(scope="module")
-def trained(byte_data, tmp_path_factory):
+def trained(byte_data, recipe, tmp_path_factory):
     """One uninterrupted 20-step tiny run."""
     full = str(tmp_path_factory.mktemp("full"))
-    train.train_and_evaluate(tiny_config(byte_data), full)
+    train.train_and_evaluate(tiny_config(byte_data, **recipe), full)
     return full
 
 
@@ -90,13 +111,13 @@ def test_metrics_jsonl_keys(trained):
     assert sorted(os.listdir(os.path.join(full, "checkpoints")))[:2] == ["10", "20"]
 
 
-def test_resume_continues_the_same_run(byte_data, trained, tmp_path):
+def test_resume_continues_the_same_run(byte_data, recipe, trained, tmp_path):
     # A run that stopped right after its step-10 checkpoint: the finished run minus what came later.
     part = str(tmp_path / "part")
     shutil.copytree(trained, part)
     shutil.rmtree(os.path.join(part, "checkpoints", "20"))
     os.remove(os.path.join(part, "metrics.jsonl"))
-    final = train.train_and_evaluate(tiny_config(byte_data), part)
+    final = train.train_and_evaluate(tiny_config(byte_data, **recipe), part)
     assert int(final.step) == 20
     resumed, ref = _losses(part), _losses(trained)
     assert sorted(resumed) == [15, 20]  # steps 1..10 were not trained again
