@@ -182,7 +182,7 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
     import jax
     import jax.numpy as jnp
 
-    from llmjax import sharding, train
+    from llmjax import optim, sharding, train
     from llmjax.model import flops_per_token
 
     run = train.build(cfg, devices)
@@ -195,6 +195,8 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
     kernels = hlo_stats.kernels(compiled.as_text(), len(devices))
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(run.abstract_state.params))
     hand = flops_per_token(run.model_cfg, n_params, T) * B * T / len(devices)
+    # Muon orthogonalises every matrix on every replica: GEMM FLOPs the hand count lacks.
+    ns = optim.newton_schulz_flops(run.abstract_state.params) if cfg.optim.name == "muon" else 0.0
     report = {
         "gpu": gpu.name,
         "devices": len(devices),
@@ -209,10 +211,13 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
         **_memory(compiled, gpu),
         **_program(kernels, gpu),
         "flops_hand_6N_6LDT": hand,
+        "flops_newton_schulz": ns,
     }
     step = report["predicted_seconds"]["no_overlap"]
     # 6N+6LDT counts matmuls only: compare it with GEMMs + attention, not the elementwise rest.
-    report["flops_ratio_to_hand"] = (report["flops"]["gemm"] + report["flops"]["attention"]) / hand
+    report["flops_ratio_to_hand"] = (report["flops"]["gemm"] + report["flops"]["attention"]) / (
+        hand + ns
+    )
     report["predicted_step_seconds"] = step
     report["predicted_tokens_per_sec"] = B * T / step
     report["predicted_tokens_per_sec_overlapped"] = (
@@ -337,8 +342,13 @@ def table(r: dict) -> str:
         + f" (margin {_gb(r['margin_bytes'])})",
         f"FLOPs per device   {f['gemm'] / 1e12:.3f} T GEMM + {f['attention'] / 1e12:.3f} T "
         f"attention + {f['other'] / 1e12:.3f} T rest = {r['flops_per_step'] / 1e12:.3f} T; "
-        f"6N+6LDT {r['flops_hand_6N_6LDT'] / 1e12:.3f} T (GEMM + attention "
-        f"{r['flops_ratio_to_hand']:.3f}x)",
+        f"6N+6LDT {r['flops_hand_6N_6LDT'] / 1e12:.3f} T"
+        + (
+            f" + Newton-Schulz {r['flops_newton_schulz'] / 1e12:.3f} T"
+            if r["flops_newton_schulz"]
+            else ""
+        )
+        + f" (GEMM + attention {r['flops_ratio_to_hand']:.3f}x)",
         f"HBM bytes          {_gb(r['hbm_bytes_per_step'])} per device per step",
         f"kernel launches    {r['kernel_launches']}: "
         + ", ".join(f"{n} {k}" for k, n in r["launches_by_kind"].items()),

@@ -493,6 +493,14 @@ def compile_train_step(run: Run, state: TrainState, start: int):
         f"{step_tokens(run):,} tokens/step; "
         f"attention {run.model_cfg.attention}; steps {start} -> {cfg.train.steps}"
     )
+    if cfg.optim.name == "muon":
+        ns = optim.newton_schulz_flops(run.abstract_state.params)
+        model = flops_per_token(run.model_cfg, n_params, cfg.data.seq_len) * step_tokens(run)
+        # MFU counts the model's FLOPs only, so it compares across optimizers; say what Muon adds.
+        metrics.console(
+            f"muon: Newton-Schulz {ns / 1e9:,.1f} GFLOP per step on every replica "
+            f"({ns / model:.2%} of the model's {model / 1e12:,.2f} TFLOP; not in MFU)"
+        )
     t0 = time.time()
     train_step = run.train_step.lower(run.abstract_state, run.batch_spec).compile()
     metrics.console(f"compiled train step in {time.time() - t0:.1f}s")

@@ -27,7 +27,13 @@ from llmjax.model import (
     rotary,
     stack_layers,
 )
-from llmjax.optim import lr_schedule, make_optimizer, muon_labels, muon_momentum
+from llmjax.optim import (
+    lr_schedule,
+    make_optimizer,
+    muon_labels,
+    muon_momentum,
+    newton_schulz_flops,
+)
 from tests.conftest import ROOT
 
 TINY = GPTConfig(
@@ -234,6 +240,16 @@ def test_muon_takes_the_blocks_matrices_by_name(scan):
         )
         # Everything else, 2-D or not (wte, lm_head, c_attn's [3, D] bias), goes to AdamW.
         assert all(flat[k] == "adamw" for k in flat if k not in muon)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_newton_schulz_flops_by_hand(scan):
+    # Per quintic step on an m x n matrix (m <= n): X X^T 2m^2n, A^2 2m^3, (bA + cA^2) X 2m^2n.
+    # A block has q, k, v and attn.c_proj (D x D: 6D^3 each) and c_fc, mlp.c_proj (D x 4D:
+    # 4*4D^3 + 2D^3 = 18D^3 each): 5 steps x (4 x 6 + 2 x 18) D^3 = 300 D^3.
+    params = _params(GPT(dataclasses.replace(TINY, scan_layers=scan), nnx.Rngs(0)))
+    D = TINY.n_embd
+    assert newton_schulz_flops(params) == TINY.n_layer * 300 * D**3
 
 
 def test_one_muon_step_matches_numpy_newton_schulz():
