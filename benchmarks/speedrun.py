@@ -129,11 +129,14 @@ def run(cfg, train, val_batches) -> dict:
             step_s += time.perf_counter() - t0
         if step % FLAGS.eval_every == 0:
             curve.append((step, round(val_loss(state.params), 4)))
-    return {
+    result = {
         "curve": curve,
         "final_val": curve[-1][1],
         "ms_per_step": round(1000 * step_s / (cfg.train.steps - 1), 1),
     }
+    # Each run's curve as it finishes: an hour-long sweep is not lost to a late failure.
+    print(json.dumps({"seed": cfg.train.seed, "lr": cfg.optim.lr, **result}), file=sys.stderr)
+    return result
 
 
 def steps_to_reach(curve, target: float) -> int | None:
