@@ -491,6 +491,9 @@ def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token as llm.c counts them: 6N + 6*L*D*T.
 
     6N: forward (2N) plus backward (4N) matmul FLOPs; 6*L*D*T: attention scores and values, halved
-    for the causal mask. N includes the padded embedding rows, as in llm.c.
+    for the causal mask. N includes the padded embedding rows, as in llm.c. With an untied head
+    (tie_embeddings=False) the input table wte is a lookup, not a matmul: its V x D are left out
+    of N, and the head's, which are a matmul, stay.
     """
-    return 6.0 * n_params + 6.0 * cfg.n_layer * cfg.n_embd * seq_len
+    matmul_params = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd)
+    return 6.0 * matmul_params + 6.0 * cfg.n_layer * cfg.n_embd * seq_len

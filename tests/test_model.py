@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import jax
@@ -93,6 +94,9 @@ def test_flops_per_token_hand_count():
     # (c_attn 3D^2+3D, c_proj D^2+D, c_fc 4D^2+4D, mlp c_proj 4D^2+D, two LayerNorms 4D), ln_f 2D.
     V, T, L, D = 50304, 1024, 12, 768
     assert V * D + T * D + L * (12 * D * D + 13 * D) + 2 * D == n
+    # Untied (the speedrun's head): wte is only looked up, the head's V*D is the matmul counted.
+    untied = dataclasses.replace(GPTConfig(), tie_embeddings=False)
+    assert flops_per_token(untied, n + V * D, 1024) == 6 * n + 6 * 12 * 768 * 1024
     for scan in (False, True):  # the stacked layout holds the same parameters
         cfg = GPTConfig(scan_layers=scan)
         assert count_params(nnx.eval_shape(lambda cfg=cfg: GPT(cfg, nnx.Rngs(0)))) == n
