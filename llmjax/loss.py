@@ -31,7 +31,7 @@ from llmjax.model import MASKED_LOGIT, constrain, soft_cap
 # also reads and writes the float32 gradient of the tied embedding once (0.3 GB for GPT-2).
 # benchmarks/NOTES.md has the trade-off measured for 124M on an H100.
 CHUNK_TOKENS = 2048
-# Groups of the vocabulary reduced separately, then combined (see _chunk_stats): a multiple of
+# Groups of the vocabulary reduced separately, then combined (see _one_pass): a multiple of
 # any tensor-parallel size, so that each device's slice holds whole groups.
 VOCAB_GROUPS = 64
 
@@ -104,7 +104,41 @@ def chunked_ce(
     return _ce_sum(stat, C, x_BTD, w_VD, targets_BT, weights_BT)
 
 
-def _chunk_stats(logits_BCV, tgt_BC, valid_vocab: int):
+def _ce_and_probs(logits_BCV, tgt_BC, valid_vocab: int):
+    """(cross-entropy, logsumexp) per position and the softmax [B, C, V], float32, padded ids at
+    probability 0: each platform's fastest pass structure, chosen when the step is lowered (so a
+    deviceless GPU compile gets the GPU program). Where only the loss is wanted, XLA drops the
+    softmax. GPU: `_one_pass` statistics, then the softmax recomputed from logsumexp inside the
+    gradient's fusion (no float32 [B, C, V] array is ever written). CPU: `_two_pass`, whose
+    vectorised reductions and single exponential per logit run at the plain loss's speed where
+    the one-pass reduction (scalar code on XLA:CPU, two exponentials per logit) was 1.35x slower."""
+    return jax.lax.platform_dependent(
+        logits_BCV,
+        tgt_BC,
+        cpu=functools.partial(_two_pass, valid_vocab=valid_vocab),
+        default=functools.partial(_one_pass_softmax, valid_vocab=valid_vocab),
+    )
+
+
+def _two_pass(logits_BCV, tgt_BC, valid_vocab: int):
+    ids_V = jnp.arange(logits_BCV.shape[-1])
+    l_BCV = jnp.where(ids_V < valid_vocab, logits_BCV.astype(jnp.float32), MASKED_LOGIT)
+    m_BC = jnp.max(l_BCV, axis=-1)
+    e_BCV = jnp.exp(l_BCV - m_BC[..., None])  # exactly 0 at padded ids (MASKED_LOGIT)
+    s_BC = jnp.sum(e_BCV, axis=-1)
+    t_BC = jnp.take_along_axis(l_BCV, tgt_BC[..., None], axis=-1)[..., 0]
+    log_s_BC = jnp.log(s_BC)
+    return log_s_BC - (t_BC - m_BC), m_BC + log_s_BC, e_BCV / s_BC[..., None]
+
+
+def _one_pass_softmax(logits_BCV, tgt_BC, valid_vocab: int):
+    ce_BC, lse_BC = _one_pass(logits_BCV, tgt_BC, valid_vocab)
+    ids_V = jnp.arange(logits_BCV.shape[-1])
+    p_BCV = jnp.exp(logits_BCV.astype(jnp.float32) - lse_BC[..., None])
+    return ce_BC, lse_BC, jnp.where(ids_V < valid_vocab, p_BCV, 0.0)
+
+
+def _one_pass(logits_BCV, tgt_BC, valid_vocab: int):
     """(cross-entropy, logsumexp) per position, float32, padded ids masked out, in one pass over
     the chunk's logits (max-then-sum would read them twice).
 
@@ -180,7 +214,7 @@ def _ce_sum(stat, C, x_BTD, w_VD, tgt_BT, wt_BT):
     valid_vocab, z_loss, cap = stat
 
     def body(total, start, wc_VD, x_BCD, tgt_BC, wt_BC):
-        ce_BC, lse_BC = _chunk_stats(_head(x_BCD, wc_VD, cap), tgt_BC, valid_vocab)
+        ce_BC, lse_BC, _ = _ce_and_probs(_head(x_BCD, wc_VD, cap), tgt_BC, valid_vocab)
         return total + _chunk_loss(ce_BC, lse_BC, wt_BC, z_loss)
 
     return _for_chunks(body, jnp.zeros((), jnp.float32), C, x_BTD, w_VD, tgt_BT, wt_BT)
@@ -192,13 +226,11 @@ def _ce_sum_fwd(stat, C, x_BTD, w_VD, tgt_BT, wt_BT):
     def body(carry, start, wc_VD, x_BCD, tgt_BC, wt_BC):
         total, dx_BTD, dw_VD = carry
         logits_BCV = _head(x_BCD, wc_VD, cap)
-        ce_BC, lse_BC = _chunk_stats(logits_BCV, tgt_BC, valid_vocab)
+        ce_BC, lse_BC, p_BCV = _ce_and_probs(logits_BCV, tgt_BC, valid_vocab)
         total = total + _chunk_loss(ce_BC, lse_BC, wt_BC, z_loss)
         # d loss / d logits = weight * (softmax * (1 + 2 z lse) - onehot(target)); padded ids get
         # none of it, as their probability is exactly 0.
         ids_V = jnp.arange(logits_BCV.shape[-1])
-        p_BCV = jnp.exp(logits_BCV.astype(jnp.float32) - lse_BC[..., None])
-        p_BCV = jnp.where(ids_V < valid_vocab, p_BCV, 0.0)
         if z_loss:
             p_BCV = p_BCV * (1.0 + 2.0 * z_loss * lse_BC)[..., None]
         onehot_BCV = ids_V == tgt_BC[..., None]
