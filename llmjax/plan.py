@@ -279,33 +279,48 @@ def plan_decode(
 
 
 def fit_batch(cfg, devices: list, gpu: roofline.Gpu, on_try) -> dict | None:
-    """The largest per-device micro-batch that fits (doubling, then halving the gap to 1/8).
+    """The largest per-device micro-batch that fits, to within 1/8 (see `largest_fitting`).
 
     `on_try(report)` sees every compiled size; returns the report of the largest that fits.
     """
     from llmjax import sharding
 
     data, fsdp, _ = sharding.mesh_shape(cfg.mesh, len(devices))
+    reports = {}
 
-    def attempt(per_device: int) -> dict:
+    def attempt(per_device: int) -> tuple[bool, int, int]:
         cfg.data.batch_size = per_device * data * fsdp * cfg.optim.grad_accum
-        report = plan_train(cfg, devices, gpu)
-        on_try(report)
-        return report
+        r = reports[per_device] = plan_train(cfg, devices, gpu)
+        on_try(r)
+        return r["fits"], r["peak_memory_bytes"], r["usable_memory_bytes"]
 
-    best, lo, hi = None, 0, None
-    size = 1
-    while size <= FIT_MAX_BATCH and hi is None:
-        report = attempt(size)
-        if report["fits"]:
-            best, lo, size = report, size, size * 2
-        else:
-            hi = size
-    while hi is not None and hi - lo > max(1, lo // 8):
-        mid = (lo + hi) // 2
-        report = attempt(mid)
-        best, lo, hi = (report, mid, hi) if report["fits"] else (best, lo, mid)
-    return best
+    best = largest_fitting(attempt)
+    return reports[best] if best else None
+
+
+def largest_fitting(attempt, limit: int = FIT_MAX_BATCH) -> int:
+    """The largest size n <= limit with attempt(n) fitting, to within max(1, n // 8); 0 if 1 does
+    not fit. attempt(n) -> (fits, peak bytes, usable bytes) compiles once, which takes minutes for
+    a 48-layer model on a small machine, so sizes are guessed, not doubled: peak memory is close to
+    affine in the batch, and the line through the last two compiles predicts where it meets the
+    usable memory (1, 2, then typically the answer and one size 1/8 above it)."""
+    seen: list[tuple[int, int]] = []
+    lo, hi, size = 0, None, 1
+    while True:
+        fits, peak, usable = attempt(size)
+        seen.append((size, peak))
+        lo, hi = (size, hi) if fits else (lo, size)
+        step = max(1, lo // 8)
+        if lo == 0 or lo >= limit or (hi is not None and hi - lo <= step):
+            return lo
+        if len(seen) < 2:
+            size = 2
+            continue
+        (s1, p1), (s2, p2) = sorted(seen[-2:])
+        slope = (p2 - p1) / (s2 - s1)
+        guess = int(s2 + (usable - p2) // slope) if slope > 0 else 2 * lo
+        # Always move the bracket: past lo by the precision wanted, short of a size that failed.
+        size = min(max(guess, lo + step), limit if hi is None else hi - 1)
 
 
 def fit_accum(cfg, devices: list, gpu: roofline.Gpu, on_try) -> dict | None:

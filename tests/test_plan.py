@@ -197,3 +197,29 @@ def test_tiny_compiles_for_h100_without_a_gpu():
     assert r["aliased_bytes"] == r["state_bytes"]
     assert 3 * 4 * n <= r["state_bytes"] <= 3 * 4 * n + 64
     assert r["predicted_tokens_per_sec"] > 0 and r["kernel_launches"] > 0
+
+
+@pytest.mark.parametrize(
+    "base, per_row, bend, most_compiles",
+    [
+        (1.5e9, 0.4e9, 0.0, 4),  # affine (124M-like): 1, 2, the prediction, one 1/8 above it
+        (30e9, 1.1e9, 0.0, 4),  # a large model: 30 rows
+        (1.5e9, 0.4e9, 2e6, 8),  # a quadratic term: predictions overshoot, the bracket still closes
+        (70e9, 1e9, 0.0, 1),  # not even one row fits
+        (0.1e9, 1e6, 0.0, 3),  # everything fits: capped at FIT_MAX_BATCH
+    ],
+)
+def test_largest_fitting_within_an_eighth_in_few_compiles(base, per_row, bend, most_compiles):
+    usable = 63.7e9
+    peak = lambda n: base + per_row * n + bend * n * n
+    exact = max([n for n in range(1, plan.FIT_MAX_BATCH + 1) if peak(n) <= usable], default=0)
+    tried = []
+
+    def attempt(n):
+        tried.append(n)
+        return peak(n) <= usable, peak(n), usable
+
+    got = plan.largest_fitting(attempt)
+    assert exact - max(1, exact // 8) <= got <= exact
+    assert peak(got) <= usable or got == 0
+    assert len(tried) <= most_compiles, tried
