@@ -126,7 +126,8 @@ def _two_pass(logits_BCV, tgt_BC, valid_vocab: int):
     m_BC = jnp.max(l_BCV, axis=-1)
     e_BCV = jnp.exp(l_BCV - m_BC[..., None])  # exactly 0 at padded ids (MASKED_LOGIT)
     s_BC = jnp.sum(e_BCV, axis=-1)
-    t_BC = jnp.take_along_axis(l_BCV, tgt_BC[..., None], axis=-1)[..., 0]
+    # A masked sum, not a gather: with the vocabulary split (tensor) each device sums its slice.
+    t_BC = jnp.sum(jnp.where(ids_V == tgt_BC[..., None], l_BCV, 0.0), axis=-1)
     log_s_BC = jnp.log(s_BC)
     return log_s_BC - (t_BC - m_BC), m_BC + log_s_BC, e_BCV / s_BC[..., None]
 
