@@ -180,21 +180,19 @@ def _dump(dump: str | None, name: str, compiled) -> None:
 def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -> dict:
     """Compiles the train step of `cfg` for `devices` and reports its program and prediction."""
     import jax
-    import jax.numpy as jnp
 
-    from llmjax import optim, sharding, train
+    from llmjax import optim, train
     from llmjax.model import flops_per_token
 
     run = train.build(cfg, devices)
     B, T = cfg.data.batch_size, cfg.data.seq_len
-    batch_BT1 = jax.ShapeDtypeStruct(
-        (B, T + 1), jnp.int32, sharding=sharding.batch_sharding(run.mesh)
-    )
-    compiled, seconds = _compile(run.train_step, (run.abstract_state, batch_BT1))
+    # The batch exactly as main feeds it (a DPO config's pairs and reference log-probs included).
+    compiled, seconds = _compile(run.train_step, (run.abstract_state, run.batch_spec))
     _dump(dump, "train_step", compiled)
     kernels = hlo_stats.kernels(compiled.as_text(), len(devices))
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(run.abstract_state.params))
-    hand = flops_per_token(run.model_cfg, n_params, T) * B * T / len(devices)
+    tokens = train.step_tokens(run)
+    hand = flops_per_token(run.model_cfg, n_params, T) * tokens / len(devices)
     # Muon orthogonalises every matrix on every replica: GEMM FLOPs the hand count lacks.
     ns = optim.newton_schulz_flops(run.abstract_state.params) if cfg.optim.name == "muon" else 0.0
     report = {
@@ -219,9 +217,9 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
         hand + ns
     )
     report["predicted_step_seconds"] = step
-    report["predicted_tokens_per_sec"] = B * T / step
+    report["predicted_tokens_per_sec"] = tokens / step
     report["predicted_tokens_per_sec_overlapped"] = (
-        B * T / report["predicted_seconds"]["overlapped"]
+        tokens / report["predicted_seconds"]["overlapped"]
     )
     report["predicted_mfu"] = hand / (step * gpu.peak_flops)
     return report

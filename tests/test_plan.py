@@ -199,6 +199,40 @@ def test_tiny_compiles_for_h100_without_a_gpu():
     assert r["predicted_tokens_per_sec"] > 0 and r["kernel_launches"] > 0
 
 
+@pytest.mark.plan
+@pytest.mark.skipif(
+    not plan.cuda_plugin_available(),
+    reason="jax's CUDA plugin is not installed (make plan-install)",
+)
+def test_preference_config_plans_its_own_batch():
+    """A DPO config compiles with the batch main feeds it: pairs [B, 2, T+1] plus reference
+    log-probs, two sequences per pair in the token and FLOP counts."""
+    B, T = 8, 64
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmjax.plan",
+            "--config=configs/tiny.py",
+            "--gpu=h100",
+            f"--config.data.batch_size={B}",
+            f"--config.data.seq_len={T}",
+            "--config.data.path=data/instruction-data-with-preference.json",
+            "--config.data.tokenizer=bytes-chat",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    n = r["params"]
+    assert r["flops_hand_6N_6LDT"] == (6 * n + 6 * 2 * 64 * T) * B * 2 * T
+    tokens = r["predicted_tokens_per_sec"] * r["predicted_step_seconds"]
+    assert tokens == pytest.approx(B * 2 * T)
+
+
 @pytest.mark.parametrize(
     "base, per_row, bend, most_compiles",
     [
