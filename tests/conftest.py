@@ -6,6 +6,7 @@ a clone with nothing beside it runs the suite."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -96,6 +97,20 @@ def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def run_plan(*args: str) -> dict:
+    """`python -m llmjax.plan --gpu=h100 ARGS` (deviceless; needs the CUDA plugin, see the `plan`
+    marker): its JSON report, after checking it exited 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmjax.plan", "--gpu=h100", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def snapshot(folder) -> dict:

@@ -24,7 +24,7 @@ from flax import nnx
 from llmjax import plan, sharding, train
 from llmjax.loss import lm_loss
 from llmjax.model import GPT, GPTConfig
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, run_plan, tiny_config
 
 # Padded vocabulary: 261 ids the tokenizer could produce, 320 embedding rows.
 CFG = GPTConfig(vocab_size=320, valid_vocab_size=261, n_layer=2, n_head=4, n_embd=32, block_size=64)
@@ -143,23 +143,12 @@ def test_compiled_step_never_holds_the_batch_logits(byte_data, dtype):
 )
 def test_gpu_program_never_holds_the_batch_logits(tmp_path):
     """The same on the deviceless H100 program of configs/tiny.py in bf16 (cuDNN attention)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llmjax.plan",
-            "--config=configs/tiny.py",
-            "--gpu=h100",
-            "--config.model.dtype=bfloat16",
-            "--config.train.loss_chunk=64",
-            f"--dump={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_plan(
+        "--config=configs/tiny.py",
+        "--config.model.dtype=bfloat16",
+        "--config.train.loss_chunk=64",
+        f"--dump={tmp_path}",
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     with open(tmp_path / "train_step.after_optimizations.hlo") as f:
         assert_no_full_logits(f.read(), 8, 32, 320, 8)
 

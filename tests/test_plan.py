@@ -3,7 +3,6 @@ where jax's CUDA plugin is installed (`make plan-install`, then .venv-plan/bin/p
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 
 from llmjax import config, hlo_stats, plan, roofline
 from llmjax.hlo_stats import Kernel
+from tests.conftest import run_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,15 +177,7 @@ def test_group_size_iota_form():
     reason="jax's CUDA plugin is not installed (make plan-install)",
 )
 def test_tiny_compiles_for_h100_without_a_gpu():
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmjax.plan", "--config=configs/tiny.py", "--gpu=h100"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_plan("--config=configs/tiny.py")
     assert r["gpu"] == "NVIDIA H100 80GB HBM3" and r["devices"] == 1 and r["fits"]
     # configs/tiny.py: wte 320x64, wpe 64x64, 2 blocks of 12*64^2 + 13*64, ln_f 2*64.
     n = 320 * 64 + 64 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64
@@ -208,25 +200,13 @@ def test_preference_config_plans_its_own_batch():
     """A DPO config compiles with the batch main feeds it: pairs [B, 2, T+1] plus reference
     log-probs, two sequences per pair in the token and FLOP counts."""
     B, T = 8, 64
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llmjax.plan",
-            "--config=configs/tiny.py",
-            "--gpu=h100",
-            f"--config.data.batch_size={B}",
-            f"--config.data.seq_len={T}",
-            "--config.data.path=data/instruction-data-with-preference.json",
-            "--config.data.tokenizer=bytes-chat",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = run_plan(
+        "--config=configs/tiny.py",
+        f"--config.data.batch_size={B}",
+        f"--config.data.seq_len={T}",
+        "--config.data.path=data/instruction-data-with-preference.json",
+        "--config.data.tokenizer=bytes-chat",
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
     n = r["params"]
     assert r["flops_hand_6N_6LDT"] == (6 * n + 6 * 2 * 64 * T) * B * 2 * T
     tokens = r["predicted_tokens_per_sec"] * r["predicted_step_seconds"]

@@ -21,7 +21,7 @@ import pytest
 
 from llmjax import plan, sharding
 from llmjax.config import ConfigError
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, run_plan, tiny_config
 
 STEPS, SAVE_AT = 6, 3
 # (mesh axes, optim.grad_accum): grad_accum 2 also exercises the micro-batch split.
@@ -325,12 +325,8 @@ def test_collectives_move_weights_not_the_batch(meshes, name):
 @pytest.mark.parametrize("scan", [False, True])
 def test_gpu_fsdp_collectives_move_weights_not_the_batch(tmp_path, scan):
     """The same checks on the program XLA compiles for 8 H100s (llmjax.plan, deviceless)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "llmjax.plan",
+    report = run_plan(
         "--config=configs/tiny.py",
-        "--gpu=h100",
         "--devices=8",
         "--config.mesh.data=1",
         "--config.mesh.fsdp=8",
@@ -339,10 +335,7 @@ def test_gpu_fsdp_collectives_move_weights_not_the_batch(tmp_path, scan):
         f"--config.model.scan_layers={scan}",
         "--config.model.dtype=bfloat16",
         f"--dump={tmp_path}",
-    ]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    )
     with open(tmp_path / "train_step.after_optimizations.hlo", encoding="utf-8") as f:
         found = collectives(f.read())
     # Weights are gathered in the compute dtype, bf16 on a GPU.
