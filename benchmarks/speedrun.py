@@ -15,7 +15,6 @@ losses, the steps the candidate needs to reach the baseline's final loss, ms per
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from llmjax.config import validate  # noqa: E402
+from llmjax.config import load, validate  # noqa: E402
 from llmjax.train import build  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -74,10 +73,7 @@ RECIPE_KEYS = [
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return load(os.path.join(ROOT, "configs", name + ".py"))
 
 
 def _set(cfg, overrides: dict):

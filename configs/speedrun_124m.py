@@ -18,21 +18,13 @@ where each change is ablated. Not exportable to Hugging Face (convert --to_hf re
 sampling, chat, evaluate, HellaSwag and llmjax.plan work as for GPT-2.
 """
 
-import importlib.util
 import os
 
-
-def gpt2_124m_config():
-    # Loaded by path, as config files are (configs/ is not a package).
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2_124m.py")
-    spec = importlib.util.spec_from_file_location("gpt2_124m", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from llmjax.config import load
 
 
 def get_config():
-    c = gpt2_124m_config()
+    c = load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2_124m.py"))
     c.model.position = "rope"
     c.model.norm = "rmsnorm"
     c.model.qk_norm = True

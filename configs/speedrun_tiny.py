@@ -13,21 +13,13 @@ Muon and rotary positions carry most of it. The logit soft-cap and the x0 shortc
 beyond run-to-run noise at this scale.
 """
 
-import importlib.util
 import os
 
-
-def quickstart_config():
-    # Loaded by path, as config files are (configs/ is not a package).
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-    spec = importlib.util.spec_from_file_location("quickstart", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from llmjax.config import load
 
 
 def get_config():
-    c = quickstart_config()
+    c = load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py"))
     # Architecture (modded-nanogpt / nanochat).
     c.model.position = "rope"
     c.model.norm = "rmsnorm"

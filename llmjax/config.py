@@ -6,6 +6,9 @@ declared here is an error (ml_collections locks the dict), so a typo never silen
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from llmjax.errors import UserError
@@ -130,6 +133,16 @@ def base_config() -> ml_collections.ConfigDict:
     h.fsdp = 1  # parameter/optimizer sharding (ZeRO-3) axis
     h.tensor = 1  # tensor-parallel axis (attention heads, MLP hidden)
     return c
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+    """What a config file's get_config() returns, read by path as `--config=PATH` reads it
+    (configs/ is not a package): for a config built on another, and for tests and benchmarks."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _check(ok: bool, msg: str) -> None:

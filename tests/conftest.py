@@ -74,12 +74,9 @@ def byte_data(tmp_path_factory, shakespeare) -> str:
 
 
 def tiny_config(data_path: str, **overrides):
-    import importlib.util
+    from llmjax.config import load
 
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs/tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = load(os.path.join(ROOT, "configs/tiny.py"))
     cfg.data.path = data_path
     for key, value in overrides.items():
         group, name = key.split(".")

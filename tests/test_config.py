@@ -77,19 +77,15 @@ def test_cli_missing_data_dir(tmp_path):
     ],
 )
 def test_config_files_are_valid(name, params):
-    import importlib.util
     import os
 
     from flax import nnx
 
-    from llmjax.config import model_config
+    from llmjax.config import load, model_config
     from llmjax.model import GPT, count_params
     from tests.conftest import ROOT
 
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"configs/{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = load(os.path.join(ROOT, f"configs/{name}.py"))
     validate(cfg)
     if params:
         model = nnx.eval_shape(lambda: GPT(model_config(cfg), nnx.Rngs(0)))
