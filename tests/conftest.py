@@ -73,6 +73,18 @@ def byte_data(tmp_path_factory, shakespeare) -> str:
     return str(tmp / "shards")
 
 
+@pytest.fixture(scope="session")
+def pretrained_bytes(byte_data, tmp_path_factory) -> str:
+    """A 2-step tiny pretrained workdir (bytes tokenizer, so it has no chat tokens), shared by
+    the tests that only read it or point a command at it that must refuse before writing."""
+    from llmjax import train
+
+    work = str(tmp_path_factory.mktemp("pretrained_bytes") / "w")
+    cfg = tiny_config(byte_data, **{"train.steps": 2, "train.eval_every": 0, "train.ckpt_every": 2})
+    train.train_and_evaluate(cfg, work)
+    return work
+
+
 def tiny_config(data_path: str, **overrides):
     from llmjax.config import load
 

@@ -8,17 +8,7 @@ import sys
 
 import pytest
 
-from llmjax import train
-from tests.conftest import ROOT, snapshot, tiny_config
-
-
-@pytest.fixture(scope="module")
-def workdir(byte_data, tmp_path_factory) -> str:
-    """A tiny pretrained run (bytes tokenizer, so it has no chat tokens)."""
-    work = str(tmp_path_factory.mktemp("cli") / "w")
-    cfg = tiny_config(byte_data, **{"train.steps": 2, "train.eval_every": 0, "train.ckpt_every": 2})
-    train.train_and_evaluate(cfg, work)
-    return work
+from tests.conftest import ROOT, snapshot
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -55,7 +45,8 @@ def _cases(workdir: str, byte_data: str, tmp) -> dict:
 
 
 @pytest.mark.parametrize("module", ["main", "prepare", "sample", "convert", "evaluate", "chat"])
-def test_bad_input_is_one_line_exit_2(module, workdir, byte_data, tmp_path):
+def test_bad_input_is_one_line_exit_2(module, pretrained_bytes, byte_data, tmp_path):
+    workdir = pretrained_bytes
     args, needle = _cases(workdir, byte_data, tmp_path)[module]
     before, before_tmp = snapshot(os.path.dirname(workdir)), snapshot(tmp_path)
     proc = _cli(module, *args)
@@ -67,7 +58,7 @@ def test_bad_input_is_one_line_exit_2(module, workdir, byte_data, tmp_path):
     assert snapshot(tmp_path) == before_tmp  # nothing created beside the inputs either
 
 
-def test_bad_flag_is_one_line_exit_2(workdir):
-    proc = _cli("sample", f"--workdir={workdir}", "--top_k=many")
+def test_bad_flag_is_one_line_exit_2(pretrained_bytes):
+    proc = _cli("sample", f"--workdir={pretrained_bytes}", "--top_k=many")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "top_k" in lines[0], proc.stderr

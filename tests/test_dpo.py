@@ -304,15 +304,6 @@ def test_sigkill_and_resume_repeat_an_uninterrupted_run(sft, prefs, env, tmp_pat
     assert _logged(killed) == _logged(ref_dir), f"killed after step {at}"
 
 
-@pytest.fixture(scope="module")
-def no_chat(byte_data, tmp_path_factory) -> str:
-    """A tiny pretrained run (bytes tokenizer: no chat tokens)."""
-    work = str(tmp_path_factory.mktemp("nochat") / "w")
-    cfg = tiny_config(byte_data, **{"train.steps": 1, "train.eval_every": 0, "train.ckpt_every": 1})
-    train.train_and_evaluate(cfg, work)
-    return work
-
-
 PAIR = {"instruction": "Name a color.", "input": "", "chosen": "Blue.", "rejected": "Ugh. Blue."}
 
 
@@ -326,7 +317,7 @@ PAIR = {"instruction": "Name a color.", "input": "", "chosen": "Blue.", "rejecte
         ("no_chat", "has no chat tokens"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(case, needle, sft, no_chat, tmp_path):
+def test_bad_input_is_one_line_exit_2(case, needle, sft, pretrained_bytes, tmp_path):
     records = {
         "tied": [PAIR, {**PAIR, "rejected": "Blue."}],
         "missing": [PAIR, {"instruction": "Name a color.", "chosen": "Blue."}],
@@ -336,7 +327,7 @@ def test_bad_input_is_one_line_exit_2(case, needle, sft, no_chat, tmp_path):
     }[case]
     data = tmp_path / "prefs.json"
     data.write_text(json.dumps(records))
-    source = no_chat if case == "no_chat" else sft
+    source = pretrained_bytes if case == "no_chat" else sft
     before = {**snapshot(tmp_path), **snapshot(os.path.dirname(source))}
     proc = subprocess.run(
         _args(str(tmp_path / "w"), source, str(data)),
