@@ -35,10 +35,8 @@ from llmjax.optim import (
     newton_schulz_flops,
 )
 from tests.conftest import ROOT
+from tests.test_model import TINY
 
-TINY = GPTConfig(
-    vocab_size=320, valid_vocab_size=257, n_layer=2, n_head=4, n_embd=64, block_size=32
-)
 RECIPE = dict(
     position="rope",
     norm="rmsnorm",
