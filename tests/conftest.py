@@ -108,18 +108,21 @@ def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-def run_plan(*args: str) -> dict:
-    """`python -m llmjax.plan --gpu=h100 ARGS` (deviceless; needs the CUDA plugin, see the `plan`
-    marker): its JSON report, after checking it exited 0."""
+def run_json(args: list[str], env: dict | None = None, timeout: float = 600) -> dict:
+    """`python ARGS` from the repository root: the JSON object on the last line it prints (as every
+    benchmark, llmjax.plan, llmjax.evaluate and the tests' multi-device children end), after
+    checking it exited 0."""
     proc = subprocess.run(
-        [sys.executable, "-m", "llmjax.plan", "--gpu=h100", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_plan(*args: str) -> dict:
+    """`python -m llmjax.plan --gpu=h100 ARGS` (deviceless; needs the CUDA plugin, see the `plan`
+    marker): its JSON report."""
+    return run_json(["-m", "llmjax.plan", "--gpu=h100", *args])
 
 
 def snapshot(folder) -> dict:

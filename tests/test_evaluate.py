@@ -3,8 +3,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,7 @@ from flax import nnx
 from llmjax import checkpoint, data, evaluate, train
 from llmjax.model import GPT, GPTConfig
 from llmjax.tokenizer import get_tokenizer
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, run_json, tiny_config
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_mini.jsonl")
 BYTES_CFG = GPTConfig(
@@ -147,10 +145,8 @@ def test_training_logs_hellaswag_and_cli_agrees(tmp_path, byte_data):
     assert len(logged) == 1 and logged[0]["step"] == 2
     assert [r["step"] for r in rows if "eval/loss" in r] == [2]
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    r = subprocess.run(
+    out = run_json(
         [
-            sys.executable,
             "-m",
             "llmjax.evaluate",
             f"--workdir={work}",
@@ -158,14 +154,9 @@ def test_training_logs_hellaswag_and_cli_agrees(tmp_path, byte_data):
             f"--hellaswag={FIXTURE}",
             "--max_batches=3",
         ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+        dict(os.environ, JAX_PLATFORMS="cpu"),
         timeout=300,
     )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
     model, _, _ = checkpoint.load_model(work)
     graphdef, params = nnx.split(model)
     assert out["step"] == 2 and out["hellaswag_items"] == 6

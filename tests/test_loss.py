@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,7 @@ from flax import nnx
 from llmjax import plan, sharding, train
 from llmjax.loss import lm_loss
 from llmjax.model import GPT, GPTConfig
-from tests.conftest import ROOT, run_plan, tiny_config
+from tests.conftest import run_json, run_plan, tiny_config
 
 # Padded vocabulary: 261 ids the tokenizer could produce, 320 embedding rows.
 CFG = GPTConfig(vocab_size=320, valid_vocab_size=261, n_layer=2, n_head=4, n_embd=32, block_size=64)
@@ -188,11 +186,7 @@ def test_equal_under_a_2x2x2_mesh():
         XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
     )
     code = "from tests.test_loss import _mesh_child; _mesh_child()"
-    r = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_json(["-c", code], env)
     assert len(out) == 4
     for name, (got, ref, grad_err) in out.items():
         assert abs(got - ref) <= RTOL * abs(ref), name

@@ -13,15 +13,13 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from llmjax import plan, sharding
 from llmjax.config import ConfigError
-from tests.conftest import ROOT, run_plan, tiny_config
+from tests.conftest import run_json, run_plan, tiny_config
 
 STEPS, SAVE_AT = 6, 3
 # (mesh axes, optim.grad_accum): grad_accum 2 also exercises the micro-batch split.
@@ -266,11 +264,7 @@ def meshes(byte_data, tmp_path_factory) -> dict:
         XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
     )
     code = f"from tests.test_sharding import _child; _child({byte_data!r}, {ckpt!r})"
-    r = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json(["-c", code], env)
 
 
 @pytest.mark.parametrize("name", ["data8", "fsdp8", "data2_fsdp4", "data2_fsdp2_tensor2"])

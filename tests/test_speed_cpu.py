@@ -6,7 +6,6 @@ paths compute the same numbers as the plain one.
 
 import dataclasses
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import run_json, tiny_config
 from flax import nnx
 
 from llmjax import xla_flags
@@ -253,24 +252,13 @@ def test_xla_accepts_every_gpu_flag():
 
 
 def _bench(script: str, *args: str) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join("benchmarks", script),
-            "--config=configs/tiny.py",
-            "--steps=3",
-            "--warmup=1",
-            *args,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    bench = [
+        os.path.join("benchmarks", script),
+        "--config=configs/tiny.py",
+        "--steps=3",
+        "--warmup=1",
+    ]
+    return run_json([*bench, *args], dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 def _check_result(r: dict, B: int, T: int, n_params: int) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +32,7 @@ from llmjax.optim import (
     muon_momentum,
     newton_schulz_flops,
 )
-from tests.conftest import ROOT
+from tests.conftest import run_json
 from tests.test_model import TINY
 
 RECIPE = dict(
@@ -363,16 +361,7 @@ def test_recipe_same_losses_on_every_mesh():
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
     )
-    r = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(meshes), json.dumps(arch)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_json(["-c", _CHILD, json.dumps(meshes), json.dumps(arch)], env)
     for name, got in out.items():
         np.testing.assert_allclose(got["losses"], out["one"]["losses"], rtol=2e-4, err_msg=name)
     # Muon's momentum of c_attn lives where the kernel does: split by fsdp on D, by tensor on heads.
