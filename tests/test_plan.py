@@ -171,6 +171,21 @@ def test_group_size_iota_form():
     assert {k.name: k.group for k in hlo_stats.kernels(hlo, devices=8)}["ar"] == 2
 
 
+@pytest.mark.parametrize(
+    "groups, size",
+    [
+        ("mesh['axis_0'=4,'axis_1'=2,'axis_2'=1] {'axis_1'}", 2),
+        ("mesh['axis_0'=2,'axis_1'=1,'axis_2'=4], device_ids=([4,2]T(1,0)) {'axis_0'}", 2),
+        ("mesh['axis_0'=4,'axis_1'=1,'axis_2'=2] {'axis_0','axis_2'}", 8),
+    ],
+)
+def test_group_size_mesh_form(groups, size):
+    # Newer XLA prints replica groups as mesh axes; counting them as all 8 devices made a 2-way
+    # tensor-parallel all-gather look 4x larger than it is.
+    hlo = HLO.replace("replica_groups={{0,1,2,3},{4,5,6,7}}", f"replica_groups={groups}")
+    assert {k.name: k.group for k in hlo_stats.kernels(hlo, devices=8)}["ar"] == size
+
+
 @pytest.mark.plan
 @pytest.mark.skipif(
     not plan.cuda_plugin_available(),
