@@ -107,6 +107,19 @@ ACTIVATION_AXES = {
 }
 
 
+# The residual stream, from each block's input through its norms to its output projections'
+# sums: [B, T, D] with its rows named apart from the "BTD" where attention and the MLP work, so
+# that tensor parallelism can split it too (sharding.RULES: Megatron's sequence parallelism).
+RESIDUAL = ("activation_residual_batch", "activation_length", "activation_embed")
+
+
+def _all_rows(x_BTD: jax.Array) -> jax.Array:
+    """A norm's output, computed on this device's rows of the residual stream, gathered to every
+    row of its data replica for the tensor-parallel projections. Pinning both layouts makes XLA
+    gather the bf16 output rather than the norm's float32 input."""
+    return constrain(constrain(x_BTD, RESIDUAL), "BTD")
+
+
 def constrain(x: jax.Array, axes: str | tuple[str | None, ...]) -> jax.Array:
     """`x` with its axes named for the SPMD partitioner: an activation by shape letters (`"BTD"`,
     `"BTNH"`, ...; ACTIVATION_AXES), or any array by logical names (`("vocab", "embed")`).
@@ -183,6 +196,26 @@ def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     )
 
 
+def _gathered(names: tuple[str | None, ...]):
+    """A layer's dtype promotion that also names its kernel's axes as the matmul uses them: those
+    of the activations it meets (sharding.RULES), so fsdp's shard is all-gathered in the compute
+    dtype right before the matmul.
+
+    The projections back into the residual stream need it. Their output width is the kernel's
+    fsdp-split axis, and under fsdp and tensor together XLA otherwise reaches the residual
+    stream's layout by all-gathering every fsdp rank's hidden activations instead of the kernel:
+    the global batch's rows, 12.07 GB peak instead of 6.52 for 124M on fsdp=4, tensor=2
+    (benchmarks/NOTES.md). Where the fsdp axis is contracted (c_attn, c_fc) XLA already gathers
+    the kernel, and left free it reuses the forward's gather in the backward pass."""
+    used = tuple(n and f"activation_{n}" for n in names)
+
+    def promote(arrays, /, *, dtype=None, inexact=True):
+        x, kernel, bias = nnx.nn.dtypes.promote_dtype(arrays, dtype=dtype, inexact=inexact)
+        return x, constrain(kernel, used), bias
+
+    return promote
+
+
 def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, names, rngs) -> nnx.Linear:
     return nnx.Linear(
         d_in,
@@ -192,6 +225,8 @@ def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, names, rngs) -> n
         kernel_init=_zeros(names) if std == 0 else _init(std, names),
         bias_init=_zeros(names[1:]),
         use_bias=cfg.bias,
+        # Projections into the residual stream (output axis "embed") take their kernel gathered.
+        promote_dtype=_gathered(names) if names[-1] == "embed" else nnx.nn.dtypes.promote_dtype,
         rngs=rngs,
     )
 
@@ -261,7 +296,7 @@ class CausalSelfAttention(nnx.Module):
             )
             cache = (k_BSNH, v_BSNH)
         y_BTNH = constrain(y_BTNH, "BTNH")
-        y_BTD = constrain(self.c_proj(y_BTNH.reshape(B, T, D)), "BTD")
+        y_BTD = constrain(self.c_proj(y_BTNH.reshape(B, T, D)), RESIDUAL)
         return self.resid_dropout(y_BTD, deterministic=deterministic, rngs=rngs), cache
 
 
@@ -285,7 +320,7 @@ class MLP(nnx.Module):
             h_BTF = jnp.square(jax.nn.relu(h_BTF))  # Primer's ReLU^2, as modded-nanogpt
         else:
             h_BTF = _gelu(h_BTF)
-        y_BTD = constrain(self.c_proj(h_BTF), "BTD")
+        y_BTD = constrain(self.c_proj(h_BTF), RESIDUAL)
         return self.dropout(y_BTD, deterministic=deterministic, rngs=rngs)
 
 
@@ -308,19 +343,26 @@ class Block(nnx.Module):
     def __call__(
         self, x_BTD, x0_BTD=None, *, cache=None, pos=None, deterministic: bool = True, rngs=None
     ):
-        # Pinning the residual stream's batch split here is what makes fsdp gather weights rather
-        # than activations: each device keeps its own rows through every layer.
-        x_BTD = constrain(x_BTD, "BTD")
+        # Pinning the residual stream's rows here is what makes fsdp gather weights rather than
+        # activations: each device keeps its own rows through every layer (and under tensor
+        # parallelism, its share of its replica's rows between the projections).
+        x_BTD = constrain(x_BTD, RESIDUAL)
         if x0_BTD is not None:
             # modded-nanogpt's x0 shortcut: every block can read the embedding directly.
             a, b = self.x0_lambdas[...].astype(x_BTD.dtype)
             x_BTD = a * x_BTD + b * x0_BTD
         a_BTD, cache = self.attn(
-            self.ln_1(x_BTD), cache=cache, pos=pos, deterministic=deterministic, rngs=rngs
+            _all_rows(self.ln_1(x_BTD)),
+            cache=cache,
+            pos=pos,
+            deterministic=deterministic,
+            rngs=rngs,
         )
         x_BTD = x_BTD + a_BTD
-        x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), deterministic=deterministic, rngs=rngs)
-        return constrain(x_BTD, "BTD"), cache
+        x_BTD = x_BTD + self.mlp(
+            _all_rows(self.ln_2(x_BTD)), deterministic=deterministic, rngs=rngs
+        )
+        return constrain(x_BTD, RESIDUAL), cache
 
 
 class GPT(nnx.Module):
@@ -402,10 +444,13 @@ class GPT(nnx.Module):
 
     def _forward(self, idx_BT, cache, pos, deterministic, rngs):
         T = idx_BT.shape[1]
+        # The ids whole on every tensor rank, as the loss reads its targets: split like the
+        # residual stream's rows, every loss chunk would gather its own.
+        idx_BT = constrain(idx_BT, "BT")
         x_BTD = jnp.take(self.embedding_VD(), idx_BT, axis=0)
         if self.cfg.position == "learned":
             x_BTD = x_BTD + self.wpe(pos + jnp.arange(T))[None]
-        x_BTD = constrain(self.drop(x_BTD, deterministic=deterministic, rngs=rngs), "BTD")
+        x_BTD = constrain(self.drop(x_BTD, deterministic=deterministic, rngs=rngs), RESIDUAL)
         x0_BTD = x_BTD if self.cfg.x0_mix else None
         # One dropout key per layer, so scanned and unrolled layers draw the same masks.
         keys_L = None if rngs is None else jax.random.split(rngs.dropout(), self.cfg.n_layer)
@@ -434,7 +479,7 @@ class GPT(nnx.Module):
                     None if keys_L is None else keys_L[i],
                 )
                 new_cache.append(c)
-        return constrain(self.ln_f(x_BTD), "BTD"), (None if cache is None else new_cache)
+        return _all_rows(self.ln_f(x_BTD)), (None if cache is None else new_cache)
 
 
 def _stacked_blocks(cfg: GPTConfig, rngs: nnx.Rngs) -> Block:

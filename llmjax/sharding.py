@@ -42,7 +42,15 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,  # the stacked-block axis of scan_layers: every device holds all layers
     # Activations (and the input batch).
     "activation_batch": ("data", "fsdp"),  # examples are split over every data-parallel replica
-    "activation_length": None,  # whole sequences per device (no sequence parallelism)
+    "activation_length": None,  # whole sequences per device
+    # The residual stream (model.RESIDUAL), where norms, residual adds and dropout work one token
+    # at a time: its rows are split over the tensor ranks as well. Megatron's sequence
+    # parallelism, along the batch because our layout is [B, T, D] where Megatron's is [T, B, D]:
+    # either way the split dimension is the outermost, so gathering it needs no transpose. Each
+    # all-reduce of plain tensor parallelism becomes a reduce-scatter and an all-gather (the
+    # same bytes), and no tensor rank holds its replica's whole residual stream. Fewer rows than
+    # tensor ranks still works: XLA pads the uneven split.
+    "activation_residual_batch": ("data", "fsdp", "tensor"),
     "activation_embed": None,  # the residual stream is whole on every device: fsdp moves weights
     "activation_heads": "tensor",  # Megatron: each tensor rank attends with its own heads
     "activation_mlp": "tensor",  # ... and holds its slice of the MLP hidden units

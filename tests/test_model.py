@@ -146,12 +146,14 @@ def test_activation_names_map_through_the_rules(scan):
     mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES, axis_types=(AUTO,) * 3)
     with sharding.activation_rules(mesh):
         specs = _constraints(lambda x: model(x), jnp.zeros((8, 16), jnp.int32))
-    batch, tensor = ("data", "fsdp"), "tensor"
-    assert P(batch, None, None) in specs  # the residual stream: own rows, whole width
+    batch, rows, tensor = ("data", "fsdp"), ("data", "fsdp", "tensor"), "tensor"
+    assert P(rows, None, None) in specs  # the residual stream: a share of the replica's rows
+    assert P(batch, None, None) in specs  # norms' outputs gathered to the replica's rows
     assert P(batch, None, tensor, None) in specs  # q, k, v: heads over tensor
     assert P(batch, None, tensor) in specs  # MLP hidden units and the logits' vocabulary
-    assert P(tensor, None) in specs  # wte as the lookup and head use it: gathered over fsdp
-    assert {s[0] for s in specs} == {batch, tensor}  # every row split like the batch, or wte's
+    # wte as the lookup and head use it, and the c_proj kernels as used: gathered over fsdp.
+    assert P(tensor, None) in specs
+    assert {s[0] for s in specs} == {batch, rows, tensor}  # every row split like the batch
     with pytest.raises(ValueError, match="name 2 dimensions of a 3-d array"):
         with sharding.activation_rules(mesh):
             constrain(jnp.ones((2, 3, 4)), "BD")
