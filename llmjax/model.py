@@ -198,20 +198,19 @@ def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def _gathered(names: tuple[str | None, ...]):
     """A layer's dtype promotion that also names its kernel's axes as the matmul uses them: those
-    of the activations it meets (sharding.RULES), so fsdp's shard is all-gathered in the compute
-    dtype right before the matmul.
+    of the activations it meets (sharding.RULES), so fsdp's shard is all-gathered, in the compute
+    dtype, right before the matmul (ZeRO-3), and tensor's split stays.
 
-    The projections back into the residual stream need it. Their output width is the kernel's
-    fsdp-split axis, and under fsdp and tensor together XLA otherwise reaches the residual
-    stream's layout by all-gathering every fsdp rank's hidden activations instead of the kernel:
-    the global batch's rows, 12.07 GB peak instead of 6.52 for 124M on fsdp=4, tensor=2
-    (benchmarks/NOTES.md). Where the fsdp axis is contracted (c_attn, c_fc) XLA already gathers
-    the kernel, and left free it reuses the forward's gather in the backward pass."""
+    Left to itself XLA picks the cheaper-looking layout per matmul, and under fsdp and tensor
+    together it formed c_proj's output by all-gathering every fsdp rank's hidden activations (the
+    global batch's rows: 12.07 GB peak instead of 6.52 for 124M on fsdp=4, tensor=2;
+    benchmarks/NOTES.md) instead of the kernel."""
     used = tuple(n and f"activation_{n}" for n in names)
 
     def promote(arrays, /, *, dtype=None, inexact=True):
         x, kernel, bias = nnx.nn.dtypes.promote_dtype(arrays, dtype=dtype, inexact=inexact)
-        return x, constrain(kernel, used), bias
+        # Split as stored, then gathered: XLA would otherwise gather the float32 master weights.
+        return x, constrain(constrain(kernel, names), used), bias
 
     return promote
 
@@ -225,8 +224,7 @@ def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, names, rngs) -> n
         kernel_init=_zeros(names) if std == 0 else _init(std, names),
         bias_init=_zeros(names[1:]),
         use_bias=cfg.bias,
-        # Projections into the residual stream (output axis "embed") take their kernel gathered.
-        promote_dtype=_gathered(names) if names[-1] == "embed" else nnx.nn.dtypes.promote_dtype,
+        promote_dtype=_gathered(names),
         rngs=rngs,
     )
 
@@ -252,6 +250,7 @@ class CausalSelfAttention(nnx.Module):
             param_dtype=cfg.param_dtype,
             kernel_init=_init(std, ("embed", None, "heads")),
             bias_init=_zeros((None, "heads")),
+            promote_dtype=_gathered(("embed", None, "heads")),
             rngs=rngs,
         )
         self.c_proj = _linear(cfg, D, D, _proj_std(cfg, std), ("heads", "embed"), rngs)

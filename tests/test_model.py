@@ -151,9 +151,17 @@ def test_activation_names_map_through_the_rules(scan):
     assert P(batch, None, None) in specs  # norms' outputs gathered to the replica's rows
     assert P(batch, None, tensor, None) in specs  # q, k, v: heads over tensor
     assert P(batch, None, tensor) in specs  # MLP hidden units and the logits' vocabulary
-    # wte as the lookup and head use it, and the c_proj kernels as used: gathered over fsdp.
-    assert P(tensor, None) in specs
-    assert {s[0] for s in specs} == {batch, rows, tensor}  # every row split like the batch
+    assert P(tensor, None) in specs  # wte as the lookup and head use it: gathered over fsdp
+    # Every kernel as stored, then as its matmul uses it: fsdp's shard gathered, tensor's kept.
+    kernels = {
+        P("fsdp", None, tensor): P(None, None, tensor),  # c_attn
+        P("fsdp", tensor): P(None, tensor),  # c_fc
+        P(tensor, "fsdp"): P(tensor, None),  # both c_proj
+    }
+    assert set(kernels.items()) <= set(zip(specs, specs[1:], strict=False))
+    # Everything else is an activation, its rows split like the batch.
+    rest = [s for s in specs if s not in kernels and s not in kernels.values()]
+    assert {s[0] for s in rest} == {batch, rows}
     with pytest.raises(ValueError, match="name 2 dimensions of a 3-d array"):
         with sharding.activation_rules(mesh):
             constrain(jnp.ones((2, 3, 4)), "BD")
