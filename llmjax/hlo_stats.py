@@ -159,14 +159,19 @@ def _json_ints(key: str, attrs: str) -> list[int]:
 
 def _group_size(attrs: str, devices: int) -> int:
     """Devices per replica group: {{0,1},{2,3}} -> 2; iota form [G,S]<=[...] -> S; mesh form
-    mesh['axis_0'=4,'axis_1'=2] {'axis_1'} -> the product of the named axes' sizes; {} -> all."""
+    mesh['axis_0'=4,'axis_1'=2] {'axis_1'} -> the product of the named axes' sizes (a sub-axis,
+    'axis_0':(1)2, by its own size); {} -> all."""
     iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
     if iota:
         return int(iota.group(2))
     mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)? \{([^}]*)\}", attrs)
     if mesh:
         sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
-        return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", mesh.group(2)))
+        group = 1
+        for axis in mesh.group(2).split(","):
+            name, _, sub_axis = axis.replace("'", "").strip().partition(":")
+            group *= int(sub_axis.split(")")[1]) if sub_axis else int(sizes[name])
+        return group
     listed = re.search(r"replica_groups=\{\{([^}]*)\}", attrs)
     if listed:
         return len(listed.group(1).split(","))

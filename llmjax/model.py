@@ -4,8 +4,9 @@ Shapes: B batch, T time (query positions), S key positions, D model width (n_emb
 N heads, H head size, F MLP hidden size (4D), V padded vocabulary, L layers.
 
 Weights carry logical axis names (vocab, embed, heads, mlp, ...), and so do the activations that
-decide the layout (`constrain(x_BTD, "BTD")`: block inputs and outputs, q/k/v, the MLP's hidden
-units, logits); `sharding.py` maps both to mesh axes with one rules table. The model never sees a
+decide the layout (`constrain(x_BTD, "BTD")`: the residual stream (RESIDUAL), the norms' outputs,
+q/k/v, the MLP's hidden units, logits) and each kernel as its matmul uses it (`_gathered`);
+`sharding.py` maps all of them to mesh axes with one rules table. The model never sees a
 mesh: outside sharding.activation_rules (one device, sampling, conversion, direct calls) the
 constraints are no-ops.
 
@@ -116,7 +117,7 @@ RESIDUAL = ("activation_residual_batch", "activation_length", "activation_embed"
 def _all_rows(x_BTD: jax.Array) -> jax.Array:
     """A norm's output, computed on this device's rows of the residual stream, gathered to every
     row of its data replica for the tensor-parallel projections. Pinning both layouts makes XLA
-    gather the bf16 output rather than the norm's float32 input."""
+    gather this compute-dtype output rather than the norm's float32 intermediate."""
     return constrain(constrain(x_BTD, RESIDUAL), "BTD")
 
 
@@ -196,6 +197,7 @@ def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     )
 
 
+@functools.cache  # one function per layout: equal configs give equal graphdefs (no recompiles)
 def _gathered(names: tuple[str | None, ...]):
     """A layer's dtype promotion that also names its kernel's axes as the matmul uses them: those
     of the activations it meets (sharding.RULES), so fsdp's shard is all-gathered, in the compute

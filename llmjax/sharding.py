@@ -6,7 +6,8 @@ live. With fsdp > 1 weights and optimizer state are split over `fsdp` (ZeRO-3) w
 activation keeps its batch axis split over (data, fsdp): each device computes its own rows with
 each layer's weights all-gathered, and gradients are reduce-scattered. Without the activation
 names XLA is free to keep the weights' `embed` split and move activations of the whole global batch
-instead. tensor > 1 splits heads, the MLP hidden units and the vocabulary (Megatron's layout).
+instead. tensor > 1 splits heads, the MLP hidden units and the vocabulary (Megatron's layout) and,
+between the projections, the rows of the residual stream (sequence parallelism).
 
 The activation names take effect only inside `activation_rules` (the jitted train and eval steps
 enter it through `under_rules`); elsewhere the model's constraints are no-ops.
@@ -51,7 +52,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     # same bytes), and no tensor rank holds its replica's whole residual stream. Fewer rows than
     # tensor ranks still works: XLA pads the uneven split.
     "activation_residual_batch": ("data", "fsdp", "tensor"),
-    "activation_embed": None,  # the residual stream is whole on every device: fsdp moves weights
+    "activation_embed": None,  # the residual stream's width is whole: fsdp moves weights
     "activation_heads": "tensor",  # Megatron: each tensor rank attends with its own heads
     "activation_mlp": "tensor",  # ... and holds its slice of the MLP hidden units
     "activation_vocab": "tensor",  # vocabulary-parallel logits and loss

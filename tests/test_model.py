@@ -110,13 +110,14 @@ def test_flops_per_token_hand_count():
 
 
 def _constraints(fn, *args) -> list:
-    """The sharding constraints in `fn`'s jaxpr, outermost first, nested jaxprs included."""
+    """The sharding constraints in `fn`'s jaxpr, outermost first, nested jaxprs included, as
+    (spec, shape of the constrained array)."""
     found = []
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "sharding_constraint":
-                found.append(eqn.params["sharding"].spec)
+                found.append((eqn.params["sharding"].spec, eqn.invars[0].aval.shape))
             for p in eqn.params.values():
                 for sub in p if isinstance(p, (list, tuple)) else [p]:
                     if hasattr(sub, "jaxpr"):
@@ -145,23 +146,28 @@ def test_activation_names_map_through_the_rules(scan):
     model = GPT(cfg, nnx.Rngs(0))
     mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES, axis_types=(AUTO,) * 3)
     with sharding.activation_rules(mesh):
-        specs = _constraints(lambda x: model(x), jnp.zeros((8, 16), jnp.int32))
+        found = _constraints(lambda x: model(x), jnp.zeros((8, 16), jnp.int32))
     batch, rows, tensor = ("data", "fsdp"), ("data", "fsdp", "tensor"), "tensor"
-    assert P(rows, None, None) in specs  # the residual stream: a share of the replica's rows
-    assert P(batch, None, None) in specs  # norms' outputs gathered to the replica's rows
-    assert P(batch, None, tensor, None) in specs  # q, k, v: heads over tensor
-    assert P(batch, None, tensor) in specs  # MLP hidden units and the logits' vocabulary
-    assert P(tensor, None) in specs  # wte as the lookup and head use it: gathered over fsdp
-    # Every kernel as stored, then as its matmul uses it: fsdp's shard gathered, tensor's kept.
-    kernels = {
-        P("fsdp", None, tensor): P(None, None, tensor),  # c_attn
-        P("fsdp", tensor): P(None, tensor),  # c_fc
-        P(tensor, "fsdp"): P(tensor, None),  # both c_proj
-    }
-    assert set(kernels.items()) <= set(zip(specs, specs[1:], strict=False))
-    # Everything else is an activation, its rows split like the batch.
-    rest = [s for s in specs if s not in kernels and s not in kernels.values()]
-    assert {s[0] for s in rest} == {batch, rows}
+    # Activations (shape [8, 16, ...]): rows split like the batch, heads/hidden/vocab by tensor.
+    acts = {spec for spec, shape in found if shape[:2] == (8, 16)}
+    assert P(rows, None, None) in acts  # the residual stream: a share of the replica's rows
+    assert P(batch, None, None) in acts  # norms' outputs gathered to the replica's rows
+    assert P(batch, None, tensor, None) in acts  # q, k, v: heads over tensor
+    assert P(batch, None, tensor) in acts  # MLP hidden units and the logits' vocabulary
+    assert {spec[0] for spec in acts} == {batch, rows}
+    # Every kernel as stored, then as its matmul uses it: fsdp's shard gathered, tensor's kept;
+    # wte as the lookup and head use it.
+    used = [(spec, shape) for spec, shape in found if shape[:2] != (8, 16)]
+    per_layer = 1 if scan else cfg.n_layer
+    for stored, as_used, shape, n in [
+        (P("fsdp", None, tensor), P(None, None, tensor), (64, 3, 64), per_layer),  # c_attn
+        (P("fsdp", tensor), P(None, tensor), (64, 256), per_layer),  # c_fc
+        (P(tensor, "fsdp"), P(tensor, None), (256, 64), per_layer),  # mlp.c_proj
+        (P(tensor, "fsdp"), P(tensor, None), (64, 64), per_layer),  # attn.c_proj
+    ]:
+        pairs = list(zip(used, used[1:], strict=False))
+        assert pairs.count(((stored, shape), (as_used, shape))) == n, (shape, used)
+    assert (P(tensor, None), (320, 64)) in used  # wte
     with pytest.raises(ValueError, match="name 2 dimensions of a 3-d array"):
         with sharding.activation_rules(mesh):
             constrain(jnp.ones((2, 3, 4)), "BD")

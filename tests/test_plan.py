@@ -177,6 +177,8 @@ def test_group_size_iota_form():
         ("mesh['axis_0'=4,'axis_1'=2,'axis_2'=1] {'axis_1'}", 2),
         ("mesh['axis_0'=2,'axis_1'=1,'axis_2'=4], device_ids=([4,2]T(1,0)) {'axis_0'}", 2),
         ("mesh['axis_0'=4,'axis_1'=1,'axis_2'=2] {'axis_0','axis_2'}", 8),
+        ("mesh['axis_0'=4,'axis_1'=2] {'axis_0':(1)2}", 2),  # a sub-axis: name:(pre-size)size
+        ("mesh['axis_0'=4,'axis_1'=2] {'axis_0':(2)2,'axis_1'}", 4),
     ],
 )
 def test_group_size_mesh_form(groups, size):
