@@ -197,22 +197,27 @@ def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     )
 
 
+def _as_used(w: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """A weight, already cast to the compute dtype, as its matmul or lookup uses it: named with
+    the activation axes it meets (sharding.RULES), so fsdp's shard is all-gathered right before
+    use (ZeRO-3) and tensor's split stays. Named as stored first, so that the cast happens where
+    the shards live and the gather moves the compute dtype: otherwise XLA gathers the float32
+    master weights."""
+    return constrain(constrain(w, names), tuple(n and f"activation_{n}" for n in names))
+
+
 @functools.cache  # one function per layout: equal configs give equal graphdefs (no recompiles)
 def _gathered(names: tuple[str | None, ...]):
-    """A layer's dtype promotion that also names its kernel's axes as the matmul uses them: those
-    of the activations it meets (sharding.RULES), so fsdp's shard is all-gathered, in the compute
-    dtype, right before the matmul (ZeRO-3), and tensor's split stays.
+    """A layer's dtype promotion that also puts its kernel `_as_used`.
 
     Left to itself XLA picks the cheaper-looking layout per matmul, and under fsdp and tensor
     together it formed c_proj's output by all-gathering every fsdp rank's hidden activations (the
     global batch's rows: 12.07 GB peak instead of 6.52 for 124M on fsdp=4, tensor=2;
     benchmarks/NOTES.md) instead of the kernel."""
-    used = tuple(n and f"activation_{n}" for n in names)
 
     def promote(arrays, /, *, dtype=None, inexact=True):
         x, kernel, bias = nnx.nn.dtypes.promote_dtype(arrays, dtype=dtype, inexact=inexact)
-        # Split as stored, then gathered: XLA would otherwise gather the float32 master weights.
-        return x, constrain(constrain(kernel, names), used), bias
+        return x, _as_used(kernel, names), bias
 
     return promote
 
@@ -244,15 +249,16 @@ class CausalSelfAttention(nnx.Module):
         self.rope, self.qk_norm = cfg.position == "rope", cfg.qk_norm
         # c_attn is GPT-2's [D, 3D] projection stored as [D, 3, D] so that a tensor-parallel split
         # of the last axis keeps whole heads together (the flat 3D axis would split q from k and v).
+        names = ("embed", None, "heads")
         self.c_attn = nnx.Einsum(
             "btd,dkf->btkf",
             (D, 3, D),
             (3, D) if cfg.bias else None,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            kernel_init=_init(std, ("embed", None, "heads")),
-            bias_init=_zeros((None, "heads")),
-            promote_dtype=_gathered(("embed", None, "heads")),
+            kernel_init=_init(std, names),
+            bias_init=_zeros(names[1:]),
+            promote_dtype=_gathered(names),
             rngs=rngs,
         )
         self.c_proj = _linear(cfg, D, D, _proj_std(cfg, std), ("heads", "embed"), rngs)
@@ -414,17 +420,14 @@ class GPT(nnx.Module):
         (split over the vocabulary only). Under fsdp that all-gathers the table once, in bf16, and
         each device looks up and projects its own rows; left to itself XLA splits the lookup by
         width instead and moves every device's rows to every other (all-to-alls of the batch)."""
-        # Cast where the shards live, so that the gather moves the compute dtype, not float32.
-        table_VD = constrain(self.wte.embedding[...].astype(self.cfg.dtype), ("vocab", "embed"))
-        return constrain(table_VD, "VD")
+        return _as_used(self.wte.embedding[...].astype(self.cfg.dtype), ("vocab", "embed"))
 
     def head_VD(self) -> jax.Array:
         """The LM head's [V, D] matrix as `GPT.logits` and the loss use it: wte itself when tied
         (GPT-2), else lm_head; in the compute dtype, named like `embedding_VD`."""
         if self.cfg.tie_embeddings:
             return self.embedding_VD()
-        table_VD = self.lm_head.embedding[...].astype(self.cfg.dtype)
-        return constrain(constrain(table_VD, ("vocab", "embed")), "VD")
+        return _as_used(self.lm_head.embedding[...].astype(self.cfg.dtype), ("vocab", "embed"))
 
     def decode(self, idx_BT, cache: list, pos):
         """Runs `idx_BT` at positions pos..pos+T-1 against a KV cache (see `init_cache`)."""

@@ -159,13 +159,13 @@ def test_activation_names_map_through_the_rules(scan):
     # wte as the lookup and head use it.
     used = [(spec, shape) for spec, shape in found if shape[:2] != (8, 16)]
     per_layer = 1 if scan else cfg.n_layer
+    pairs = list(zip(used, used[1:], strict=False))
     for stored, as_used, shape, n in [
         (P("fsdp", None, tensor), P(None, None, tensor), (64, 3, 64), per_layer),  # c_attn
         (P("fsdp", tensor), P(None, tensor), (64, 256), per_layer),  # c_fc
         (P(tensor, "fsdp"), P(tensor, None), (256, 64), per_layer),  # mlp.c_proj
         (P(tensor, "fsdp"), P(tensor, None), (64, 64), per_layer),  # attn.c_proj
     ]:
-        pairs = list(zip(used, used[1:], strict=False))
         assert pairs.count(((stored, shape), (as_used, shape))) == n, (shape, used)
     assert (P(tensor, None), (320, 64)) in used  # wte
     with pytest.raises(ValueError, match="name 2 dimensions of a 3-d array"):
