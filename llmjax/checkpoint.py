@@ -23,12 +23,15 @@ Safety, in the order things can go wrong:
 from __future__ import annotations
 
 import dataclasses
+import logging as std_logging
 import os
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -282,11 +285,13 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
 
 
 def _drop_abandoned_reads() -> None:
-    """Orbax abandons the pending reads of a restore that fails on damaged files: their
-    coroutines end with the read error, and their callbacks find its event loop closed. Python
-    would print each as an unraisable traceback around the one warning that matters; those, and
-    only those, are dropped. Installed before the first restore: the reads can fail while it is
-    still under way."""
+    """Orbax abandons the pending reads of a restore that fails on damaged files, and the
+    garbage collector reports each, when it meets it, through one of Python's three channels:
+    `sys.unraisablehook` (a coroutine ending with the read error, a callback finding the event
+    loop closed), asyncio's logger (a task or future freed with the read error unretrieved) or
+    `warnings` (a read coroutine never started). Printed, each is a traceback around the one
+    warning that matters; those, and only those, are dropped. Installed before the first
+    restore: the reads can fail while it is still under way."""
     global _dropping
     if _dropping:
         return
@@ -296,13 +301,30 @@ def _drop_abandoned_reads() -> None:
     def hook(unraisable) -> None:
         e, where = unraisable.exc_value, getattr(unraisable.object, "__qualname__", "")
         closed_loop = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
-        abandoned_read = where == "_read_array_index_and_device_put" or str(e).startswith(
-            "Encountered error while reading array index"
-        )
-        if not (closed_loop or abandoned_read):
+        if not (closed_loop or where == "_read_array_index_and_device_put" or _read_error(e)):
             previous(unraisable)
 
     sys.unraisablehook = hook
+    std_logging.getLogger("asyncio").addFilter(_not_an_unretrieved_read_error)
+    warnings.filterwarnings(
+        "ignore",
+        r"coroutine '(_read_array_index_and_device_put|async_deserialize)' was never awaited",
+        RuntimeWarning,
+    )
+
+
+def _read_error(e: BaseException | None) -> bool:
+    """Orbax's wrapper of a failed read, or TensorStore's own ('OUT_OF_RANGE: Error reading
+    "opt_state..." in OCDBT database ...')."""
+    text = str(e)
+    return text.startswith("Encountered error while reading array index") or bool(
+        re.match(r"[A-Z_]+: Error reading ", text)
+    )
+
+
+def _not_an_unretrieved_read_error(record: std_logging.LogRecord) -> bool:
+    unretrieved = re.match(r"\S+ exception was never retrieved", str(record.msg))
+    return not (unretrieved and record.exc_info and _read_error(record.exc_info[1]))
 
 
 _dropping = False

@@ -6,7 +6,9 @@ persistent compilation cache, so each further run of the same config only pays f
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -230,6 +233,47 @@ def test_run_resumes_past_a_truncated_latest_checkpoint(byte_data, env, referenc
     assert f"resumed from {checkpoint.directory(workdir)}/12" in proc.stdout
     assert _logged(workdir) == _logged(reference)  # steps 13..16 again, exactly
     assert checkpoint.steps_on_disk(checkpoint.directory(workdir)) == [8, 12, 16]
+
+
+def _free_unretrieved_future(error: Exception) -> None:
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    future.set_exception(error)
+    del future  # asyncio reports the exception nobody retrieved when the future is freed
+    gc.collect()
+    loop.close()
+
+
+async def _read_array_index_and_device_put():  # named as Orbax's read coroutine
+    pass
+
+
+async def something_else():
+    pass
+
+
+def test_only_abandoned_read_errors_are_silenced(tmp_path, caplog):
+    """Once a restore has been tried, the reads Orbax abandons stay quiet when freed (a future
+    holding their error, a coroutine never started); anything else freed that way still shows."""
+    os.makedirs(checkpoint.directory(str(tmp_path)))
+    assert checkpoint.restore_latest(str(tmp_path), None, {}) is None
+    tensorstore = 'OUT_OF_RANGE: Error reading "params.wte" in OCDBT database at local file "x"'
+    orbax = "Encountered error while reading array index: (slice(0, 64, 1),). See full ..."
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        _free_unretrieved_future(ValueError(tensorstore))
+        _free_unretrieved_future(Exception(orbax))
+        assert caplog.records == []
+        _free_unretrieved_future(ValueError("something else went wrong"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "Future exception was never retrieved\n"
+        "future: <Future finished exception=ValueError('something else went wrong')>"
+    ]
+
+    with warnings.catch_warnings(record=True) as caught:
+        for never_awaited in (_read_array_index_and_device_put(), something_else()):
+            del never_awaited
+        gc.collect()
+    assert [str(w.message) for w in caught] == ["coroutine 'something_else' was never awaited"]
 
 
 def test_restored_buffers_are_donatable(byte_data, reference):
