@@ -288,10 +288,10 @@ def _drop_abandoned_reads() -> None:
     """Orbax abandons the pending reads of a restore that fails on damaged files, and the
     garbage collector reports each, when it meets it, through one of Python's three channels:
     `sys.unraisablehook` (a coroutine ending with the read error, a callback finding the event
-    loop closed), asyncio's logger (a task or future freed with the read error unretrieved) or
-    `warnings` (a read coroutine never started). Printed, each is a traceback around the one
-    warning that matters; those, and only those, are dropped. Installed before the first
-    restore: the reads can fail while it is still under way."""
+    loop closed), asyncio's logger (a task or future freed still pending, or with the read error
+    unretrieved) or `warnings` (a read coroutine never started). Printed, each is a traceback
+    around the one warning that matters; those, and only those, are dropped. Installed before
+    the first restore: the reads can fail while it is still under way."""
     global _dropping
     if _dropping:
         return
@@ -301,16 +301,18 @@ def _drop_abandoned_reads() -> None:
     def hook(unraisable) -> None:
         e, where = unraisable.exc_value, getattr(unraisable.object, "__qualname__", "")
         closed_loop = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
-        if not (closed_loop or where == "_read_array_index_and_device_put" or _read_error(e)):
+        if not (closed_loop or _READS.fullmatch(where) or _read_error(e)):
             previous(unraisable)
 
     sys.unraisablehook = hook
-    std_logging.getLogger("asyncio").addFilter(_not_an_unretrieved_read_error)
+    std_logging.getLogger("asyncio").addFilter(_not_a_freed_read)
     warnings.filterwarnings(
-        "ignore",
-        r"coroutine '(_read_array_index_and_device_put|async_deserialize)' was never awaited",
-        RuntimeWarning,
+        "ignore", rf"coroutine '{_READS.pattern}' was never awaited", RuntimeWarning
     )
+
+
+# Orbax's coroutines that read one array.
+_READS = re.compile(r"(_read_array_index_and_device_put|async_deserialize)")
 
 
 def _read_error(e: BaseException | None) -> bool:
@@ -322,9 +324,13 @@ def _read_error(e: BaseException | None) -> bool:
     )
 
 
-def _not_an_unretrieved_read_error(record: std_logging.LogRecord) -> bool:
-    unretrieved = re.match(r"\S+ exception was never retrieved", str(record.msg))
-    return not (unretrieved and record.exc_info and _read_error(record.exc_info[1]))
+def _not_a_freed_read(record: std_logging.LogRecord) -> bool:
+    message = str(record.msg)
+    unretrieved = re.match(r"\S+ exception was never retrieved", message)
+    pending = message.startswith("Task was destroyed but it is pending!") and re.search(
+        rf"coro=<{_READS.pattern}\(\)", message
+    )
+    return not (unretrieved and record.exc_info and _read_error(record.exc_info[1]) or pending)
 
 
 _dropping = False
