@@ -292,24 +292,23 @@ def _drop_abandoned_reads() -> None:
     unretrieved) or `warnings` (a read coroutine never started). Printed, each is a traceback
     around the one warning that matters; those, and only those, are dropped. Installed before
     the first restore: the reads can fail while it is still under way."""
-    global _dropping
-    if _dropping:
-        return
-    _dropping = True
-    previous = sys.unraisablehook
-
-    def hook(unraisable) -> None:
-        e, where = unraisable.exc_value, getattr(unraisable.object, "__qualname__", "")
-        closed_loop = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
-        if not (closed_loop or _READS.fullmatch(where) or _read_error(e)):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-    std_logging.getLogger("asyncio").addFilter(_not_a_freed_read)
+    std_logging.getLogger("asyncio").addFilter(_not_a_freed_read)  # all three idempotent
     warnings.filterwarnings(
         "ignore", rf"coroutine '{_READS.pattern}' was never awaited", RuntimeWarning
     )
+    global _previous_hook
+    if sys.unraisablehook is not _unraisable:
+        _previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable
 
+
+def _unraisable(unraisable) -> None:
+    e, where = unraisable.exc_value, getattr(unraisable.object, "__qualname__", "")
+    closed_loop = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+    if not (closed_loop or _READS.fullmatch(where) or _read_error(e)):
+        _previous_hook(unraisable)
+
+
+_previous_hook = sys.unraisablehook
 
 # Orbax's coroutines that read one array.
 _READS = re.compile(r"(_read_array_index_and_device_put|async_deserialize)")
@@ -331,9 +330,6 @@ def _not_a_freed_read(record: std_logging.LogRecord) -> bool:
         rf"coro=<{_READS.pattern}\(\)", message
     )
     return not (unretrieved and record.exc_info and _read_error(record.exc_info[1]) or pending)
-
-
-_dropping = False
 
 
 def set_aside(workdir: str, steps: list[int]) -> None:
