@@ -85,6 +85,16 @@ def pretrained_bytes(byte_data, tmp_path_factory) -> str:
     return work
 
 
+def pytest_runtest_setup(item) -> None:
+    """What the `plan` marker promises (pyproject.toml): deviceless GPU compiles skip where jax's
+    CUDA plugin is absent."""
+    if item.get_closest_marker("plan"):
+        from llmjax import plan
+
+        if not plan.cuda_plugin_available():
+            pytest.skip("jax's CUDA plugin is not installed (make plan-install)")
+
+
 def tiny_config(data_path: str, **overrides):
     from llmjax.config import load
 

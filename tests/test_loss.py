@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from llmjax import plan, sharding, train
+from llmjax import sharding, train
 from llmjax.loss import lm_loss
 from llmjax.model import GPT, GPTConfig
 from tests.conftest import run_json, run_plan, tiny_config
@@ -135,10 +135,6 @@ def test_compiled_step_never_holds_the_batch_logits(byte_data, dtype):
 
 
 @pytest.mark.plan
-@pytest.mark.skipif(
-    not plan.cuda_plugin_available(),
-    reason="jax's CUDA plugin is not installed (make plan-install)",
-)
 def test_gpu_program_never_holds_the_batch_logits(tmp_path):
     """The same on the deviceless H100 program of configs/tiny.py in bf16 (cuDNN attention)."""
     run_plan(

@@ -3,7 +3,6 @@ where jax's CUDA plugin is installed (`make plan-install`, then .venv-plan/bin/p
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,10 +10,7 @@ import pytest
 
 from llmjax import config, hlo_stats, plan, roofline
 from llmjax.hlo_stats import Kernel
-from tests.conftest import run_plan
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from tests.conftest import ROOT, run_plan
 
 # Hopper: 132 SMs x 4 tensor cores x 512 bf16 FMA per clock x 1.8295201 GHz x 2 FLOPs per FMA.
 HOPPER_PEAK = 2 * 132 * 4 * 512 * 1.8295201e9
@@ -189,10 +185,6 @@ def test_group_size_mesh_form(groups, size):
 
 
 @pytest.mark.plan
-@pytest.mark.skipif(
-    not plan.cuda_plugin_available(),
-    reason="jax's CUDA plugin is not installed (make plan-install)",
-)
 def test_tiny_compiles_for_h100_without_a_gpu():
     r = run_plan("--config=configs/tiny.py")
     assert r["gpu"] == "NVIDIA H100 80GB HBM3" and r["devices"] == 1 and r["fits"]
@@ -209,10 +201,6 @@ def test_tiny_compiles_for_h100_without_a_gpu():
 
 
 @pytest.mark.plan
-@pytest.mark.skipif(
-    not plan.cuda_plugin_available(),
-    reason="jax's CUDA plugin is not installed (make plan-install)",
-)
 def test_preference_config_plans_its_own_batch():
     """A DPO config compiles with the batch main feeds it: pairs [B, 2, T+1] plus reference
     log-probs, two sequences per pair in the token and FLOP counts."""

@@ -17,7 +17,7 @@ import re
 import numpy as np
 import pytest
 
-from llmjax import plan, sharding
+from llmjax import sharding
 from llmjax.config import ConfigError
 from tests.conftest import run_json, run_plan, tiny_config
 
@@ -327,10 +327,6 @@ def test_collectives_move_weights_not_the_batch(meshes, name):
 
 
 @pytest.mark.plan
-@pytest.mark.skipif(
-    not plan.cuda_plugin_available(),
-    reason="jax's CUDA plugin is not installed (make plan-install)",
-)
 @pytest.mark.parametrize(
     "axes, scan",
     [
