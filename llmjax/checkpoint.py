@@ -329,7 +329,7 @@ def _not_a_freed_read(record: std_logging.LogRecord) -> bool:
     pending = message.startswith("Task was destroyed but it is pending!") and re.search(
         rf"coro=<{_READS.pattern}\(\)", message
     )
-    return not (unretrieved and record.exc_info and _read_error(record.exc_info[1]) or pending)
+    return not ((unretrieved and record.exc_info and _read_error(record.exc_info[1])) or pending)
 
 
 def set_aside(workdir: str, steps: list[int]) -> None:
