@@ -20,7 +20,7 @@ from flax import nnx
 from llmjax import checkpoint, dpo, train
 from llmjax.model import GPT, GPTConfig
 from llmjax.tokenizer import get_tokenizer
-from tests.conftest import INSTRUCTIONS, ROOT, snapshot, tiny_config
+from tests.conftest import INSTRUCTIONS, ROOT, run_json, snapshot, tiny_config
 
 PREFS = os.path.join(ROOT, "data", "instruction-data-with-preference.json")
 SEQ = 128
@@ -228,24 +228,13 @@ def test_chat_and_evaluate_read_the_result(dpo_run, sft, prefs):
     )
     assert "<|end|>" not in answer
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cli = lambda *a: subprocess.run(
-        [sys.executable, "-m", "llmjax.evaluate", *a],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    after = cli(f"--workdir={dpo_run}", f"--data={prefs}")
-    assert after.returncode == 0, after.stderr
-    held = json.loads(after.stdout.splitlines()[-1])["held_out"]
+    cli = lambda *a: run_json(["-m", "llmjax.evaluate", *a], env, timeout=180)
+    held = cli(f"--workdir={dpo_run}", f"--data={prefs}")["held_out"]
     last_eval = [r for r in _rows(dpo_run) if "eval/reward_acc" in r][-1]
     # The CLI scores the held-out pairs as the loop did (float32 sums: a few ulps apart).
     assert held["reward_acc"] == pytest.approx(last_eval["eval/reward_acc"], abs=1e-9)
     assert held["margin"] == pytest.approx(last_eval["eval/margin"], rel=1e-4)
-    before = cli(f"--workdir={sft}", f"--data={prefs}", f"--reference={sft}")
-    assert before.returncode == 0, before.stderr
-    held = json.loads(before.stdout.splitlines()[-1])["held_out"]
+    held = cli(f"--workdir={sft}", f"--data={prefs}", f"--reference={sft}")["held_out"]
     assert held["reward_acc"] == 0.5 and held["margin"] == 0.0
 
 
