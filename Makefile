@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-all lint fresh-check clean plan-install
+.PHONY: install demo test test-all test-isa lint fresh-check clean plan-install
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ demo: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# The numerics tests again with XLA:CPU generating code for another instruction set than the
+# host's (it sums in another order), as on a user's older CPU: `make test-isa ISA=SSE4_2`.
+ISA ?= AVX2
+NUMERICS := tests/test_golden.py tests/test_model.py tests/test_loss.py tests/test_optim.py
+test-isa: $(STAMP)
+	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=$(ISA)" $(PY) -m pytest -q $(NUMERICS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
