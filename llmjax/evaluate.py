@@ -261,9 +261,8 @@ def preference_eval(
 
 
 def _preference_main(model, tok: Tokenizer, step: int, out: dict) -> None:
-    mngr = checkpoint.manager(FLAGS.workdir, read_only=True)
-    cfg = checkpoint.read_meta(mngr, step)["config"]
-    source = FLAGS.reference or cfg["model"]["init_from"]
+    record = checkpoint.read_record(checkpoint.manager(FLAGS.workdir, read_only=True), step)
+    source = FLAGS.reference or record.init_from
     if source == "scratch":
         raise EvalError(
             f"--data={FLAGS.data} holds preference pairs but {FLAGS.workdir} has no reference "
@@ -274,10 +273,9 @@ def _preference_main(model, tok: Tokenizer, step: int, out: dict) -> None:
         raise EvalError(
             f"--reference={source} uses tokenizer {ref_tok.name}, {FLAGS.workdir} {tok.name}"
         )
-    seq_len = min(FLAGS.seq_len or int(cfg["data"]["seq_len"]), model.cfg.block_size)
+    seq_len = min(FLAGS.seq_len or record.seq_len, model.cfg.block_size)
     pairs = dpo.encode_split(tok, FLAGS.data, seq_len)[0]["val"]
-    # Checkpoints written before DPO existed have no dpo_beta; 0.1 was its first default.
-    beta = FLAGS.dpo_beta or cfg["optim"].get("dpo_beta", 0.1)
+    beta = FLAGS.dpo_beta or record.dpo_beta
     result = preference_eval(model, tok, reference, pairs, beta=beta, batch=FLAGS.batch_size)
     out.update({"reference": source, "dpo_beta": beta, "held_out": result})
 
@@ -306,8 +304,8 @@ def main(argv) -> None:
     if preference:
         _preference_main(model, tok, step, out)
     elif FLAGS.data:
-        meta = checkpoint_seq_len(FLAGS.workdir, step)
-        seq_len = min(FLAGS.seq_len or meta, model.cfg.block_size)
+        record = checkpoint.read_record(checkpoint.manager(FLAGS.workdir, read_only=True), step)
+        seq_len = min(FLAGS.seq_len or record.seq_len, model.cfg.block_size)
         data.check_dataset(FLAGS.data, tok.name, seq_len)
         out.update(
             val_loss(
@@ -323,11 +321,6 @@ def main(argv) -> None:
     if items is not None:
         out.update(hellaswag(graphdef, params, items, tok, model.cfg.block_size))
     print(json.dumps(out))
-
-
-def checkpoint_seq_len(workdir: str, step: int) -> int:
-    mngr = checkpoint.manager(workdir, read_only=True)
-    return int(checkpoint.read_meta(mngr, step)["config"]["data"]["seq_len"])
 
 
 def _define_flags() -> None:

@@ -32,6 +32,11 @@ def is_preference(cfg: ml_collections.ConfigDict) -> bool:
     return is_instruct(cfg) and dpo.is_preference_file(cfg.data.path)
 
 
+def kind(cfg: ml_collections.ConfigDict) -> str:
+    """What the run trains on: one of checkpoint.KINDS."""
+    return "preference" if is_preference(cfg) else "instruct" if is_instruct(cfg) else "pretrain"
+
+
 @dataclasses.dataclass
 class Data:
     """This process's batches: `train(start)` from a step on, `val()` the same each call. DPO's

@@ -96,9 +96,8 @@ def _tokens_per_step(workdir: str) -> int | None:
 
     if not checkpoint.steps_on_disk(checkpoint.directory(workdir)):
         return None
-    mngr = checkpoint.manager(workdir, read_only=True)
-    data = checkpoint.read_meta(mngr, mngr.latest_step())["config"]["data"]
-    return data["batch_size"] * data["seq_len"]
+    # As the trainer counts them: a DPO pair is two sequences.
+    return checkpoint.latest_record(workdir)[1].tokens_per_step
 
 
 def draw(runs: list[Run], out: str, logx: bool = False) -> list[str]:

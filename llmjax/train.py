@@ -281,16 +281,17 @@ def initial_state(run: Run) -> TrainState:
     return jax.jit(start_from, out_shardings=sh, donate_argnums=0)(params)
 
 
-def _meta(run: Run, step: int, loop: dict) -> dict:
+def _record(run: Run, kind: str, step: int, loop: dict) -> checkpoint.Record:
     """`loop`: what the loop needs to log the resumed steps exactly as an uninterrupted run would
     (per-step metrics not yet logged, the running loss mean, the length of metrics.jsonl)."""
-    return {
-        "step": step,
-        "data_step": step,
-        "config": run.cfg.to_dict(),
-        "model": dataclasses.asdict(run.model_cfg),
-        "loop": loop,
-    }
+    return checkpoint.Record(
+        step=step,
+        config=run.cfg.to_dict(),
+        model=dataclasses.asdict(run.model_cfg),
+        kind=kind,
+        tokens_per_step=step_tokens(run),
+        loop=loop,
+    )
 
 
 def with_reference(run: Run, d: inputs.Data, params, workdir: str, *, fresh: bool) -> inputs.Data:
@@ -376,6 +377,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     tok = get_tokenizer(cfg.data.tokenizer)
     run = build(cfg)
     batches_of = inputs.open_data(cfg, tok, run.model_cfg.valid_vocab_size)
+    kind = inputs.kind(cfg)
     hellaswag_items = None
     if t.hellaswag_every:  # read (or downloaded) before anything compiles: a bad path fails fast
         path = evaluate.hellaswag_path(t.hellaswag_path)
@@ -386,15 +388,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     checkpoint.check_writable(workdir)
     # Process 0 only, before anything compiles: a tracker that cannot start fails the run now.
     opened = trackers.start_run(cfg, workdir) if jax.process_index() == 0 else []
+    replay = {"pending": [], "loss_mean": [0.0, 0], "log_bytes": 0}  # a fresh run's log
     if restored is not None:
-        latest, state, meta = restored
-        checkpoint.set_aside(workdir, meta["corrupt"])
+        latest, state, record, corrupt = restored
+        checkpoint.set_aside(workdir, corrupt)
         metrics.console(f"resumed from {checkpoint.directory(workdir)}/{latest}")
+        replay = record.loop
     else:
-        state, meta = (
-            initial_state(run),
-            {"loop": {"pending": [], "loss_mean": [0.0, 0], "log_bytes": 0}},
-        )
+        state = initial_state(run)
     if batches_of.pairs is not None:  # DPO: after every check, before the first step
         batches_of = with_reference(run, batches_of, state.params, workdir, fresh=restored is None)
     mngr = checkpoint.manager(workdir, t.keep_ckpts, t.keep_every)
@@ -408,7 +409,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         tokens_per_step=tokens_per_step,
         flops_per_step=flops_per_token(run.model_cfg, n_params, cfg.data.seq_len) * tokens_per_step,
         spike_factor=t.spike_factor,
-        replay=meta.get("loop"),
+        replay=replay,
         enabled=jax.process_index() == 0,
         trackers=opened,
     )
@@ -449,7 +450,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
                 log.line(f"step {done:>6}/{t.steps} | sample: {text!r}")
         stop = checkpoint.should_stop(done)  # SIGTERM/SIGINT: save now and return
         if _due(done, t.ckpt_every, t.steps) or stop:
-            checkpoint.save(mngr, done, state, _meta(run, done, log.replay_state()))
+            checkpoint.save(mngr, done, state, _record(run, kind, done, log.replay_state()))
         if stop:
             checkpoint.wait(mngr)
             log.line(
