@@ -19,6 +19,7 @@ from llmjax.tokenizer import TOKENIZERS, get_tokenizer
 from llmjax.trackers import parse as parse_trackers
 
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_KINDS = ("auto", "pretrain", "instruct", "preference")
 ATTENTION = ("auto", "xla", "cudnn")
 
 
@@ -64,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     d.path = ""  # directory of shards written by `python -m llmjax.prepare`
+    # What the run trains on: auto | pretrain (shards) | instruct (a file of conversations) |
+    # preference (a file of chosen/rejected pairs: DPO). auto = what data.path holds, decided once
+    # at start and stored in the checkpoint.
+    d.kind = "auto"
     d.tokenizer = "gpt2"  # gpt2 | bytes; must match the tokenizer the shards were made with
     d.batch_size = 512  # global batch, in sequences, summed over devices and accumulation
     d.seq_len = 1024  # tokens per training sequence (<= model.block_size)
@@ -240,6 +245,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         not t.hellaswag_every or bool(t.hellaswag_path),
         "train.hellaswag_path is empty but train.hellaswag_every > 0",
     )
+    _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r} is not one of {', '.join(DATA_KINDS)}")
     _check(
         d.tokenizer in TOKENIZERS,
         f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}",

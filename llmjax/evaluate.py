@@ -33,7 +33,7 @@ import optax
 from absl import flags
 from flax import nnx
 
-from llmjax import checkpoint, data, dpo, errors
+from llmjax import checkpoint, data, dpo, errors, inputs
 from llmjax.loss import CHUNK_TOKENS, lm_loss
 from llmjax.tokenizer import Tokenizer
 
@@ -295,9 +295,10 @@ def main(argv) -> None:
         if FLAGS.hellaswag
         else None
     )
-    preference = bool(FLAGS.data) and os.path.isfile(FLAGS.data)
-    if preference and not dpo.is_preference_file(FLAGS.data):
+    kind = inputs.kind_of(FLAGS.data) if FLAGS.data else None  # as the trainer decides it
+    if kind == "instruct":
         raise EvalError(f"--data={FLAGS.data}: a file must hold preference pairs (chosen/rejected)")
+    preference = kind == "preference"
     model, tok, step = checkpoint.load_model(FLAGS.workdir)
     graphdef, params = nnx.split(model)
     out: dict = {"workdir": FLAGS.workdir, "step": step}

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from llmjax import data
+from llmjax import data, loss
 from llmjax.errors import UserError
 from llmjax.tokenizer import Tokenizer
 
@@ -39,6 +39,12 @@ Rows = np.ndarray | dict[str, np.ndarray]
 
 class InstructError(UserError):
     """A dataset file that cannot be used; the message names the file and the record."""
+
+
+def objective(z_loss: float) -> loss.Objective:
+    """Finetuning's objective: the language-model loss, which scores only the answers of these
+    rows (their context is stored as context_only ids)."""
+    return loss.language_model("instruct", z_loss)
 
 
 def context_only(ids: np.ndarray) -> np.ndarray:

@@ -181,10 +181,11 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
     """Compiles the train step of `cfg` for `devices` and reports its program and prediction."""
     import jax
 
-    from llmjax import optim, train
+    from llmjax import inputs, optim, train
     from llmjax.model import flops_per_token
 
-    run = train.build(cfg, devices)
+    # The objective main would train (a DPO config's pairs and reference log-probs included).
+    run = train.build(cfg, devices, inputs.objective(cfg, inputs.resolve_kind(cfg)))
     B, T = cfg.data.batch_size, cfg.data.seq_len
     # The batch exactly as main feeds it (a DPO config's pairs and reference log-probs included).
     compiled, seconds = _compile(run.train_step, (run.abstract_state, run.batch_spec))
