@@ -260,23 +260,34 @@ def preference_eval(
     return out | {k: float(v) / n for k, v in sums.items()}
 
 
-def _preference_main(model, tok: Tokenizer, step: int, out: dict) -> None:
-    record = checkpoint.read_record(checkpoint.manager(FLAGS.workdir, read_only=True), step)
-    source = FLAGS.reference or record.init_from
+def _preference_main(
+    model,
+    tok: Tokenizer,
+    step: int,
+    out: dict,
+    *,
+    workdir: str,
+    path: str,
+    reference: str | None,
+    seq_len: int,
+    dpo_beta: float,
+    batch: int,
+) -> None:
+    """Held-out pairs of `path` scored against the reference (`reference` or init_from)."""
+    record = checkpoint.read_record(checkpoint.manager(workdir, read_only=True), step)
+    source = reference or record.init_from
     if source == "scratch":
         raise EvalError(
-            f"--data={FLAGS.data} holds preference pairs but {FLAGS.workdir} has no reference "
+            f"--data={path} holds preference pairs but {workdir} has no reference "
             "model (model.init_from=scratch): give --reference=WORKDIR"
         )
-    reference, ref_tok, _ = checkpoint.load_model(source)
+    reference_model, ref_tok, _ = checkpoint.load_model(source)
     if ref_tok.name != tok.name:
-        raise EvalError(
-            f"--reference={source} uses tokenizer {ref_tok.name}, {FLAGS.workdir} {tok.name}"
-        )
-    seq_len = min(FLAGS.seq_len or record.seq_len, model.cfg.block_size)
-    pairs = dpo.encode_split(tok, FLAGS.data, seq_len)[0]["val"]
-    beta = FLAGS.dpo_beta or record.dpo_beta
-    result = preference_eval(model, tok, reference, pairs, beta=beta, batch=FLAGS.batch_size)
+        raise EvalError(f"--reference={source} uses tokenizer {ref_tok.name}, {workdir} {tok.name}")
+    seq_len = min(seq_len or record.seq_len, model.cfg.block_size)
+    pairs = dpo.encode_split(tok, path, seq_len)[0]["val"]
+    beta = dpo_beta or record.dpo_beta
+    result = preference_eval(model, tok, reference_model, pairs, beta=beta, batch=batch)
     out.update({"reference": source, "dpo_beta": beta, "held_out": result})
 
 
@@ -303,7 +314,18 @@ def main(argv) -> None:
     graphdef, params = nnx.split(model)
     out: dict = {"workdir": FLAGS.workdir, "step": step}
     if preference:
-        _preference_main(model, tok, step, out)
+        _preference_main(
+            model,
+            tok,
+            step,
+            out,
+            workdir=FLAGS.workdir,
+            path=FLAGS.data,
+            reference=FLAGS.reference,
+            seq_len=FLAGS.seq_len,
+            dpo_beta=FLAGS.dpo_beta,
+            batch=FLAGS.batch_size,
+        )
     elif FLAGS.data:
         record = checkpoint.read_record(checkpoint.manager(FLAGS.workdir, read_only=True), step)
         seq_len = min(FLAGS.seq_len or record.seq_len, model.cfg.block_size)

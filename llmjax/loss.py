@@ -26,14 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmjax.config import CHUNK_TOKENS
 from llmjax.model import MASKED_LOGIT, constrain, soft_cap
 
-# Tokens per loss chunk, train.loss_chunk's default (per device: train.build multiplies it by the
-# data-parallel size, as `chunk` here counts the batch the loss is given). A chunk's logits are
-# chunk x V in the compute dtype (bf16, GPT-2's vocabulary: 206 MB at 2,048 tokens); each chunk
-# also reads and writes the float32 gradient of the tied embedding once (0.3 GB for GPT-2).
-# benchmarks/NOTES.md has the trade-off measured for 124M on an H100.
-CHUNK_TOKENS = 2048
 # Groups of the vocabulary reduced separately, then combined (see _one_pass): a multiple of
 # any tensor-parallel size, so that each device's slice holds whole groups.
 VOCAB_GROUPS = 64

@@ -12,9 +12,6 @@ import ml_collections
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "wsd")
-
 
 def lr_schedule(
     cfg: ml_collections.ConfigDict, steps: int, peak: float | None = None

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import tiktoken
 
+from llmjax.config import TOKENIZERS
 from llmjax.errors import UserError
 
 # The hashes tiktoken pins for its own `gpt2` encoding (tiktoken_ext/openai_public.py).
@@ -30,7 +31,6 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\
 EOT = "<|endoftext|>"
 # Phi-3 style chat roles and turn terminator, appended after the base vocabulary in this order.
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>", "<|system|>")
-TOKENIZERS = ("gpt2", "bytes", "gpt2-chat", "bytes-chat")
 
 
 class Tokenizer(Protocol):

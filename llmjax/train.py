@@ -25,9 +25,9 @@ import optax
 from flax import nnx
 
 from llmjax import checkpoint, evaluate, inputs, loss, metrics, optim, sharding, trackers
-from llmjax.config import ConfigError, model_config
+from llmjax.config import ConfigError
 from llmjax.convert import load_params
-from llmjax.model import GPT, GPTConfig, count_params, flops_per_token
+from llmjax.model import GPT, GPTConfig, count_params, flops_per_token, model_config
 from llmjax.sample import sample_text
 from llmjax.tokenizer import get_tokenizer
 
@@ -240,8 +240,11 @@ def _record(run: Run, step: int, loop: dict) -> checkpoint.Record:
     )
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (or resumes) the run in `workdir` until `train.steps`; returns the final state."""
+def train_and_evaluate(
+    cfg: ml_collections.ConfigDict, workdir: str, config_name: str = "llmjax"
+) -> TrainState:
+    """Trains (or resumes) the run in `workdir` until `train.steps`; returns the final state.
+    `config_name`: the config file's name, the trackers' default experiment."""
     workdir, t = os.path.abspath(workdir), cfg.train
     tok = get_tokenizer(cfg.data.tokenizer)
     kind = inputs.resolve_kind(cfg)  # the one decision of what the run trains on
@@ -256,7 +259,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     restored = checkpoint.restore_latest(workdir, run.abstract_state, model_dict)
     checkpoint.check_writable(workdir)
     # Process 0 only, before anything compiles: a tracker that cannot start fails the run now.
-    opened = trackers.start_run(cfg, workdir) if jax.process_index() == 0 else []
+    opened = trackers.start_run(cfg, workdir, config_name) if jax.process_index() == 0 else []
     replay = {"pending": [], "loss_mean": [0.0, 0], "log_bytes": 0}  # a fresh run's log
     if restored is not None:
         latest, state, record, corrupt = restored

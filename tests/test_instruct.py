@@ -236,8 +236,8 @@ def test_context_drops_oldest_turns_first():
 
 
 def test_init_from_gpt2_adds_chat_rows_at_the_mean(tmp_path):
-    from llmjax.config import model_config
     from llmjax.convert import load_params
+    from llmjax.model import model_config
     from tests.test_convert import hf_model
 
     hf = hf_model(n_layer=1, n_head=2, n_embd=32, vocab=50257, n_positions=64)
