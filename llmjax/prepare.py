@@ -87,7 +87,6 @@ def utf8(text: str) -> tuple[str, bytes]:
 
 def encode_batch(texts: list[str], tokenizer: str, min_chars: int) -> Encoded:
     tok = get_tokenizer(tokenizer)  # cached: built once per process
-    enc = getattr(tok, "_enc", None)  # tiktoken: its numpy output skips building Python lists
     n = len(texts)
     status, nbytes = np.zeros(n, np.int8), np.zeros(n, np.int64)
     lengths, digests = np.zeros(n, np.int64), bytearray(16 * n)
@@ -103,12 +102,7 @@ def encode_batch(texts: list[str], tokenizer: str, min_chars: int) -> Encoded:
             status[i] = SHORT
             continue
         digests[16 * i : 16 * i + 16] = doc_digest(data)
-        if enc is not None:  # disallowed_special=() encodes "<|endoftext|>" as plain text
-            ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-        elif tok.name == "bytes":
-            ids = np.frombuffer(data, np.uint8)
-        else:
-            ids = np.asarray(tok.encode(text), np.uint32)
+        ids = tok.encode_numpy(text)  # no Python lists
         parts += [eot, ids]
         lengths[i] = len(ids) + 1
     tokens = (
