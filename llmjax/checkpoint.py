@@ -41,7 +41,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llmjax.errors import UserError
+from llmjax.errors import UserError, one_line
 from llmjax.model import GPT, GPTConfig
 from llmjax.tokenizer import Tokenizer, get_tokenizer
 
@@ -85,9 +85,7 @@ def _reason(e: BaseException) -> str:
     ):
         if needle in text:
             return short
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    line = line if len(line) <= 200 else line[:200] + "..."
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return one_line(e, named=True, limit=200)
 
 
 def steps_on_disk(path: str) -> list[int]:

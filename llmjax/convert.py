@@ -260,9 +260,8 @@ def _hub_download(repo_id: str) -> str:
                 repo_id, allow_patterns=["config.json", "pytorch_model.bin"]
             )
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for users
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConvertError(
-            f"cannot fetch {repo_id!r} from the Hugging Face hub ({reason}); pass "
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({errors.one_line(e)}); pass "
             "a local directory with config.json and model.safetensors"
         ) from e
     return path

@@ -102,7 +102,7 @@ def open_data(cfg: ml_collections.ConfigDict, kind: str, tok: Tokenizer, vocab_s
             f"{counts['truncated']} truncated to {d.seq_len + 1} tokens"
         )
         return Data(None, None, pairs)
-    rows, counts = instruct.encode_split(tok, d.path, d.seq_len, 0.05)
+    rows, counts = instruct.encode_split(tok, d.path, d.seq_len, instruct.VAL_FRACTION)
     metrics.console(
         f"instructions: {counts['train']} train / {counts['val']} val examples, "
         f"{counts['truncated']} truncated to {d.seq_len + 1} tokens"

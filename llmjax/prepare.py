@@ -38,6 +38,7 @@ from llmjax.data import PREPARE_STATE
 from llmjax.shards import (
     FORMAT,
     MAX_TOKENS,
+    META_FILE,
     TOKEN_DTYPE,
     DataError,
     ShardFile,
@@ -50,6 +51,7 @@ from llmjax.tokenizer import get_tokenizer
 BATCH_CHARS = 1 << 20  # text per tokenizer task: large enough to amortise IPC, small for smooth ETA
 CHECKPOINT_SECONDS = 60.0  # also checkpoint between shards, so a crash loses at most this much
 EMPTY, SHORT = 1, 2  # per-document filter verdicts computed by the tokenizer workers
+DIGEST_BYTES = 16  # a document's blake2b digest: 128 bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ EMPTY, SHORT = 1, 2  # per-document filter verdicts computed by the tokenizer wo
 
 def doc_digest(data: bytes) -> bytes:
     """128-bit digest of a document's UTF-8 bytes: its identity for --dedup and its split hash."""
-    return hashlib.blake2b(data, digest_size=16).digest()
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
 def doc_hash(digest: bytes) -> float:
@@ -72,7 +74,7 @@ class Encoded:
 
     status: np.ndarray  # int8 [n]: 0 kept so far, EMPTY, SHORT
     nbytes: np.ndarray  # int64 [n]: UTF-8 bytes of each text
-    digests: bytes  # 16 bytes per document, zeros for filtered ones
+    digests: bytes  # DIGEST_BYTES per document, zeros for filtered ones
     lengths: np.ndarray  # int64 [n]: tokens of each document, EOT included; 0 if filtered
     tokens: np.ndarray  # uint16: every kept document's [EOT, ids...], concatenated
 
@@ -89,7 +91,7 @@ def encode_batch(texts: list[str], tokenizer: str, min_chars: int) -> Encoded:
     tok = get_tokenizer(tokenizer)  # cached: built once per process
     n = len(texts)
     status, nbytes = np.zeros(n, np.int8), np.zeros(n, np.int64)
-    lengths, digests = np.zeros(n, np.int64), bytearray(16 * n)
+    lengths, digests = np.zeros(n, np.int64), bytearray(DIGEST_BYTES * n)
     eot = np.array([tok.eot_id], np.uint32)
     parts = []
     for i, text in enumerate(texts):
@@ -101,7 +103,7 @@ def encode_batch(texts: list[str], tokenizer: str, min_chars: int) -> Encoded:
         if len(text) < min_chars:
             status[i] = SHORT
             continue
-        digests[16 * i : 16 * i + 16] = doc_digest(data)
+        digests[DIGEST_BYTES * i : DIGEST_BYTES * (i + 1)] = doc_digest(data)
         ids = tok.encode_numpy(text)  # no Python lists
         parts += [eot, ids]
         lengths[i] = len(ids) + 1
@@ -384,7 +386,7 @@ def _resume_state(out: str, options: dict) -> dict | None:
 
 def _claim_out(out: str, options: dict) -> dict | None:
     """Refuses to overwrite a dataset we did not start; returns a finished identical run's meta."""
-    meta_path = os.path.join(out, "meta.json")
+    meta_path = os.path.join(out, META_FILE)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
@@ -553,7 +555,10 @@ def _run(
                 if enc.status[i] == SHORT:
                     docs["dropped_short"] += 1
                     continue
-                n, digest = int(enc.lengths[i]), enc.digests[16 * i : 16 * i + 16]
+                n, digest = (
+                    int(enc.lengths[i]),
+                    enc.digests[DIGEST_BYTES * i : DIGEST_BYTES * (i + 1)],
+                )
                 tokens, offset = enc.tokens[offset : offset + n], offset + n
                 if dedup:
                     if digest in seen_digests:
@@ -612,7 +617,7 @@ def _run(
     tmp = os.path.join(out, "meta.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(out, "meta.json"))
+    os.replace(tmp, os.path.join(out, META_FILE))
     if os.path.exists(os.path.join(out, PREPARE_STATE)):
         os.remove(os.path.join(out, PREPARE_STATE))
     return meta

@@ -25,6 +25,7 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from llmjax.config import parse_trackers
 from llmjax.errors import UserError, one_line
+from llmjax.shards import META_FILE
 
 RUN_FILE = "trackers.json"  # in the workdir: the MLflow / W&B run ids a resumed run continues
 
@@ -286,7 +287,7 @@ def start_run(cfg, workdir: str, config_name: str = "llmjax") -> list[Tracker]:
     ml_collections config), started or resumed; `config_name` (the --config file's name without
     .py) is the experiment unless train.experiment names one."""
     t = cfg.train
-    card = os.path.join(cfg.data.path, "meta.json")
+    card = os.path.join(cfg.data.path, META_FILE)
     setup = Setup(
         workdir=workdir,
         config=cfg.to_dict(),
