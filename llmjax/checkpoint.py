@@ -168,9 +168,6 @@ def _rebuilt(restored, abstract_state):
     return treedef.unflatten(empty(a) if r is None else r for a, r in zip(leaves, got, strict=True))
 
 
-KINDS = ("pretrain", "instruct", "preference")  # what a run trains on (config.DATA_KINDS less auto)
-
-
 @dataclasses.dataclass(frozen=True)
 class Record:
     """What a checkpoint says about itself, stored beside its state as the `meta` JSON item: the
@@ -180,7 +177,7 @@ class Record:
     step: int
     config: dict  # the run's whole config (ConfigDict.to_dict())
     model: dict  # the GPTConfig the state was built from (dataclasses.asdict)
-    kind: str  # one of KINDS: the objective the run trained with
+    kind: str  # pretrain | instruct | preference (config.DATA_KINDS, resolved): its objective
     tokens_per_step: int  # as the trainer counts them (a DPO pair is two sequences)
     loop: dict | None = None  # metrics.RunLog.replay_state(): logs a resumed run exactly
     converted_from: str | None = None  # weights only, written by llmjax.convert from this source

@@ -75,7 +75,7 @@ class Objective:
     sums rather than means keep every mean exact across micro-batches, devices and evaluation
     batches."""
 
-    kind: str  # checkpoint.KINDS: what the run trains on, stored in its checkpoint record
+    kind: str  # pretrain | instruct | preference: what the run trains on, stored in its record
     loss: Callable[..., tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]
     eval_loss: Callable[..., tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]
     # (rows B, tokens per row T+1, sharding) -> the global batch's ShapeDtypeStructs (a pytree)
