@@ -122,7 +122,7 @@ def fingerprint(state) -> list[int]:
     return [int(np.asarray(x.addressable_data(0))) for x in _fingerprint(state)]
 
 
-def describe(abstract_state) -> dict[str, list]:
+def leaf_specs(abstract_state) -> dict[str, list]:
     """Leaf path -> [shape, dtype]: what a checkpoint must match to be restored into this run."""
     leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     return {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)] for p, x in leaves}
@@ -135,7 +135,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, record: Record) -> None:
     one starts.
     """
     wait(mngr)
-    record = dataclasses.replace(record, fingerprint=fingerprint(state), leaves=describe(state))
+    record = dataclasses.replace(record, fingerprint=fingerprint(state), leaves=leaf_specs(state))
     try:
         mngr.save(
             step,
@@ -182,7 +182,7 @@ class Record:
     loop: dict | None = None  # metrics.RunLog.replay_state(): logs a resumed run exactly
     converted_from: str | None = None  # weights only, written by llmjax.convert from this source
     fingerprint: list[int] | None = None  # of the state, set by `save`
-    leaves: dict[str, list] | None = None  # `describe(state)`, set by `save`
+    leaves: dict[str, list] | None = None  # `leaf_specs(state)`, set by `save`
 
     @property
     def tokenizer(self) -> str:
@@ -280,7 +280,7 @@ def check_compatible(record: Record, model_config: dict, path: str, abstract_sta
         and saved.get(k, False) != v
     ]
     if not diff and abstract_state is not None and record.leaves is not None:
-        want, have = describe(abstract_state), record.leaves
+        want, have = leaf_specs(abstract_state), record.leaves
         diff = [
             f"{k}: checkpoint {have.get(k)} != config {want.get(k)}"
             for k in sorted(set(want) | set(have))

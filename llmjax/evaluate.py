@@ -175,7 +175,7 @@ def load_hellaswag(path: str, limit: int = 0) -> list[dict]:
     return items
 
 
-def render(item: dict, tok: Tokenizer, block_size: int) -> list[tuple[list[int], int]]:
+def hellaswag_rows(item: dict, tok: Tokenizer, block_size: int) -> list[tuple[list[int], int]]:
     """Per ending: (context + ending tokens, number of ending tokens scored).
 
     A row longer than block_size + 1 tokens loses its oldest tokens (the model sees block_size of
@@ -203,7 +203,7 @@ def score_hellaswag(
     graphdef, params, items: list[dict], tok: Tokenizer, block_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Log-likelihood sums [N, 4] and ending token counts [N, 4] of every item's endings."""
-    rows = [r for item in items for r in render(item, tok, block_size)]
+    rows = [r for item in items for r in hellaswag_rows(item, tok, block_size)]
     R = 4 * HELLASWAG_ITEMS_PER_BATCH
     results = []
     for b in range(0, len(rows), R):

@@ -45,7 +45,7 @@ FLAGS = flags.FLAGS
 
 def cuda_plugin_available() -> bool:
     """Whether jax's CUDA plugin (jax[cuda12]) is installed; deviceless compiles need it."""
-    return any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    return xla_flags.cuda_plugin_installed()
 
 
 def gpu_spec_text(gpu: str, spec_file: str | None = None) -> str:
@@ -92,23 +92,11 @@ def compile_only_devices(spec_text: str, n: int) -> list:
     return list(topo.devices)
 
 
-def _shard_bytes(tree) -> int:
-    import jax
-
-    return sum(
-        math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree)
-    )
-
-
 def _memory(compiled, gpu: roofline.Gpu) -> dict:
+    from llmjax.sharding import peak_bytes
+
     m = compiled.memory_analysis()
-    # Buffer assignment's total: donated arguments are reused for the outputs.
-    peak = (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
+    peak = peak_bytes(m)
     usable = int(
         gpu.memory_bytes
         * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
@@ -182,7 +170,7 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
     """Compiles the train step of `cfg` for `devices` and reports its program and prediction."""
     import jax
 
-    from llmjax import inputs, optim, train
+    from llmjax import inputs, optim, sharding, train
     from llmjax.model import flops_per_token
 
     # The objective main would train (a DPO config's pairs and reference log-probs included).
@@ -207,7 +195,7 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
         "attention": run.model_cfg.attention,
         "params": n_params,
         "compile_seconds": round(seconds, 2),
-        "state_bytes": _shard_bytes(run.abstract_state),
+        "state_bytes": sharding.bytes_per_device(run.abstract_state),
         **_memory(compiled, gpu),
         **_program(kernels, gpu),
         "flops_hand_6N_6LDT": hand,

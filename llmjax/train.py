@@ -379,7 +379,7 @@ def compile_train_step(run: Run, state: TrainState, start: int):
     t0 = time.time()
     train_step = run.train_step.lower(run.abstract_state, run.batch_spec).compile()
     metrics.console(f"compiled train step in {time.time() - t0:.1f}s")
-    metrics.console(sharding.describe(run.mesh))
+    metrics.console(sharding.mesh_line(run.mesh))
     metrics.console(sharding.memory_report(state.params, state.opt_state, train_step))
     return train_step
 
