@@ -493,134 +493,169 @@ def prepare(
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+class Pass:
+    """One pass over the documents: its counters (continued from `state`, fresh or a checkpoint),
+    the shard writers and router they feed, its checkpoint (prepare_state.json) and its
+    meta.json."""
+
+    def __init__(self, state: dict, out: str, tok) -> None:
+        self.state, self.out, self.tok = state, out, tok
+        o = self.options = state["options"]
+        self.writers = {
+            s: ShardWriter(out, s, o["shard_tokens"], **state["splits"][s]) for s in state["splits"]
+        }
+        self.router = Router(
+            self.writers, o["val_fraction"], o["val_docs"], Router.held_from(state["held"])
+        )
+        self.docs = state["documents"]  # seen, kept and each reason for dropping
+        self.consumed = state["consumed"]  # documents read from the source, dropped ones too
+        self.text_bytes, self.kept_bytes = state["text_bytes"], state["kept_bytes"]
+        self.total_tokens = sum(w.tokens for w in self.writers.values()) + sum(
+            len(t) for *_, t in self.router.held
+        )
+        self.seen_digests: set[bytes] = set()  # --dedup
+        self.t0 = time.time() - state["seconds"]
+        self.last_ckpt = time.time()
+        self.capped = False  # --max_tokens reached (or, at the end, --max_docs)
+
+    def skip_done(self, texts: Iterator[str]) -> None:
+        """Re-reads (not re-tokenizes) what the checkpoint already holds; --dedup needs its
+        digests."""
+        o = self.options
+        for text in itertools.islice(texts, self.consumed):
+            if o["dedup"] and text and not text.isspace() and len(text) >= o["min_chars"]:
+                self.seen_digests.add(doc_digest(utf8(text)[1]))
+
+    def add(self, enc: Encoded, i: int, offset: int) -> int:
+        """Counts, filters and routes document `i` of a batch whose earlier documents' tokens end
+        at `offset`; returns where its own end."""
+        self.consumed += 1
+        self.docs["seen"] += 1
+        self.text_bytes += int(enc.nbytes[i])
+        if enc.status[i] == EMPTY:
+            self.docs["dropped_empty"] += 1
+            return offset
+        if enc.status[i] == SHORT:
+            self.docs["dropped_short"] += 1
+            return offset
+        n = int(enc.lengths[i])
+        digest = enc.digests[DIGEST_BYTES * i : DIGEST_BYTES * (i + 1)]
+        tokens = enc.tokens[offset : offset + n]
+        if self.options["dedup"]:
+            if digest in self.seen_digests:
+                self.docs["dropped_duplicate"] += 1
+                return offset + n
+            self.seen_digests.add(digest)
+        self.docs["kept"] += 1
+        self.kept_bytes += int(enc.nbytes[i])
+        self.router.route(doc_hash(digest), self.consumed - 1, tokens)
+        self.total_tokens += n
+        if any(w.finished for w in self.writers.values()) or (
+            time.time() - self.last_ckpt > CHECKPOINT_SECONDS
+        ):
+            self.checkpoint()
+            self.last_ckpt = time.time()
+        max_tokens = self.options["max_tokens"]
+        self.capped = bool(max_tokens and self.total_tokens >= max_tokens)
+        return offset + n
+
+    def checkpoint(self) -> None:
+        """Writes prepare_state.json: what a resumed pass starts from."""
+        for w in self.writers.values():
+            w.sync()
+            w.finished = False
+        self.state.update(
+            consumed=self.consumed,
+            seconds=time.time() - self.t0,
+            text_bytes=self.text_bytes,
+            kept_bytes=self.kept_bytes,
+            splits={s: w.state() for s, w in self.writers.items()},
+            held=self.router.state(),
+        )
+        tmp = os.path.join(self.out, PREPARE_STATE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.state, f)
+        os.replace(tmp, os.path.join(self.out, PREPARE_STATE))
+
+    def flush(self) -> None:
+        """Writes out what the router holds back and every writer's partial shard."""
+        max_docs = self.options["max_docs"]
+        self.capped = self.capped or bool(max_docs and self.docs["seen"] >= max_docs)
+        self.router.finish()
+        for w in self.writers.values():
+            w.flush()
+
+    def write_meta(self) -> dict:
+        """meta.json, the dataset card, in place of the checkpoint; a split left empty is a
+        DataError instead, with the directory left as if never started."""
+        o, tok, writers, out = self.options, self.tok, self.writers, self.out
+        for split, w in writers.items():
+            if not w.shards:
+                _remove_stale(out, {"splits": {s: {"shards": [], "partial": 0} for s in writers}})
+                if os.path.exists(os.path.join(out, PREPARE_STATE)):
+                    os.remove(os.path.join(out, PREPARE_STATE))
+                raise DataError(
+                    f"--source={o['source']}: no document went to {split} "
+                    f"({self.docs['kept']} kept of {self.docs['seen']}); a dataset needs at "
+                    "least 2 kept documents"
+                )
+        meta = {
+            "source": o["source"],
+            "tokenizer": o["tokenizer"],
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "format": {**FORMAT, "eot": "before every document"},
+            "options": o,
+            "documents": {**self.docs, **{s: w.docs for s, w in writers.items()}},
+            "text_bytes": {"seen": self.text_bytes, "kept": self.kept_bytes},
+            "capped": self.capped,
+            "tokens": {s: w.tokens for s, w in writers.items()},
+            "shards": {s: w.shards for s, w in writers.items()},
+            "command": " ".join(sys.argv),
+            "seconds": round(time.time() - self.t0, 3),
+        }
+        tmp = os.path.join(out, META_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, os.path.join(out, META_FILE))
+        if os.path.exists(os.path.join(out, PREPARE_STATE)):
+            os.remove(os.path.join(out, PREPARE_STATE))
+        return meta
+
+
 def _run(
     state: dict, out: str, tok, pool: ProcessPoolExecutor | None, workers: int, verbose: bool
 ) -> dict:
     """The document loop of `prepare`, from `state` (fresh or a checkpoint) to meta.json."""
     o = state["options"]
-    source, tokenizer, dedup, min_chars = o["source"], o["tokenizer"], o["dedup"], o["min_chars"]
-    max_docs, max_tokens = o["max_docs"], o["max_tokens"]
-    writers = {
-        s: ShardWriter(out, s, o["shard_tokens"], **state["splits"][s]) for s in state["splits"]
-    }
-    router = Router(writers, o["val_fraction"], o["val_docs"], Router.held_from(state["held"]))
-    docs, consumed = state["documents"], state["consumed"]
-    text_bytes, kept_bytes = state["text_bytes"], state["kept_bytes"]
-    total_tokens = sum(w.tokens for w in writers.values()) + sum(len(t) for *_, t in router.held)
-    texts, total_docs = open_source(source, o["text_field"], o["hf_config"], o["hf_split"])
-    if max_docs:
-        total_docs = min(total_docs or max_docs, max_docs)
-        texts = itertools.islice(texts, max_docs)
-    seen_digests: set[bytes] = set()
-    if consumed:
+    run = Pass(state, out, tok)
+    texts, total_docs = open_source(o["source"], o["text_field"], o["hf_config"], o["hf_split"])
+    if o["max_docs"]:
+        total_docs = min(total_docs or o["max_docs"], o["max_docs"])
+        texts = itertools.islice(texts, o["max_docs"])
+    if run.consumed:
         if verbose:
-            print(f"prepare: resuming after {consumed:,} documents", file=sys.stderr)
-        # Re-read (not re-tokenize) what the checkpoint already holds; --dedup needs its digests.
-        for text in itertools.islice(texts, consumed):
-            if dedup and text and not text.isspace() and len(text) >= min_chars:
-                seen_digests.add(doc_digest(utf8(text)[1]))
-    t0 = time.time() - state["seconds"]
-    progress = Progress(total_docs, max_tokens, t0) if verbose else None
-    last_ckpt = time.time()
-
-    def checkpoint() -> None:
-        for w in writers.values():
-            w.sync()
-            w.finished = False
-        state.update(
-            consumed=consumed,
-            seconds=time.time() - t0,
-            text_bytes=text_bytes,
-            kept_bytes=kept_bytes,
-            splits={s: w.state() for s, w in writers.items()},
-            held=router.state(),
-        )
-        tmp = os.path.join(out, PREPARE_STATE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, os.path.join(out, PREPARE_STATE))
-
-    capped = False
-    batches = encoded_batches(texts, tokenizer, min_chars, pool, workers)
+            print(f"prepare: resuming after {run.consumed:,} documents", file=sys.stderr)
+        run.skip_done(texts)
+    progress = Progress(total_docs, o["max_tokens"], run.t0) if verbose else None
+    batches = encoded_batches(texts, o["tokenizer"], o["min_chars"], pool, workers)
     try:
         for enc in batches:
             offset = 0
             for i in range(len(enc.status)):
-                consumed += 1
-                docs["seen"] += 1
-                text_bytes += int(enc.nbytes[i])
-                if enc.status[i] == EMPTY:
-                    docs["dropped_empty"] += 1
-                    continue
-                if enc.status[i] == SHORT:
-                    docs["dropped_short"] += 1
-                    continue
-                n, digest = (
-                    int(enc.lengths[i]),
-                    enc.digests[DIGEST_BYTES * i : DIGEST_BYTES * (i + 1)],
-                )
-                tokens, offset = enc.tokens[offset : offset + n], offset + n
-                if dedup:
-                    if digest in seen_digests:
-                        docs["dropped_duplicate"] += 1
-                        continue
-                    seen_digests.add(digest)
-                docs["kept"] += 1
-                kept_bytes += int(enc.nbytes[i])
-                router.route(doc_hash(digest), consumed - 1, tokens)
-                total_tokens += n
-                if any(w.finished for w in writers.values()) or (
-                    time.time() - last_ckpt > CHECKPOINT_SECONDS
-                ):
-                    checkpoint()
-                    last_ckpt = time.time()
-                if max_tokens and total_tokens >= max_tokens:
-                    capped = True
+                offset = run.add(enc, i, offset)
+                if run.capped:
                     break
             if progress:
-                progress.update(docs["seen"], total_tokens)
-            if capped:
+                progress.update(run.docs["seen"], run.total_tokens)
+            if run.capped:
                 break
     finally:
         batches.close()
-    capped = capped or bool(max_docs and docs["seen"] >= max_docs)
-    router.finish()
-    for w in writers.values():
-        w.flush()
+    run.flush()
     if progress:
-        progress.update(docs["seen"], total_tokens, done=True)
-    for split, w in writers.items():
-        if not w.shards:  # a useless dataset: leave the directory as if never started
-            _remove_stale(out, {"splits": {s: {"shards": [], "partial": 0} for s in writers}})
-            if os.path.exists(os.path.join(out, PREPARE_STATE)):
-                os.remove(os.path.join(out, PREPARE_STATE))
-            raise DataError(
-                f"--source={source}: no document went to {split} ({docs['kept']} "
-                f"kept of {docs['seen']}); a dataset needs at least 2 kept documents"
-            )
-    seconds = time.time() - t0
-    meta = {
-        "source": source,
-        "tokenizer": tokenizer,
-        "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
-        "format": {**FORMAT, "eot": "before every document"},
-        "options": o,
-        "documents": {**docs, **{s: w.docs for s, w in writers.items()}},
-        "text_bytes": {"seen": text_bytes, "kept": kept_bytes},
-        "capped": capped,
-        "tokens": {s: w.tokens for s, w in writers.items()},
-        "shards": {s: w.shards for s, w in writers.items()},
-        "command": " ".join(sys.argv),
-        "seconds": round(seconds, 3),
-    }
-    tmp = os.path.join(out, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(out, META_FILE))
-    if os.path.exists(os.path.join(out, PREPARE_STATE)):
-        os.remove(os.path.join(out, PREPARE_STATE))
-    return meta
+        progress.update(run.docs["seen"], run.total_tokens, done=True)
+    return run.write_meta()
 
 
 def summary(meta: dict, out: str) -> str:
