@@ -32,7 +32,8 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from llmjax import config, errors, hlo_stats, roofline, xla_flags
+from llmjax import config, xla_flags
+from llmjax.plan import hlo_stats, roofline
 
 GPUS = ("h100", "h200", "a100")
 # jax's GPU client preallocates this fraction of device memory (XLA_PYTHON_CLIENT_MEM_FRACTION);
@@ -388,7 +389,7 @@ def _model_statement() -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """The command line's choices besides the config (see _define_flags)."""
+    """The command line's choices besides the config (see define_flags)."""
 
     gpu: str = "h100"
     gpu_spec: str | None = None
@@ -484,7 +485,7 @@ def main(argv: list[str]) -> None:
     run(FLAGS.config, opts)  # a ConfigError is one line, exit code 2 (errors.run)
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
     # Defined only when run as a program, so importing this module (the tests do) never clashes
     # with another entry point's flags.
     config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
@@ -503,8 +504,3 @@ def _define_flags() -> None:
     flags.DEFINE_bool("on_device", False, "compile for this machine's real GPUs (to compare)")
     flags.DEFINE_string("dump", None, "directory for the optimized HLO text of each compiled step")
     flags.mark_flags_as_required(["config"])
-
-
-if __name__ == "__main__":
-    _define_flags()
-    errors.run(main)

@@ -35,6 +35,7 @@ from absl import flags
 
 from llmjax import errors
 from llmjax.data import PREPARE_STATE
+from llmjax.prepare.sources import open_source
 from llmjax.shards import (
     FORMAT,
     MAX_TOKENS,
@@ -45,7 +46,6 @@ from llmjax.shards import (
     shard_bytes,
     shard_name,
 )
-from llmjax.sources import open_source
 from llmjax.tokenizer import get_tokenizer
 
 BATCH_CHARS = 1 << 20  # text per tokenizer task: large enough to amortise IPC, small for smooth ETA
@@ -436,7 +436,7 @@ def prepare(
 ) -> dict:
     """Tokenizes `source` into shards under `out` and returns the meta.json contents.
 
-    The arguments are the CLI's flags (see _define_flags), except that `workers` defaults to 0
+    The arguments are the CLI's flags (see define_flags), except that `workers` defaults to 0
     here (tokenize in this process) and to the CPU count on the command line. Starting it again
     on the same `out` with the same options resumes an interrupted run, or returns a finished
     run's meta; other options, or shards prepare did not write, are refused (ValueError)."""
@@ -724,7 +724,7 @@ def main(argv):
     print(summary(meta, FLAGS.out))
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
     # Defined only when run as a program, so importing this module never clashes with
     # another entry point's flags.
     flags.DEFINE_string(
@@ -750,8 +750,3 @@ def _define_flags() -> None:
     flags.DEFINE_integer("min_chars", 0, "drop documents shorter than this many characters")
     flags.DEFINE_integer("max_docs", 0, "read at most this many source documents (0: all)")
     flags.DEFINE_integer("max_tokens", 0, "stop once this many tokens are written (0: no cap)")
-
-
-if __name__ == "__main__":
-    _define_flags()
-    errors.run(main)
