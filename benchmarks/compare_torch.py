@@ -35,8 +35,7 @@ def torch_benchmark(cfg, steps: int, warmup: int, compile_model: bool | None) ->
     import torch.nn.functional as F
     import transformers
 
-    from llmjax.config import model_config
-    from llmjax.model import flops_per_token
+    from llmjax.model import flops_per_token, model_config
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -12,7 +12,7 @@
 # 4. benchmarks/compare_torch.py at the fastest batch;
 # 5. summary.json: predicted (plan) next to measured (step_time) for each batch.
 # Then copy the figures into benchmarks/NOTES.md ("Predicted vs measured") and the efficiencies
-# they imply into llmjax/roofline.py.
+# they imply into llmjax/plan/roofline.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

@@ -99,7 +99,7 @@ def recipe_overrides() -> dict:
 
 def corpus():
     if FLAGS.corpus == "pydocs":  # Python's own documentation: prose and code, not verse
-        from llmjax.sources import pydocs_documents
+        from llmjax.prepare.sources import pydocs_documents
 
         raw = "\n\n".join(pydocs_documents()).encode("utf-8")[:400_000]
     else:

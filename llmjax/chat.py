@@ -9,6 +9,7 @@ model's context window by dropping the oldest turns first (a system message, if 
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 from absl import flags
@@ -19,6 +20,9 @@ from llmjax.sample import SampleError, Streamer, check_settings, generate
 from llmjax.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
+# Context kept for the conversation however long an answer may be: the template's turn tokens
+# (<|user|>, newlines, <|end|>, <|assistant|>) and a few of the question's.
+MIN_PROMPT_TOKENS = 8
 
 
 def fit_context(tok: Tokenizer, messages: list[dict], budget: int) -> tuple[list[int], int]:
@@ -50,7 +54,7 @@ def reply(
     """The assistant's answer to `messages` (streamed to stdout when `stream`) and the number of
     old turns dropped to fit the context."""
     end = tok.special["<|end|>"]
-    max_new_tokens = min(max_new_tokens, model.cfg.block_size - 8)
+    max_new_tokens = min(max_new_tokens, model.cfg.block_size - MIN_PROMPT_TOKENS)
     ids, dropped = fit_context(tok, messages, model.cfg.block_size - max_new_tokens)
     printer = Streamer(tok) if stream else None
     on_token = (lambda _, t: t != end and printer(t)) if stream else None
@@ -111,7 +115,7 @@ def main(argv):
         return
     messages = list(system)
     print("llmjax chat: /reset starts over, /quit or an empty line ends.", file=sys.stderr)
-    for turn in range(10**9):
+    for turn in itertools.count():  # until /quit, an empty line or end of input
         try:
             text = input("you> ").strip()
         except EOFError:

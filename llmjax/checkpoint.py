@@ -1,9 +1,9 @@
 """Orbax checkpoints under WORKDIR/checkpoints/<step>/: train state, data position and config.
 
 Two items per step: `state` (params, optimizer state, step; sharded arrays, restored straight onto
-the current mesh, whatever mesh saved them) and `meta` (JSON: the config, the model config, the
-data position, the loop's log position and a fingerprint of `state`). The data position is the step
-itself, since batches are addressed by step.
+the current mesh, whatever mesh saved them) and `meta` (JSON, a `Record`: the config, the model
+config, the run's kind, tokens per step, the loop's log position and a fingerprint of `state`). The
+data position is the step itself, since batches are addressed by step.
 
 Safety, in the order things can go wrong:
 - Saves are asynchronous and atomic: Orbax writes `<step>.orbax-checkpoint-tmp` and renames it
@@ -41,7 +41,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llmjax.errors import UserError
+from llmjax.errors import UserError, one_line
 from llmjax.model import GPT, GPTConfig
 from llmjax.tokenizer import Tokenizer, get_tokenizer
 
@@ -85,9 +85,7 @@ def _reason(e: BaseException) -> str:
     ):
         if needle in text:
             return short
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    line = line if len(line) <= 200 else line[:200] + "..."
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return one_line(e, named=True, limit=200)
 
 
 def steps_on_disk(path: str) -> list[int]:
@@ -124,25 +122,26 @@ def fingerprint(state) -> list[int]:
     return [int(np.asarray(x.addressable_data(0))) for x in _fingerprint(state)]
 
 
-def describe(abstract_state) -> dict[str, list]:
+def leaf_specs(abstract_state) -> dict[str, list]:
     """Leaf path -> [shape, dtype]: what a checkpoint must match to be restored into this run."""
     leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     return {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)] for p, x in leaves}
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, state, record: Record) -> None:
     """Starts an asynchronous save; training continues while it is written.
 
     Waits first for the previous save, so its failure is reported (CheckpointError) before a new
     one starts.
     """
     wait(mngr)
-    meta = {**meta, "fingerprint": fingerprint(state), "leaves": describe(state)}
+    record = dataclasses.replace(record, fingerprint=fingerprint(state), leaves=leaf_specs(state))
     try:
         mngr.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_stored(state)), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(_stored(state)),
+                meta=ocp.args.JsonSave(record.to_json()),
             ),
             force=True,
         )
@@ -169,8 +168,82 @@ def _rebuilt(restored, abstract_state):
     return treedef.unflatten(empty(a) if r is None else r for a, r in zip(leaves, got, strict=True))
 
 
-def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """What a checkpoint says about itself, stored beside its state as the `meta` JSON item: the
+    one place that knows its layout. Train and convert build it, `save` writes it, every reader
+    (resume, load_model, init_from, evaluate, report) reads its fields."""
+
+    step: int
+    config: dict  # the run's whole config (ConfigDict.to_dict())
+    model: dict  # the GPTConfig the state was built from (dataclasses.asdict)
+    kind: str  # pretrain | instruct | preference (config.DATA_KINDS, resolved): its objective
+    tokens_per_step: int  # as the trainer counts them (a DPO pair is two sequences)
+    loop: dict | None = None  # metrics.RunLog.replay_state(): logs a resumed run exactly
+    converted_from: str | None = None  # weights only, written by llmjax.convert from this source
+    fingerprint: list[int] | None = None  # of the state, set by `save`
+    leaves: dict[str, list] | None = None  # `leaf_specs(state)`, set by `save`
+
+    @property
+    def tokenizer(self) -> str:
+        return self.config["data"]["tokenizer"]
+
+    @property
+    def seq_len(self) -> int:
+        """The context the run trained on (data.seq_len)."""
+        return int(self.config["data"]["seq_len"])
+
+    @property
+    def init_from(self) -> str:
+        return self.config["model"]["init_from"]
+
+    @property
+    def dpo_beta(self) -> float:
+        # Checkpoints written before DPO existed have no dpo_beta; 0.1 was its first default.
+        return float(self.config["optim"].get("dpo_beta", 0.1))
+
+    def model_config(self) -> GPTConfig:
+        return GPTConfig(**self.model)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, meta: dict) -> Record:
+        if "kind" not in meta:  # written before the record had a kind: counted as sequences
+            data = meta["config"]["data"]
+            meta = {
+                **meta,
+                "kind": "pretrain",
+                "tokens_per_step": data["batch_size"] * data["seq_len"],
+            }
+        return cls(
+            step=meta["step"],
+            config=meta["config"],
+            model=meta["model"],
+            kind=meta["kind"],
+            tokens_per_step=meta["tokens_per_step"],
+            loop=meta.get("loop"),
+            converted_from=meta.get("converted_from"),
+            fingerprint=meta.get("fingerprint"),
+            leaves=meta.get("leaves"),
+        )
+
+
+def read_record(mngr: ocp.CheckpointManager, step: int) -> Record:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return Record.from_json(meta)
+
+
+def latest_record(workdir: str) -> tuple[int, Record]:
+    """The step and record of a workdir's newest checkpoint (CheckpointError if it has none)."""
+    if not os.path.isdir(directory(workdir)):
+        raise CheckpointError(f"--workdir={workdir}: no checkpoints folder (not a training run)")
+    mngr = manager(workdir, read_only=True)
+    step = mngr.latest_step()
+    if step is None:
+        raise CheckpointError(f"{mngr.directory}: no checkpoint")
+    return step, read_record(mngr, step)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
@@ -195,10 +268,10 @@ def restore_params(mngr: ocp.CheckpointManager, step: int, target):
     return mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
 
-def check_compatible(meta: dict, model_config: dict, path: str, abstract_state=None) -> None:
+def check_compatible(record: Record, model_config: dict, path: str, abstract_state=None) -> None:
     """A workdir's checkpoint must come from the same model and train-state shapes, or resuming
     is meaningless (or would silently cast)."""
-    saved = meta.get("model", {})
+    saved = record.model
     diff = [
         f"{k}: checkpoint {saved.get(k)!r} != config {v!r}"
         for k, v in model_config.items()
@@ -206,8 +279,8 @@ def check_compatible(meta: dict, model_config: dict, path: str, abstract_state=N
         in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "param_dtype", "scan_layers")
         and saved.get(k, False) != v
     ]
-    if not diff and abstract_state is not None and "leaves" in meta:
-        want, have = describe(abstract_state), meta["leaves"]
+    if not diff and abstract_state is not None and record.leaves is not None:
+        want, have = leaf_specs(abstract_state), record.leaves
         diff = [
             f"{k}: checkpoint {have.get(k)} != config {want.get(k)}"
             for k in sorted(set(want) | set(have))
@@ -228,11 +301,12 @@ def _all_agree(ok: bool) -> bool:
 
 
 def restore_latest(workdir: str, abstract_state, model_config: dict):
-    """(step, state, meta) of the newest checkpoint that restores intact, or None if there is none.
+    """(step, state, record, corrupt) of the newest checkpoint that restores intact, or None if
+    there is none.
 
     Reads only. Raises CheckpointError if the newest readable checkpoint belongs to another
     model, or if checkpoints exist but none restores. Unusable newer ones are reported with a
-    warning and listed in the returned meta under "corrupt" (see `set_aside`).
+    warning and listed in `corrupt` (see `set_aside`).
     """
     path = directory(workdir)
     if not os.path.isdir(path):
@@ -245,20 +319,20 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
         where = f"{path}/{step}"
         meta, why = None, "unreadable on another process"
         try:
-            meta = read_meta(mngr, step)
+            meta = read_record(mngr, step)
         except Exception as e:
             why = _reason(e)
         if _all_agree(meta is not None):
-            if "converted_from" in meta:  # weights only, written by llmjax.convert
+            if meta.converted_from is not None:  # weights only, written by llmjax.convert
                 raise CheckpointError(
-                    f"{workdir} holds weights converted from {meta['converted_from']}, not a "
+                    f"{workdir} holds weights converted from {meta.converted_from}, not a "
                     f"training run; train from them with --config.model.init_from={workdir} "
                     "and a new --workdir"
                 )
             check_compatible(meta, model_config, where, abstract_state)
             try:
                 state = restore(mngr, step, abstract_state)
-                saved = meta.get("fingerprint")
+                saved = meta.fingerprint
                 why = (
                     None
                     if saved is None or fingerprint(state) == saved
@@ -268,7 +342,7 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
                 why = _reason(e)
             if _all_agree(why is None):
                 mngr.close()
-                return step, state, {**meta, "corrupt": corrupt}
+                return step, state, meta, corrupt
         why = why or "not restorable on another process"
         logging.warning(
             "checkpoint %s is corrupt or truncated (%s); trying the one before", where, why
@@ -406,19 +480,18 @@ def should_stop(step: int) -> str | None:
 def load_model(workdir: str, step: int | None = None) -> tuple[GPT, Tokenizer, int]:
     """The model of a workdir's latest (or given) checkpoint, its tokenizer and its step: the one
     read path of `sample`, `evaluate`, `convert`, `chat` and `model.init_from`."""
-    if not os.path.isdir(directory(workdir)):
-        raise CheckpointError(f"--workdir={workdir}: no checkpoints folder (not a training run)")
+    latest, record = latest_record(workdir)
     mngr = manager(workdir, read_only=True)
-    step = mngr.latest_step() if step is None else step
     if step is None:
-        raise CheckpointError(f"{mngr.directory}: no checkpoint")
-    meta = read_meta(mngr, step)
-    model_cfg = GPTConfig(**meta["model"])
+        step = latest
+    else:
+        record = read_record(mngr, step)
+    model_cfg = record.model_config()
     if jax.default_backend() != "gpu":
         model_cfg = dataclasses.replace(model_cfg, attention="xla")  # e.g. trained on GPU
     abstract = nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0)))
     graphdef = nnx.graphdef(abstract)
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     params = restore_params(mngr, step, target)
-    tok = get_tokenizer(meta["config"]["data"]["tokenizer"])
+    tok = get_tokenizer(record.tokenizer)
     return nnx.merge(graphdef, params), tok, step

@@ -2,6 +2,12 @@
 
 Config files under configs/ start from `base_config()` and override values; a key that is not
 declared here is an error (ml_collections locks the dict), so a typo never silently does nothing.
+
+A leaf: it imports no other llmjax module but errors, so reading and checking a config starts
+neither jax nor a tokenizer. The values each choice key allows, and each tokenizer's vocabulary
+size, are declared here with the keys; the modules that implement them (model, optim, tokenizer,
+trackers) import them from here, and tests/test_config.py checks the vocabulary sizes against
+the tokenizers.
 """
 
 from __future__ import annotations
@@ -12,14 +18,26 @@ import os
 import ml_collections
 
 from llmjax.errors import UserError
-from llmjax.loss import CHUNK_TOKENS
-from llmjax.model import MLPS, NORMS, POSITIONS, REMAT_POLICIES, GPTConfig, pad_vocab
-from llmjax.optim import OPTIMIZERS, SCHEDULES
-from llmjax.tokenizer import TOKENIZERS, get_tokenizer
-from llmjax.trackers import parse as parse_trackers
 
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_KINDS = ("auto", "pretrain", "instruct", "preference")
 ATTENTION = ("auto", "xla", "cudnn")
+POSITIONS = ("learned", "rope")  # model.position
+NORMS = ("layernorm", "rmsnorm")  # model.norm
+MLPS = ("gelu", "relu2")  # model.mlp
+REMAT = ("none", "dots_saveable", "full")  # model.remat: model.REMAT_POLICIES's names
+OPTIMIZERS = ("adamw", "muon")  # optim.name
+SCHEDULES = ("cosine", "wsd")  # optim.schedule
+TRACKERS = ("tensorboard", "mlflow", "wandb", "none")  # train.trackers, comma-separated
+# data.tokenizer -> its vocabulary (the -chat variants add 4 chat tokens after the base's).
+VOCAB_SIZES = {"gpt2": 50257, "bytes": 257, "gpt2-chat": 50261, "bytes-chat": 261}
+TOKENIZERS = tuple(VOCAB_SIZES)
+# Tokens per loss chunk, train.loss_chunk's default (per device: train.build multiplies it by the
+# data-parallel size, as loss.py's `chunk` counts the batch the loss is given). A chunk's logits
+# are chunk x V in the compute dtype (bf16, GPT-2's vocabulary: 206 MB at 2,048 tokens); each
+# chunk also reads and writes the float32 gradient of the tied embedding once (0.3 GB for GPT-2).
+# benchmarks/NOTES.md has the trade-off measured for 124M on an H100.
+CHUNK_TOKENS = 2048
 
 
 class ConfigError(UserError):
@@ -64,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     d.path = ""  # directory of shards written by `python -m llmjax.prepare`
+    # What the run trains on: auto | pretrain (shards) | instruct (a file of conversations) |
+    # preference (a file of chosen/rejected pairs: DPO). auto = what data.path holds, decided once
+    # at start and stored in the checkpoint.
+    d.kind = "auto"
     d.tokenizer = "gpt2"  # gpt2 | bytes; must match the tokenizer the shards were made with
     d.batch_size = 512  # global batch, in sequences, summed over devices and accumulation
     d.seq_len = 1024  # tokens per training sequence (<= model.block_size)
@@ -103,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.seed = 0  # one seed: init, dropout and data order derive from it
     # Tokens per device in each LM-head/cross-entropy chunk of a micro-batch (loss.py): the
     # [B, T, V] logits never exist, only one chunk's. Smaller saves memory, larger saves traffic
-    # (see loss.CHUNK_TOKENS).
+    # (see CHUNK_TOKENS).
     t.loss_chunk = CHUNK_TOKENS
     t.z_loss = 0.0  # weight of PaLM's z-loss, z * logsumexp^2 per scored target; 0 = off
     t.log_every = 10  # steps between metric logs (the only host syncs in the loop)
@@ -208,10 +230,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     for key, v in [("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype)]:
         _check(v in DTYPES, f"{key}={v!r} is not one of {', '.join(DTYPES)}")
-    _check(
-        m.remat in REMAT_POLICIES,
-        f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}",
-    )
+    _check(m.remat in REMAT, f"model.remat={m.remat!r} is not one of {', '.join(REMAT)}")
     _check(
         m.attention in ATTENTION,
         f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION)}",
@@ -240,11 +259,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         not t.hellaswag_every or bool(t.hellaswag_path),
         "train.hellaswag_path is empty but train.hellaswag_every > 0",
     )
+    _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r} is not one of {', '.join(DATA_KINDS)}")
     _check(
         d.tokenizer in TOKENIZERS,
         f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}",
     )
-    parse_trackers(t.trackers)  # an unknown name: TrackerError, a UserError
+    parse_trackers(t.trackers)
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
     _check(o.dpo_beta > 0, f"optim.dpo_beta={o.dpo_beta} must be > 0")
     _check(
@@ -257,7 +277,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         d.batch_size % o.grad_accum == 0,
         f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={o.grad_accum}",
     )
-    vocab = get_tokenizer(d.tokenizer).vocab_size
+    vocab = VOCAB_SIZES[d.tokenizer]
     _check(
         m.vocab_size == 0 or m.vocab_size >= vocab,
         f"model.vocab_size={m.vocab_size} is below the {d.tokenizer} vocabulary ({vocab})",
@@ -274,37 +294,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     )
 
 
-def model_config(cfg: ml_collections.ConfigDict, backend: str = "cpu") -> GPTConfig:
-    """The model's own frozen config: vocabulary from the tokenizer, attention from the backend."""
-    m = cfg.model
-    tok = get_tokenizer(cfg.data.tokenizer)
-    attention = m.attention
-    if attention == "auto":
-        # cuDNN's fused attention needs a GPU and half precision; XLA's runs everywhere.
-        attention = "cudnn" if backend == "gpu" and m.dtype != "float32" else "xla"
-    return GPTConfig(
-        vocab_size=m.vocab_size or pad_vocab(tok.vocab_size),
-        valid_vocab_size=tok.vocab_size,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        n_embd=m.n_embd,
-        block_size=m.block_size,
-        dropout=m.dropout,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        attention=attention,
-        scan_layers=m.scan_layers,
-        remat=m.remat,
-        position=m.position,
-        norm=m.norm,
-        qk_norm=m.qk_norm,
-        mlp=m.mlp,
-        bias=m.bias,
-        tie_embeddings=m.tie_embeddings,
-        zero_init_proj=m.zero_init_proj,
-        logit_cap=m.logit_cap,
-        x0_mix=m.x0_mix,
+def parse_trackers(spec: str) -> list[str]:
+    """The trackers named by `train.trackers` ("tensorboard,mlflow"; "none" = only
+    metrics.jsonl), in order, without "none"."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    for n in names:
+        _check(n in TRACKERS, f"train.trackers={spec!r}: {n!r} is not one of {', '.join(TRACKERS)}")
+    _check(
+        bool(names) and ("none" not in names or len(names) == 1),
+        f"train.trackers={spec!r}: name trackers, or none alone",
     )
+    return [n for n in names if n != "none"]
 
 
 def overrides(argv: list[str]) -> set[str]:

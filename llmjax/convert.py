@@ -260,9 +260,8 @@ def _hub_download(repo_id: str) -> str:
                 repo_id, allow_patterns=["config.json", "pytorch_model.bin"]
             )
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for users
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConvertError(
-            f"cannot fetch {repo_id!r} from the Hugging Face hub ({reason}); pass "
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({errors.one_line(e)}); pass "
             "a local directory with config.json and model.safetensors"
         ) from e
     return path
@@ -381,19 +380,20 @@ def write_workdir(model: GPT, workdir: str, source: str) -> None:
     cfg.model.block_size, cfg.model.vocab_size = m.block_size, m.vocab_size
     cfg.data.tokenizer = tokenizer
     cfg.data.seq_len = min(cfg.data.seq_len, m.block_size)
-    meta = {
-        "step": 0,
-        "data_step": 0,
-        "config": cfg.to_dict(),
-        "model": dataclasses.asdict(m),
-        "converted_from": source,
-    }
+    record = checkpoint.Record(
+        step=0,
+        config=cfg.to_dict(),
+        model=dataclasses.asdict(m),
+        kind="pretrain",
+        tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
+        converted_from=source,
+    )
     # Weights only: training from them starts a fresh run (model.init_from=WORKDIR).
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
     }
-    checkpoint.save(mngr, 0, state, meta)
+    checkpoint.save(mngr, 0, state, record)
     mngr.wait_until_finished()
     mngr.close()
 
@@ -411,8 +411,8 @@ def source_config(src: str) -> tuple[GPTConfig, str]:
         step = mngr.latest_step()
         if step is None:
             raise ConvertError(f"model.init_from={src}: no checkpoint in {mngr.directory}")
-        meta = checkpoint.read_meta(mngr, step)
-        return GPTConfig(**meta["model"]), meta["config"]["data"]["tokenizer"]
+        record = checkpoint.read_record(mngr, step)
+        return record.model_config(), record.tokenizer
     hf_cfg, path = _read_hf_config(src)
     return config_from_hf(hf_cfg, os.path.join(path, "config.json")), "gpt2"
 

@@ -17,14 +17,14 @@ import numpy as np
 from absl import flags
 
 # DataError, read_shard and split_paths are part of this module's API; the format lives in shards.
-from llmjax.shards import DataError, read_shard, split_paths
+from llmjax.shards import META_FILE, DataError, read_shard, split_paths
 
 PREPARE_STATE = "prepare_state.json"  # prepare's checkpoint, present only while it is unfinished
 
 
 def read_meta(path: str) -> dict:
     """meta.json written by prepare, or {} for shards made elsewhere (llm.c, modded-nanogpt)."""
-    meta_path = os.path.join(path, "meta.json")
+    meta_path = os.path.join(path, META_FILE)
     if not os.path.exists(meta_path):
         if os.path.exists(os.path.join(path, PREPARE_STATE)):
             raise DataError(

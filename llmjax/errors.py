@@ -20,10 +20,15 @@ class UserError(ValueError):
     """Input a user can fix; the message names what and where, in one line."""
 
 
-def one_line(e: BaseException) -> str:
-    """The first non-empty line of an error's message, or its type's name."""
+def one_line(e: BaseException, *, named: bool = False, limit: int = 0) -> str:
+    """The first non-empty line of an error's message, or its type's name; `named`: after its
+    type's name ("OSError: ..."), for errors from other libraries; `limit` > 0: cut to that many
+    characters and "..."."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    line = lines[0] if not limit or len(lines[0]) <= limit else lines[0][:limit] + "..."
+    return f"{type(e).__name__}: {line}" if named else line
 
 
 def fail(e: BaseException | str, code: int = 2) -> NoReturn:

@@ -33,7 +33,7 @@ import optax
 from absl import flags
 from flax import nnx
 
-from llmjax import checkpoint, data, dpo, errors
+from llmjax import checkpoint, data, dpo, errors, inputs
 from llmjax.loss import CHUNK_TOKENS, lm_loss
 from llmjax.tokenizer import Tokenizer
 
@@ -175,7 +175,7 @@ def load_hellaswag(path: str, limit: int = 0) -> list[dict]:
     return items
 
 
-def render(item: dict, tok: Tokenizer, block_size: int) -> list[tuple[list[int], int]]:
+def hellaswag_rows(item: dict, tok: Tokenizer, block_size: int) -> list[tuple[list[int], int]]:
     """Per ending: (context + ending tokens, number of ending tokens scored).
 
     A row longer than block_size + 1 tokens loses its oldest tokens (the model sees block_size of
@@ -203,7 +203,7 @@ def score_hellaswag(
     graphdef, params, items: list[dict], tok: Tokenizer, block_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Log-likelihood sums [N, 4] and ending token counts [N, 4] of every item's endings."""
-    rows = [r for item in items for r in render(item, tok, block_size)]
+    rows = [r for item in items for r in hellaswag_rows(item, tok, block_size)]
     R = 4 * HELLASWAG_ITEMS_PER_BATCH
     results = []
     for b in range(0, len(rows), R):
@@ -260,25 +260,34 @@ def preference_eval(
     return out | {k: float(v) / n for k, v in sums.items()}
 
 
-def _preference_main(model, tok: Tokenizer, step: int, out: dict) -> None:
-    mngr = checkpoint.manager(FLAGS.workdir, read_only=True)
-    cfg = checkpoint.read_meta(mngr, step)["config"]
-    source = FLAGS.reference or cfg["model"]["init_from"]
+def _preference_main(
+    model,
+    tok: Tokenizer,
+    step: int,
+    out: dict,
+    *,
+    workdir: str,
+    path: str,
+    reference: str | None,
+    seq_len: int,
+    dpo_beta: float,
+    batch: int,
+) -> None:
+    """Held-out pairs of `path` scored against the reference (`reference` or init_from)."""
+    record = checkpoint.read_record(checkpoint.manager(workdir, read_only=True), step)
+    source = reference or record.init_from
     if source == "scratch":
         raise EvalError(
-            f"--data={FLAGS.data} holds preference pairs but {FLAGS.workdir} has no reference "
+            f"--data={path} holds preference pairs but {workdir} has no reference "
             "model (model.init_from=scratch): give --reference=WORKDIR"
         )
-    reference, ref_tok, _ = checkpoint.load_model(source)
+    reference_model, ref_tok, _ = checkpoint.load_model(source)
     if ref_tok.name != tok.name:
-        raise EvalError(
-            f"--reference={source} uses tokenizer {ref_tok.name}, {FLAGS.workdir} {tok.name}"
-        )
-    seq_len = min(FLAGS.seq_len or int(cfg["data"]["seq_len"]), model.cfg.block_size)
-    pairs = dpo.encode_split(tok, FLAGS.data, seq_len)[0]["val"]
-    # Checkpoints written before DPO existed have no dpo_beta; 0.1 was its first default.
-    beta = FLAGS.dpo_beta or cfg["optim"].get("dpo_beta", 0.1)
-    result = preference_eval(model, tok, reference, pairs, beta=beta, batch=FLAGS.batch_size)
+        raise EvalError(f"--reference={source} uses tokenizer {ref_tok.name}, {workdir} {tok.name}")
+    seq_len = min(seq_len or record.seq_len, model.cfg.block_size)
+    pairs = dpo.encode_split(tok, path, seq_len)[0]["val"]
+    beta = dpo_beta or record.dpo_beta
+    result = preference_eval(model, tok, reference_model, pairs, beta=beta, batch=batch)
     out.update({"reference": source, "dpo_beta": beta, "held_out": result})
 
 
@@ -297,17 +306,29 @@ def main(argv) -> None:
         if FLAGS.hellaswag
         else None
     )
-    preference = bool(FLAGS.data) and os.path.isfile(FLAGS.data)
-    if preference and not dpo.is_preference_file(FLAGS.data):
+    kind = inputs.kind_of(FLAGS.data) if FLAGS.data else None  # as the trainer decides it
+    if kind == "instruct":
         raise EvalError(f"--data={FLAGS.data}: a file must hold preference pairs (chosen/rejected)")
+    preference = kind == "preference"
     model, tok, step = checkpoint.load_model(FLAGS.workdir)
     graphdef, params = nnx.split(model)
     out: dict = {"workdir": FLAGS.workdir, "step": step}
     if preference:
-        _preference_main(model, tok, step, out)
+        _preference_main(
+            model,
+            tok,
+            step,
+            out,
+            workdir=FLAGS.workdir,
+            path=FLAGS.data,
+            reference=FLAGS.reference,
+            seq_len=FLAGS.seq_len,
+            dpo_beta=FLAGS.dpo_beta,
+            batch=FLAGS.batch_size,
+        )
     elif FLAGS.data:
-        meta = checkpoint_seq_len(FLAGS.workdir, step)
-        seq_len = min(FLAGS.seq_len or meta, model.cfg.block_size)
+        record = checkpoint.read_record(checkpoint.manager(FLAGS.workdir, read_only=True), step)
+        seq_len = min(FLAGS.seq_len or record.seq_len, model.cfg.block_size)
         data.check_dataset(FLAGS.data, tok.name, seq_len)
         out.update(
             val_loss(
@@ -323,11 +344,6 @@ def main(argv) -> None:
     if items is not None:
         out.update(hellaswag(graphdef, params, items, tok, model.cfg.block_size))
     print(json.dumps(out))
-
-
-def checkpoint_seq_len(workdir: str, step: int) -> int:
-    mngr = checkpoint.manager(workdir, read_only=True)
-    return int(checkpoint.read_meta(mngr, step)["config"]["data"]["seq_len"])
 
 
 def _define_flags() -> None:

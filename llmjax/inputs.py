@@ -1,9 +1,11 @@
-"""The run's batches, from what `data.path` names: shards (pretraining), a file of conversations
-(instruction finetuning) or of chosen/rejected pairs (DPO). The one place the three part ways.
+"""The run's kind and batches, from the config and what `data.path` names: shards (pretraining), a
+file of conversations (instruction finetuning) or of chosen/rejected pairs (DPO). The one place
+the three part ways: `resolve_kind` decides the kind once, at start; `objective` maps it to the
+objective its module builds; `open_data` reads its batches.
 
 Everything here reads and checks before anything compiles, so bad input fails fast and nothing is
 written. DPO's batches also need the reference model's log-probabilities, which need the run's
-compiled forward pass: train.with_reference completes them.
+compiled forward pass: its objective's `prepare` (dpo.with_reference) completes them.
 """
 
 from __future__ import annotations
@@ -16,26 +18,46 @@ import jax
 import ml_collections
 import numpy as np
 
-from llmjax import data, dpo, instruct, metrics
+from llmjax import data, dpo, instruct, loss, metrics
+from llmjax.config import ConfigError
 from llmjax.convert import source_config
 from llmjax.tokenizer import Tokenizer
 
 
-def is_instruct(cfg: ml_collections.ConfigDict) -> bool:
-    """A file (JSON/JSONL conversations or preference pairs) means finetuning; a directory of
-    shards, pretraining."""
-    return os.path.isfile(cfg.data.path)
+def kind_of(path: str) -> str:
+    """What a data path holds: a directory of shards (pretrain), a file of preference pairs
+    (preference; parsed once here) or of conversations (instruct)."""
+    if not os.path.isfile(path):
+        return "pretrain"
+    return "preference" if dpo.is_preference_file(path) else "instruct"
 
 
-def is_preference(cfg: ml_collections.ConfigDict) -> bool:
-    """A file of chosen/rejected pairs means DPO (a file mixing formats is a UserError)."""
-    return is_instruct(cfg) and dpo.is_preference_file(cfg.data.path)
+def resolve_kind(cfg: ml_collections.ConfigDict) -> str:
+    """`data.kind`, or with `auto` what `data.path` holds: decided once, at start, and stored in
+    the checkpoint record. A declared kind must match the path's form (shards are a directory,
+    conversations and pairs a file); its records are checked as they are read."""
+    d = cfg.data
+    if d.kind == "auto":
+        return kind_of(d.path)
+    if os.path.exists(d.path) and os.path.isfile(d.path) != (d.kind != "pretrain"):
+        want = "a directory of shards" if d.kind == "pretrain" else "a file"
+        raise ConfigError(f"data.kind={d.kind} needs {want}, not data.path={d.path!r}")
+    return d.kind
+
+
+def objective(cfg: ml_collections.ConfigDict, kind: str) -> loss.Objective:
+    """The objective of a run of this kind, built by the module that owns it."""
+    if kind == "preference":
+        return dpo.objective(cfg.optim.dpo_beta, cfg.optim.dpo_label_smoothing)
+    if kind == "instruct":
+        return instruct.objective(cfg.train.z_loss)
+    return loss.language_model("pretrain", cfg.train.z_loss)
 
 
 @dataclasses.dataclass
 class Data:
     """This process's batches: `train(start)` from a step on, `val()` the same each call. DPO's
-    are made by `with_reference` once the reference log-probabilities exist; until then `pairs`
+    are made by dpo.with_reference once the reference log-probabilities exist; until then `pairs`
     holds the encoded pairs per split."""
 
     train: Callable[[int], Iterator] | None
@@ -43,14 +65,14 @@ class Data:
     pairs: dict[str, np.ndarray] | None = None
 
 
-def open_data(cfg: ml_collections.ConfigDict, tok: Tokenizer, vocab_size: int) -> Data:
+def open_data(cfg: ml_collections.ConfigDict, kind: str, tok: Tokenizer, vocab_size: int) -> Data:
     """The batches of this process: shards for pretraining, an instruction file for finetuning, a
     preference file for DPO. Reads and checks the data (and for DPO the reference model's
     tokenizer) before anything compiles, so bad input fails fast and nothing is written."""
     d, t = cfg.data, cfg.train
     micro = d.batch_size // cfg.optim.grad_accum
     pid, n_proc = jax.process_index(), jax.process_count()
-    if not is_instruct(cfg):
+    if kind == "pretrain":
         data.check_dataset(d.path, d.tokenizer, d.seq_len)
         common = dict(
             seq_len=d.seq_len, vocab_size=vocab_size, process_index=pid, process_count=n_proc
@@ -72,7 +94,7 @@ def open_data(cfg: ml_collections.ConfigDict, tok: Tokenizer, vocab_size: int) -
             f"data.path={d.path!r} is an instruction dataset but data.tokenizer={d.tokenizer!r} "
             "has no chat tokens (use gpt2-chat or bytes-chat)"
         )
-    if is_preference(cfg):
+    if kind == "preference":
         check_reference_source(cfg)
         pairs, counts = dpo.encode_split(tok, d.path, d.seq_len)
         metrics.console(
@@ -80,7 +102,7 @@ def open_data(cfg: ml_collections.ConfigDict, tok: Tokenizer, vocab_size: int) -
             f"{counts['truncated']} truncated to {d.seq_len + 1} tokens"
         )
         return Data(None, None, pairs)
-    rows, counts = instruct.encode_split(tok, d.path, d.seq_len, 0.05)
+    rows, counts = instruct.encode_split(tok, d.path, d.seq_len, instruct.VAL_FRACTION)
     metrics.console(
         f"instructions: {counts['train']} train / {counts['val']} val examples, "
         f"{counts['truncated']} truncated to {d.seq_len + 1} tokens"

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from llmjax import data
+from llmjax import data, loss
 from llmjax.errors import UserError
 from llmjax.tokenizer import Tokenizer
 
@@ -39,6 +39,16 @@ Rows = np.ndarray | dict[str, np.ndarray]
 
 class InstructError(UserError):
     """A dataset file that cannot be used; the message names the file and the record."""
+
+
+# Held-out share of an instruction set's examples (by a hash of each, see is_held_out).
+VAL_FRACTION = 0.05
+
+
+def objective(z_loss: float) -> loss.Objective:
+    """Finetuning's objective: the language-model loss, which scores only the answers of these
+    rows (their context is stored as context_only ids)."""
+    return loss.language_model("instruct", z_loss)
 
 
 def context_only(ids: np.ndarray) -> np.ndarray:
@@ -84,9 +94,14 @@ def parse(tok: Tokenizer, ids: list[int]) -> list[dict]:
     return messages
 
 
+def alpaca_question(ex: dict) -> str:
+    """An Alpaca record's user turn: its instruction, then its input (if any) after a blank line."""
+    return ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+
+
 def alpaca_to_messages(ex: dict) -> list[dict]:
     """Alpaca (instruction, input, output) -> a user turn and an assistant turn."""
-    question = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+    question = alpaca_question(ex)
     return [{"role": "user", "content": question}, {"role": "assistant", "content": ex["output"]}]
 
 

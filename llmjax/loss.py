@@ -16,21 +16,19 @@ saved gradients, and nothing is recomputed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmjax.config import CHUNK_TOKENS
 from llmjax.model import MASKED_LOGIT, constrain, soft_cap
 
-# Tokens per loss chunk, train.loss_chunk's default (per device: train.build multiplies it by the
-# data-parallel size, as `chunk` here counts the batch the loss is given). A chunk's logits are
-# chunk x V in the compute dtype (bf16, GPT-2's vocabulary: 206 MB at 2,048 tokens); each chunk
-# also reads and writes the float32 gradient of the tied embedding once (0.3 GB for GPT-2).
-# benchmarks/NOTES.md has the trade-off measured for 124M on an H100.
-CHUNK_TOKENS = 2048
 # Groups of the vocabulary reduced separately, then combined (see _one_pass): a multiple of
 # any tensor-parallel size, so that each device's slice holds whole groups.
 VOCAB_GROUPS = 64
@@ -64,6 +62,47 @@ def lm_loss(
         logit_cap=model.cfg.logit_cap,
     )
     return ce, weights_BT.sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a run minimises and how it is fed, built by the module that owns it (`language_model`
+    here; instruct.objective, dpo.objective) and given to train.build.
+
+    `loss` (training) and `eval_loss` (validation, no dropout): (params, graphdef, batch, rng,
+    deterministic, *, chunk) -> (loss summed over the batch's units, (number of units, {metric:
+    sum over the units})). Units are scored targets for the language-model loss, pairs for DPO;
+    sums rather than means keep every mean exact across micro-batches, devices and evaluation
+    batches."""
+
+    kind: str  # pretrain | instruct | preference: what the run trains on, stored in its record
+    loss: Callable[..., tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]
+    eval_loss: Callable[..., tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]
+    # (rows B, tokens per row T+1, sharding) -> the global batch's ShapeDtypeStructs (a pytree)
+    batch_spec: Callable[[int, int, Any], Any]
+    sequences_per_row: int = 1  # tokens per step = rows x this x seq_len (a DPO pair is two)
+    # What must exist before step 1 (DPO's reference log-probabilities): (run, data, params,
+    # workdir, fresh) -> the data, completed; None = nothing.
+    prepare: Callable[..., Any] | None = None
+
+
+def lm_objective(params, graphdef, batch_BT1, rng, deterministic, *, chunk: int, z_loss: float):
+    """lm_loss as an objective: no metrics besides the loss."""
+    loss_sum, n = lm_loss(
+        params, graphdef, batch_BT1, rng, deterministic, chunk=chunk, z_loss=z_loss
+    )
+    return loss_sum, (n, {})
+
+
+def language_model(kind: str = "pretrain", z_loss: float = 0.0) -> Objective:
+    """The language-model loss over a batch's scored targets (every one for pretraining shards,
+    the answers for instruction rows); validation leaves out the z-loss, as evaluate's does."""
+    return Objective(
+        kind=kind,
+        loss=functools.partial(lm_objective, z_loss=z_loss),
+        eval_loss=functools.partial(lm_objective, z_loss=0.0),
+        batch_spec=lambda B, T1, sh: jax.ShapeDtypeStruct((B, T1), jnp.int32, sharding=sh),
+    )
 
 
 def read_batch(

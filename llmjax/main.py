@@ -6,6 +6,7 @@ or launch under SLURM srun / Open MPI, which jax.distributed detects (see launch
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
@@ -38,7 +39,8 @@ def main(argv: list[str]) -> None:
     # After jax.distributed: with several processes, a signal to one stops all at one step.
     checkpoint.handle_signals()  # SIGTERM/SIGINT: finish the step, save, exit 0
     try:
-        train.train_and_evaluate(cfg, FLAGS.workdir)
+        name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
+        train.train_and_evaluate(cfg, FLAGS.workdir, os.path.splitext(name)[0])
     except FloatingPointError as e:  # diverged; the last good checkpoint is on disk
         errors.fail(e, code=1)
 

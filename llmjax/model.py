@@ -35,6 +35,8 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec as P
 
+from llmjax.config import REMAT, VOCAB_SIZES
+
 # A padded logit must never win a sample or take probability mass in the loss. A large finite value
 # rather than -inf keeps every softmax and its gradient free of inf - inf.
 MASKED_LOGIT = -1e9
@@ -66,9 +68,6 @@ class GPTConfig:
     x0_mix: bool = False
 
 
-POSITIONS = ("learned", "rope")
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "relu2")
 ROPE_BASE = 10000.0  # rotary frequencies base ** (-2i / H), as RoFormer and Llama
 RMS_EPS = 1e-6
 # Fields that change what the network computes (zero_init_proj only changes where it starts).
@@ -92,6 +91,7 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
+assert tuple(REMAT_POLICIES) == REMAT  # the names config.py allows
 
 
 # Shape letters -> the logical names of activation axes (mapped onto the mesh by sharding.RULES).
@@ -140,6 +140,40 @@ def constrain(x: jax.Array, axes: str | tuple[str | None, ...]) -> jax.Array:
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
+
+
+def model_config(cfg, backend: str = "cpu") -> GPTConfig:
+    """The model's own frozen config, from a run config's `model` keys: vocabulary from the
+    tokenizer's (config.VOCAB_SIZES), attention from the backend."""
+    m = cfg.model
+    vocab = VOCAB_SIZES[cfg.data.tokenizer]
+    attention = m.attention
+    if attention == "auto":
+        # cuDNN's fused attention needs a GPU and half precision; XLA's runs everywhere.
+        attention = "cudnn" if backend == "gpu" and m.dtype != "float32" else "xla"
+    return GPTConfig(
+        vocab_size=m.vocab_size or pad_vocab(vocab),
+        valid_vocab_size=vocab,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_embd=m.n_embd,
+        block_size=m.block_size,
+        dropout=m.dropout,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        attention=attention,
+        scan_layers=m.scan_layers,
+        remat=m.remat,
+        position=m.position,
+        norm=m.norm,
+        qk_norm=m.qk_norm,
+        mlp=m.mlp,
+        bias=m.bias,
+        tie_embeddings=m.tie_embeddings,
+        zero_init_proj=m.zero_init_proj,
+        logit_cap=m.logit_cap,
+        x0_mix=m.x0_mix,
+    )
 
 
 def _init(std: float, names: tuple[str | None, ...]):

@@ -12,8 +12,7 @@ import ml_collections
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "wsd")
+NS_STEPS = 5  # Newton-Schulz iterations per Muon update (optax's default, Keller Jordan's)
 
 
 def lr_schedule(
@@ -179,7 +178,12 @@ def _muon(cfg: ml_collections.ConfigDict, steps: int) -> optax.GradientTransform
     momentum = optax.inject_hyperparams(
         optax.contrib.scale_by_muon,
         static_args=("weight_dimension_numbers", "ns_steps", "nesterov"),
-    )(beta=muon_momentum(cfg), ns_steps=5, nesterov=True, weight_dimension_numbers=_muon_specs)
+    )(
+        beta=muon_momentum(cfg),
+        ns_steps=NS_STEPS,
+        nesterov=True,
+        weight_dimension_numbers=_muon_specs,
+    )
     matrices = optax.chain(
         momentum,
         _shape_scale(),
@@ -198,8 +202,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps: int) -> optax.Gradient
 
 
 def newton_schulz_flops(params) -> float:
-    """Matmul FLOPs of one Muon step's Newton-Schulz iterations (5 quintic steps on each matrix
-    m x n, m <= n: X X^T costs 2 m^2 n, (bA + cA^2) 2 m^3, times X 2 m^2 n)."""
+    """Matmul FLOPs of one Muon step's Newton-Schulz iterations (NS_STEPS quintic steps on each
+    matrix m x n, m <= n: X X^T costs 2 m^2 n, (bA + cA^2) 2 m^3, times X 2 m^2 n)."""
     total = 0.0
     specs = jax.tree.leaves(muon_dimension_numbers(params), is_leaf=_is_spec)
     for x, s in zip(jax.tree.leaves(params), specs, strict=True):
@@ -207,5 +211,5 @@ def newton_schulz_flops(params) -> float:
             continue
         rows, cols = x.shape[s.reduction_axis], x.shape[s.output_axis]
         m, n = min(rows, cols), max(rows, cols)
-        total += 5 * (4 * m * m * n + 2 * m**3) * (x.size // (rows * cols))
+        total += NS_STEPS * (4 * m * m * n + 2 * m**3) * (x.size // (rows * cols))
     return total

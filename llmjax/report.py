@@ -39,7 +39,7 @@ class ReportError(errors.UserError):
 
 
 @dataclasses.dataclass
-class Run:
+class Curves:
     """What the report plots for one workdir."""
 
     name: str
@@ -52,7 +52,7 @@ class Run:
         return [s * (self.tokens_per_step or 1) for s in steps]
 
 
-def load_run(workdir: str) -> Run:
+def load_run(workdir: str) -> Curves:
     """The series of metrics.jsonl: every finite number at its step (null = non-finite is left
     out), loss-spike events, and the intervals where steps were skipped."""
     path = os.path.join(workdir, "metrics.jsonl")
@@ -82,7 +82,7 @@ def load_run(workdir: str) -> Run:
                     values.append(float(v))
     if not series:
         raise ReportError(f"{path}: no metrics logged yet")
-    return Run(
+    return Curves(
         name=os.path.basename(os.path.normpath(workdir)),
         tokens_per_step=_tokens_per_step(workdir),
         series=series,
@@ -96,12 +96,11 @@ def _tokens_per_step(workdir: str) -> int | None:
 
     if not checkpoint.steps_on_disk(checkpoint.directory(workdir)):
         return None
-    mngr = checkpoint.manager(workdir, read_only=True)
-    data = checkpoint.read_meta(mngr, mngr.latest_step())["config"]["data"]
-    return data["batch_size"] * data["seq_len"]
+    # As the trainer counts them: a DPO pair is two sequences.
+    return checkpoint.latest_record(workdir)[1].tokens_per_step
 
 
-def draw(runs: list[Run], out: str, logx: bool = False) -> list[str]:
+def draw(runs: list[Curves], out: str, logx: bool = False) -> list[str]:
     """Writes the figure to `out` (.png, .svg, .html); returns the titles of the panels drawn."""
     import matplotlib
 

@@ -22,8 +22,13 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from llmjax import errors
+from llmjax import errors, instruct
 from llmjax.model import GPT, MASKED_LOGIT
+from llmjax.tokenizer import Tokenizer
+
+# The training loop's periodic samples (train.sample_every): nanoGPT's settings.
+PERIODIC_TEMPERATURE = 0.8
+PERIODIC_TOP_K = 40
 
 
 class SampleError(errors.UserError):
@@ -204,6 +209,36 @@ def generate(
 
 
 FLAGS = flags.FLAGS
+
+
+def sample_text(model: GPT, tok: Tokenizer, prompt: str, n: int, seed: int) -> str:
+    """The training loop's periodic sample: a continuation of `prompt`, or for a chat model its
+    answers to instruct.SAMPLE_QUESTIONS."""
+    chat = tok.chat
+    if chat:
+        prompts = [
+            instruct.render(tok, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
+            for q in instruct.SAMPLE_QUESTIONS
+        ]
+        stop = tok.special["<|end|>"]
+    else:
+        prompts, stop = [tok.encode(prompt) or [tok.eot_id]], tok.eot_id
+    n = min(n, model.cfg.block_size - max(map(len, prompts)))
+    outs = generate(
+        model,
+        prompts,
+        n,
+        temperature=PERIODIC_TEMPERATURE,
+        top_k=PERIODIC_TOP_K,
+        seed=seed,
+        eot_id=stop,
+    )
+    texts = [tok.decode([t for t in out if t != stop]) for out in outs]
+    if chat:
+        return "\n".join(
+            f"Q: {q}\nA: {a}" for q, a in zip(instruct.SAMPLE_QUESTIONS, texts, strict=True)
+        )
+    return prompt + texts[0]
 
 
 def main(argv):

@@ -198,11 +198,22 @@ def bytes_per_device(tree) -> int:
     )
 
 
-def describe(mesh: Mesh) -> str:
+def mesh_line(mesh: Mesh) -> str:
     axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
     return (
         f"mesh {axes} over {mesh.size} {mesh.devices.flat[0].platform} devices in "
         f"{jax.process_count()} process(es); batch over {RULES['activation_batch']}"
+    )
+
+
+def peak_bytes(m) -> int:
+    """A compiled step's peak device memory from its memory_analysis() `m`: buffer assignment's
+    total, with donated arguments counted once (they are reused for the outputs)."""
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
     )
 
 
@@ -219,13 +230,7 @@ def memory_report(params, opt_state, compiled) -> str:
         m = None
     if m is None:
         return line + "; no compiled-step estimate on this backend"
-    # Donated arguments are aliased to outputs, so they are counted once.
-    peak = (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
+    peak = peak_bytes(m)
     return (
         line + f"; compiled step (XLA estimate): arguments {mib(m.argument_size_in_bytes)}, "
         f"temporaries {mib(m.temp_size_in_bytes)}, peak {mib(peak)}"

@@ -22,6 +22,7 @@ MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.uint16
 MAX_TOKENS = 2**31 - 1  # the header's count is an int32
+META_FILE = "meta.json"  # the dataset card beside the shards (written by llmjax.prepare)
 # For meta.json: what a reader needs to know about the files beside it.
 FORMAT = {"magic": MAGIC, "version": VERSION, "header_bytes": HEADER_BYTES, "dtype": "uint16"}
 

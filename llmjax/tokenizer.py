@@ -1,7 +1,8 @@
 """Tokenizers: GPT-2's BPE (tiktoken, offline from package data) and raw UTF-8 bytes.
 
 Both expose the same small surface: `encode(text) -> list[int]`, `decode(ids) -> str`,
-`encode_batch(texts)`, `eot_id`, `vocab_size` and `special` (name -> id). Plain text is always
+`encode_batch(texts)`, `encode_numpy(text)` (an array, without Python lists: what data
+preparation runs), `eot_id`, `vocab_size` and `special` (name -> id). Plain text is always
 encoded as ordinary text, so a document that merely contains the spelling "<|endoftext|>" or
 "<|user|>" can never inject a special token.
 
@@ -16,8 +17,10 @@ import hashlib
 from importlib import resources
 from typing import Protocol
 
+import numpy as np
 import tiktoken
 
+from llmjax.config import TOKENIZERS
 from llmjax.errors import UserError
 
 # The hashes tiktoken pins for its own `gpt2` encoding (tiktoken_ext/openai_public.py).
@@ -30,7 +33,6 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\
 EOT = "<|endoftext|>"
 # Phi-3 style chat roles and turn terminator, appended after the base vocabulary in this order.
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>", "<|system|>")
-TOKENIZERS = ("gpt2", "bytes", "gpt2-chat", "bytes-chat")
 
 
 class Tokenizer(Protocol):
@@ -41,7 +43,8 @@ class Tokenizer(Protocol):
     chat: bool  # has the chat template's tokens
 
     def encode(self, text: str) -> list[int]: ...
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]: ...
+    def encode_numpy(self, text: str) -> np.ndarray: ...
     def decode(self, ids: list[int]) -> str: ...
 
 
@@ -66,8 +69,12 @@ class GPT2Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._enc.encode_ordinary_batch(texts, num_threads=1)
+    def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts, num_threads=threads)
+
+    def encode_numpy(self, text: str) -> np.ndarray:
+        """uint32 ids; disallowed_special=() encodes "<|endoftext|>" as plain text."""
+        return self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode([i for i in ids if i < self.vocab_size])
@@ -89,8 +96,12 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    def encode_numpy(self, text: str) -> np.ndarray:
+        """uint8 ids: the UTF-8 bytes themselves."""
+        return np.frombuffer(text.encode("utf-8"), np.uint8)
 
     def decode(self, ids: list[int]) -> str:
         # Bytes between special tokens decode together, so multi-byte characters survive.

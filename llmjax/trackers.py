@@ -23,26 +23,15 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from llmjax.config import parse_trackers
 from llmjax.errors import UserError, one_line
+from llmjax.shards import META_FILE
 
-NAMES = ("tensorboard", "mlflow", "wandb", "none")
 RUN_FILE = "trackers.json"  # in the workdir: the MLflow / W&B run ids a resumed run continues
 
 
 class TrackerError(UserError):
     """A tracker asked for but not usable: unknown name, package missing, server unreachable."""
-
-
-def parse(spec: str) -> list[str]:
-    """The trackers named by `train.trackers` ("tensorboard,mlflow"; "none" = only
-    metrics.jsonl), in order, without "none"."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    for n in names:
-        if n not in NAMES:
-            raise TrackerError(f"train.trackers={spec!r}: {n!r} is not one of {', '.join(NAMES)}")
-    if not names or ("none" in names and len(names) > 1):
-        raise TrackerError(f"train.trackers={spec!r}: name trackers, or none alone")
-    return [n for n in names if n != "none"]
 
 
 class Tracker:
@@ -293,30 +282,19 @@ def _start_wandb(setup: Setup, stored: dict) -> WandB:
     return WandB(run)
 
 
-def start_run(cfg, workdir: str) -> list[Tracker]:
+def start_run(cfg, workdir: str, config_name: str = "llmjax") -> list[Tracker]:
     """The trackers `train.trackers` names for a training run in `workdir` (an
-    ml_collections config), started or resumed."""
+    ml_collections config), started or resumed; `config_name` (the --config file's name without
+    .py) is the experiment unless train.experiment names one."""
     t = cfg.train
-    card = os.path.join(cfg.data.path, "meta.json")
+    card = os.path.join(cfg.data.path, META_FILE)
     setup = Setup(
         workdir=workdir,
         config=cfg.to_dict(),
         files=[card] if os.path.isfile(card) else [],
-        experiment=t.experiment or config_name(),
+        experiment=t.experiment or config_name,
         run_name=os.path.basename(os.path.normpath(workdir)),
         mlflow_uri=t.mlflow_uri,
         wandb_project=t.wandb_project,
     )
-    return start(parse(t.trackers), setup, t.tracker_optional)
-
-
-def config_name() -> str:
-    """The --config file's name without .py (configs/gpt2_124m.py -> gpt2_124m), else llmjax."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    try:
-        path = config_flags.get_config_filename(flags.FLAGS["config"])
-    except (KeyError, TypeError, flags.Error):  # not run from llmjax.main
-        path = ""
-    return os.path.splitext(os.path.basename(path))[0] or "llmjax"
+    return start(parse_trackers(t.trackers), setup, t.tracker_optional)

@@ -1,18 +1,17 @@
 """The training run: state creation, the pure train step, and the loop with its cadence.
 
 `_train_step` is a pure function of (state, batch), jitted once with explicit shardings and with
-the state donated, so parameters are updated in place. What it minimises is an objective that
-`build` picks from the data: the language-model loss (pretraining shards, finetuning
-conversations) or DPO's (preference pairs, dpo.py); the eval step is the same objective without
-dropout, jitted with the same shardings. The loop reads metrics back from the device only every
-`train.log_every` steps (metrics.RunLog).
+the state donated, so parameters are updated in place. What it minimises is the objective `build`
+is given (loss.Objective, built by its module for the run's kind, see inputs.py): the
+language-model loss (pretraining shards, finetuning conversations) or DPO's (preference pairs);
+the eval step is the objective's evaluation, jitted with the same shardings. The loop reads
+metrics back from the device only every `train.log_every` steps (metrics.RunLog).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 from collections.abc import Callable
@@ -22,28 +21,15 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
-from llmjax import (
-    checkpoint,
-    data,
-    dpo,
-    evaluate,
-    inputs,
-    instruct,
-    metrics,
-    optim,
-    sharding,
-    trackers,
-)
-from llmjax.config import ConfigError, model_config
+from llmjax import checkpoint, evaluate, inputs, loss, metrics, optim, sharding, trackers
+from llmjax.config import ConfigError
 from llmjax.convert import load_params
-from llmjax.loss import lm_loss
-from llmjax.model import GPT, GPTConfig, count_params, flops_per_token
-from llmjax.sample import generate
-from llmjax.tokenizer import Tokenizer, get_tokenizer
+from llmjax.model import GPT, GPTConfig, count_params, flops_per_token, model_config
+from llmjax.sample import sample_text
+from llmjax.tokenizer import get_tokenizer
 
 
 @flax.struct.dataclass
@@ -53,28 +39,6 @@ class TrainState:
     opt_state: Any
     skipped: jax.Array  # total non-finite steps skipped
     bad_streak: jax.Array  # consecutive non-finite steps up to now
-
-
-# An objective: (params, graphdef, batch, rng, deterministic) -> (loss summed over the batch's
-# units, (number of units, {metric: sum over the units})). Units are scored targets for the
-# language-model loss, pairs for DPO; sums rather than means keep every mean exact across
-# micro-batches, devices and evaluation batches.
-Objective = Callable[..., tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]
-
-
-def lm_objective(params, graphdef, batch_BT1, rng, deterministic, *, chunk: int, z_loss: float):
-    """loss.lm_loss as an objective: no metrics besides the loss."""
-    loss_sum, n = lm_loss(
-        params, graphdef, batch_BT1, rng, deterministic, chunk=chunk, z_loss=z_loss
-    )
-    return loss_sum, (n, {})
-
-
-def _eval_objective(params, graphdef, batch_BT1, rng, deterministic, *, chunk: int):
-    # evaluate.eval_step, the one validation loss (z-loss is training's alone).
-    del rng, deterministic
-    loss_sum, n = evaluate.eval_step(params, batch_BT1, graphdef=graphdef, chunk=chunk)
-    return loss_sum, (n, {})
 
 
 def _train_step(
@@ -89,7 +53,7 @@ def _train_step(
     schedule,
     micro_sh,
     param_sh,
-    objective: Objective,
+    objective: Callable,
 ):
     """One optimizer step over `accum` micro-batches; skipped if the loss or gradient is not finite.
 
@@ -166,10 +130,15 @@ class Run:
     eval_step: Any  # (params, batch) -> the objective's (sum, (count, sums)), no dropout
     init: Any
     batch_spec: Any  # the global batch's shapes, dtypes and sharding (a pytree for DPO)
-    logps_step: Any = None  # DPO: (params, tokens [P, 2, T+1]) -> (log-probs, counts) [P, 2]
+    objective: loss.Objective
 
 
-def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
+def build(
+    cfg: ml_collections.ConfigDict, devices=None, objective: loss.Objective | None = None
+) -> Run:
+    """The run of `cfg` minimising `objective` (inputs.objective; None: pretraining's language-model
+    loss) on `devices` (None: all)."""
+    objective = objective or loss.language_model("pretrain", cfg.train.z_loss)
     try:
         mesh = sharding.make_mesh(cfg.mesh, devices)
     except ValueError as e:
@@ -197,34 +166,11 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
     )
     batch_sh = sharding.batch_sharding(mesh)
-    repl_sh = sharding.replicated(mesh)
     B, T1 = cfg.data.batch_size, cfg.data.seq_len + 1
     # train.loss_chunk counts one device's tokens; the objectives see the global batch.
     chunk = cfg.train.loss_chunk * sharding.data_parallel_size(mesh)
-    logps_step = None
-    if inputs.is_preference(cfg):
-        objective = functools.partial(
-            dpo.dpo_loss,
-            beta=cfg.optim.dpo_beta,
-            label_smoothing=cfg.optim.dpo_label_smoothing,
-            chunk=chunk,
-        )
-        eval_objective = objective
-        batch_spec = {
-            "tokens": jax.ShapeDtypeStruct((B, 2, T1), jnp.int32, sharding=batch_sh),
-            "ref": jax.ShapeDtypeStruct((B, 2), jnp.float32, sharding=batch_sh),
-        }
-        logps_step = jax.jit(
-            sharding.under_rules(
-                lambda params, tokens: dpo.pair_logps(params, graphdef, tokens, chunk=chunk), mesh
-            ),
-            in_shardings=(param_sh, batch_sh),
-            out_shardings=repl_sh,
-        )
-    else:
-        objective = functools.partial(lm_objective, chunk=chunk, z_loss=cfg.train.z_loss)
-        eval_objective = functools.partial(_eval_objective, chunk=chunk)
-        batch_spec = jax.ShapeDtypeStruct((B, T1), jnp.int32, sharding=batch_sh)
+    train_loss = functools.partial(objective.loss, chunk=chunk)
+    eval_loss = functools.partial(objective.eval_loss, chunk=chunk)
     step_fn = functools.partial(
         _train_step,
         graphdef=graphdef,
@@ -235,7 +181,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
         schedule=optim.lr_schedule(cfg.optim, cfg.train.steps),
         micro_sh=sharding.micro_batch_sharding(mesh),
         param_sh=param_sh,
-        objective=objective,
+        objective=train_loss,
     )
     return Run(
         cfg=cfg,
@@ -253,14 +199,14 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Run:
         ),
         eval_step=jax.jit(
             sharding.under_rules(
-                lambda params, batch: eval_objective(params, graphdef, batch, None, True), mesh
+                lambda params, batch: eval_loss(params, graphdef, batch, None, True), mesh
             ),
             in_shardings=(param_sh, batch_sh),
             out_shardings=repl,
         ),
         init=jax.jit(init, out_shardings=state_sh),
-        batch_spec=batch_spec,
-        logps_step=logps_step,
+        batch_spec=objective.batch_spec(B, T1, batch_sh),
+        objective=objective,
     )
 
 
@@ -281,101 +227,29 @@ def initial_state(run: Run) -> TrainState:
     return jax.jit(start_from, out_shardings=sh, donate_argnums=0)(params)
 
 
-def _meta(run: Run, step: int, loop: dict) -> dict:
+def _record(run: Run, step: int, loop: dict) -> checkpoint.Record:
     """`loop`: what the loop needs to log the resumed steps exactly as an uninterrupted run would
     (per-step metrics not yet logged, the running loss mean, the length of metrics.jsonl)."""
-    return {
-        "step": step,
-        "data_step": step,
-        "config": run.cfg.to_dict(),
-        "model": dataclasses.asdict(run.model_cfg),
-        "loop": loop,
-    }
-
-
-def with_reference(run: Run, d: inputs.Data, params, workdir: str, *, fresh: bool) -> inputs.Data:
-    """DPO's batches, with the reference log-probabilities of every answer: read from the
-    workdir's cache when it matches the pairs and the source, else computed from the step-0
-    weights (`params` of a fresh run, `model.init_from` reloaded otherwise) and cached."""
-    cfg, src = run.cfg, run.cfg.model.init_from
-    B, micro = cfg.data.batch_size, cfg.data.batch_size // cfg.optim.grad_accum
-    pid, n_proc = jax.process_index(), jax.process_count()
-    steps = checkpoint.steps_on_disk(checkpoint.directory(src))
-    source = {
-        "init_from": os.path.abspath(src),
-        "step": steps[-1] if steps else None,
-        "model": dataclasses.asdict(run.model_cfg),
-    }
-
-    def compute() -> dict[str, np.ndarray]:
-        t0 = time.time()
-        ref_params = params
-        if not fresh:
-            ref_params = jax.device_put(load_params(src, run.model_cfg), run.state_shardings.params)
-        put = lambda b: sharding.put_batch(b, run.mesh)
-        out = {
-            split: dpo.reference_logps(
-                run.logps_step,
-                ref_params,
-                tokens,
-                batch=micro,
-                rows_slice=data.process_rows(micro, pid, n_proc),
-                put=put,
-            )
-            for split, tokens in d.pairs.items()
-        }
-        metrics.console(
-            f"reference log-probabilities of {sum(map(len, d.pairs.values()))} pairs from "
-            f"{src} in {time.time() - t0:.1f}s (cached in {dpo.REFERENCE_FILE})"
-        )
-        return out
-
-    ref, _ = dpo.cached_reference(
-        workdir, dpo.reference_key(d.pairs, source), compute, write=pid == 0
+    return checkpoint.Record(
+        step=step,
+        config=run.cfg.to_dict(),
+        model=dataclasses.asdict(run.model_cfg),
+        kind=run.objective.kind,
+        tokens_per_step=step_tokens(run),
+        loop=loop,
     )
-    rows = {k: {"tokens": v, "ref": ref[k]} for k, v in d.pairs.items()}
-    train = lambda start: instruct.train_batches(
-        rows["train"],
-        batch=B,
-        seed=cfg.train.seed,
-        start_step=start,
-        steps=cfg.train.steps,
-        rows_slice=data.process_rows(B, pid, n_proc),
-    )
-    val = lambda: dpo.val_batches(
-        rows["val"], batch=micro, rows_slice=data.process_rows(micro, pid, n_proc)
-    )
-    return inputs.Data(train, val, d.pairs)
 
 
-def sample_text(run: Run, params, tok: Tokenizer, prompt: str, n: int, seed: int) -> str:
-    """A continuation of `prompt`, or for a chat model its answers to the fixed questions."""
-    model = nnx.merge(run.graphdef, jax.device_get(params))
-    chat = tok.chat
-    if chat:
-        prompts = [
-            instruct.render(tok, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
-            for q in instruct.SAMPLE_QUESTIONS
-        ]
-        stop = tok.special["<|end|>"]
-    else:
-        prompts, stop = [tok.encode(prompt) or [tok.eot_id]], tok.eot_id
-    n = min(n, run.model_cfg.block_size - max(map(len, prompts)))
-    outs = generate(model, prompts, n, temperature=0.8, top_k=40, seed=seed, eot_id=stop)
-    texts = [tok.decode([t for t in out if t != stop]) for out in outs]
-    if chat:
-        return "\n".join(
-            f"Q: {q}\nA: {a}" for q, a in zip(instruct.SAMPLE_QUESTIONS, texts, strict=True)
-        )
-    return prompt + texts[0]
-
-
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (or resumes) the run in `workdir` until `train.steps`; returns the final state."""
+def train_and_evaluate(
+    cfg: ml_collections.ConfigDict, workdir: str, config_name: str = "llmjax"
+) -> TrainState:
+    """Trains (or resumes) the run in `workdir` until `train.steps`; returns the final state.
+    `config_name`: the config file's name, the trackers' default experiment."""
     workdir, t = os.path.abspath(workdir), cfg.train
     tok = get_tokenizer(cfg.data.tokenizer)
-    run = build(cfg)
-    batches_of = inputs.open_data(cfg, tok, run.model_cfg.valid_vocab_size)
+    kind = inputs.resolve_kind(cfg)  # the one decision of what the run trains on
+    run = build(cfg, objective=inputs.objective(cfg, kind))
+    batches_of = inputs.open_data(cfg, kind, tok, run.model_cfg.valid_vocab_size)
     hellaswag_items = None
     if t.hellaswag_every:  # read (or downloaded) before anything compiles: a bad path fails fast
         path = evaluate.hellaswag_path(t.hellaswag_path)
@@ -385,18 +259,19 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     restored = checkpoint.restore_latest(workdir, run.abstract_state, model_dict)
     checkpoint.check_writable(workdir)
     # Process 0 only, before anything compiles: a tracker that cannot start fails the run now.
-    opened = trackers.start_run(cfg, workdir) if jax.process_index() == 0 else []
+    opened = trackers.start_run(cfg, workdir, config_name) if jax.process_index() == 0 else []
+    replay = {"pending": [], "loss_mean": [0.0, 0], "log_bytes": 0}  # a fresh run's log
     if restored is not None:
-        latest, state, meta = restored
-        checkpoint.set_aside(workdir, meta["corrupt"])
+        latest, state, record, corrupt = restored
+        checkpoint.set_aside(workdir, corrupt)
         metrics.console(f"resumed from {checkpoint.directory(workdir)}/{latest}")
+        replay = record.loop
     else:
-        state, meta = (
-            initial_state(run),
-            {"loop": {"pending": [], "loss_mean": [0.0, 0], "log_bytes": 0}},
+        state = initial_state(run)
+    if run.objective.prepare is not None:  # DPO's reference: after every check, before step 1
+        batches_of = run.objective.prepare(
+            run, batches_of, state.params, workdir, fresh=restored is None
         )
-    if batches_of.pairs is not None:  # DPO: after every check, before the first step
-        batches_of = with_reference(run, batches_of, state.params, workdir, fresh=restored is None)
     mngr = checkpoint.manager(workdir, t.keep_ckpts, t.keep_every)
     start = int(jax.device_get(state.step))
     tokens_per_step = step_tokens(run)
@@ -408,7 +283,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         tokens_per_step=tokens_per_step,
         flops_per_step=flops_per_token(run.model_cfg, n_params, cfg.data.seq_len) * tokens_per_step,
         spike_factor=t.spike_factor,
-        replay=meta.get("loop"),
+        replay=replay,
         enabled=jax.process_index() == 0,
         trackers=opened,
     )
@@ -444,12 +319,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         if _due(done, t.sample_every, t.steps):
             params = sharding.gather(state.params)  # all processes: weights may span hosts
             if jax.process_index() == 0:
-                text = sample_text(run, params, tok, t.sample_prompt, t.sample_tokens, done)
+                model = nnx.merge(run.graphdef, jax.device_get(params))
+                text = sample_text(model, tok, t.sample_prompt, t.sample_tokens, done)
                 log.writer.text(done, "sample", text)
                 log.line(f"step {done:>6}/{t.steps} | sample: {text!r}")
         stop = checkpoint.should_stop(done)  # SIGTERM/SIGINT: save now and return
         if _due(done, t.ckpt_every, t.steps) or stop:
-            checkpoint.save(mngr, done, state, _meta(run, done, log.replay_state()))
+            checkpoint.save(mngr, done, state, _record(run, done, log.replay_state()))
         if stop:
             checkpoint.wait(mngr)
             log.line(
@@ -477,8 +353,7 @@ def model_shapes(run: Run) -> GPT:
 
 def step_tokens(run: Run) -> int:
     """Tokens in one step's batch: sequences x seq_len (a DPO pair is two sequences)."""
-    spec = run.batch_spec["tokens"] if isinstance(run.batch_spec, dict) else run.batch_spec
-    return math.prod(spec.shape[:-1]) * run.cfg.data.seq_len
+    return run.cfg.data.batch_size * run.objective.sequences_per_row * run.cfg.data.seq_len
 
 
 def compile_train_step(run: Run, state: TrainState, start: int):
@@ -504,7 +379,7 @@ def compile_train_step(run: Run, state: TrainState, start: int):
     t0 = time.time()
     train_step = run.train_step.lower(run.abstract_state, run.batch_spec).compile()
     metrics.console(f"compiled train step in {time.time() - t0:.1f}s")
-    metrics.console(sharding.describe(run.mesh))
+    metrics.console(sharding.mesh_line(run.mesh))
     metrics.console(sharding.memory_report(state.params, state.opt_state, train_step))
     return train_step
 

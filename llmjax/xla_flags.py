@@ -45,12 +45,8 @@ _CUDA_PLUGINS = (
 )
 
 
-def gpu_expected(environ: dict[str, str] | None = None) -> bool:
-    """Whether jax will pick a GPU backend, decided without starting one."""
-    environ = os.environ if environ is None else environ
-    platforms = (environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or "").lower()
-    if platforms and not any(p in platforms for p in ("cuda", "gpu")):
-        return False
+def cuda_plugin_installed() -> bool:
+    """Whether jax's CUDA plugin (jax[cuda12] or [cuda13]) is installed, without importing it."""
 
     def found(name: str) -> bool:
         try:
@@ -59,6 +55,15 @@ def gpu_expected(environ: dict[str, str] | None = None) -> bool:
             return False
 
     return any(found(m) for m in _CUDA_PLUGINS)
+
+
+def gpu_expected(environ: dict[str, str] | None = None) -> bool:
+    """Whether jax will pick a GPU backend, decided without starting one."""
+    environ = os.environ if environ is None else environ
+    platforms = (environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or "").lower()
+    if platforms and not any(p in platforms for p in ("cuda", "gpu")):
+        return False
+    return cuda_plugin_installed()
 
 
 def merged_xla_flags(user_flags: str) -> str:

@@ -1,7 +1,10 @@
+import subprocess
+import sys
+
 import pytest
 
 from llmjax.config import ConfigError, base_config, validate
-from tests.conftest import run_main
+from tests.conftest import ROOT, run_main
 
 
 @pytest.mark.parametrize(
@@ -81,9 +84,8 @@ def test_config_files_are_valid(name, params):
 
     from flax import nnx
 
-    from llmjax.config import load, model_config
-    from llmjax.model import GPT, count_params
-    from tests.conftest import ROOT
+    from llmjax.config import load
+    from llmjax.model import GPT, count_params, model_config
 
     cfg = load(os.path.join(ROOT, f"configs/{name}.py"))
     validate(cfg)
@@ -92,3 +94,29 @@ def test_config_files_are_valid(name, params):
         assert count_params(model, padding=False) == params
     if name.startswith("gpt2_"):
         assert cfg.data.batch_size * cfg.data.seq_len == 524_288
+
+
+def test_config_is_a_leaf_that_imports_no_jax():
+    """Reading every config file (and checking one) starts neither jax nor a tokenizer nor a
+    tracker: config.py imports no llmjax module but errors."""
+    code = (
+        "import glob, sys\n"
+        "from llmjax.config import load, validate\n"
+        "cfgs = [load(f) for f in sorted(glob.glob('configs/*.py'))]\n"
+        "validate(cfgs[0])\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'jax', 'flax', 'optax', 'tiktoken', 'tensorboard', 'orbax', 'numpy'}))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('llmjax')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == ["[]", "['llmjax', 'llmjax.config', 'llmjax.errors']"]
+
+
+def test_vocab_sizes_and_choices_match_their_modules():
+    from llmjax import config, model
+    from llmjax.tokenizer import get_tokenizer
+
+    assert {n: get_tokenizer(n).vocab_size for n in config.TOKENIZERS} == config.VOCAB_SIZES
+    assert tuple(model.REMAT_POLICIES) == config.REMAT

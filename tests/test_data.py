@@ -101,7 +101,7 @@ def test_windows_are_real_text_and_val_is_fixed(byte_data):
 
 
 def test_resume_mid_stream_sees_the_same_batches(byte_data):
-    # A run reads ahead (prefetch) and is cut after step 2; its checkpoint holds data_step=2.
+    # A run reads ahead (prefetch) and is cut after step 2; it resumes at step 2.
     # The resumed loader, with other worker/prefetch settings, continues exactly where it stopped.
     first = data.train_batches(
         byte_data, seq_len=32, batch=8, vocab_size=257, seed=3, start_step=0, steps=7, prefetch=4

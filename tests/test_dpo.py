@@ -210,6 +210,18 @@ def test_reward_accuracy_rises_within_a_few_dozen_steps(dpo_run):
     assert evals[-1]["eval/loss"] < math.log(2)
 
 
+def test_report_counts_a_pair_as_two_sequences(dpo_run, tmp_path):
+    from llmjax import report
+
+    run = report.load_run(dpo_run)
+    logged = [r["step"] for r in _rows(dpo_run) if "train/loss" in r]
+    assert run.series["train/loss"][0] == logged == list(range(1, DPO_STEPS + 1))
+    # The trainer's count: pairs x 2 answers x seq_len (the report once plotted half of it).
+    per_step = DPO["data.batch_size"] * 2 * SEQ
+    assert run.x(logged) == [s * per_step for s in logged]
+    assert report.draw([run], str(tmp_path / "dpo.png"))[0] == "loss"
+
+
 def test_chat_and_evaluate_read_the_result(dpo_run, sft, prefs):
     from llmjax import chat
 

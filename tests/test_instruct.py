@@ -127,6 +127,23 @@ def test_bad_datasets_named(tmp_path, bad, needle):
         instruct.load_examples(str(path))
 
 
+def test_kind_decided_once_from_config_and_path(tmp_path, byte_data):
+    from llmjax import inputs
+    from llmjax.config import ConfigError
+
+    prefs = os.path.join(ROOT, "data", "instruction-data-with-preference.json")
+    kind = lambda path, k="auto": inputs.resolve_kind(tiny_config(path, **{"data.kind": k}))
+    assert kind(byte_data) == "pretrain"
+    assert kind(INSTRUCTIONS) == "instruct"
+    assert kind(prefs) == "preference"
+    assert kind(prefs, "preference") == "preference"
+    assert inputs.objective(tiny_config(prefs), "preference").sequences_per_row == 2
+    with pytest.raises(ConfigError, match=r"data.kind=pretrain needs a directory of shards"):
+        kind(INSTRUCTIONS, "pretrain")
+    with pytest.raises(ConfigError, match=r"data.kind=instruct needs a file, not data.path="):
+        kind(byte_data, "instruct")
+
+
 def test_messages_jsonl_format(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(json.dumps({"messages": CONVO}) for _ in range(3)))
@@ -219,8 +236,8 @@ def test_context_drops_oldest_turns_first():
 
 
 def test_init_from_gpt2_adds_chat_rows_at_the_mean(tmp_path):
-    from llmjax.config import model_config
     from llmjax.convert import load_params
+    from llmjax.model import model_config
     from tests.test_convert import hf_model
 
     hf = hf_model(n_layer=1, n_head=2, n_embd=32, vocab=50257, n_positions=64)

@@ -30,23 +30,41 @@ def _imports(path: str) -> tuple[set[str], list[str]]:
                     modules.add(parts[1])
                     if a.name.startswith("_"):
                         private.append(f"from {node.module} import {a.name}")
+    private_name = lambda name: name.startswith("_") and not name.startswith("__")
     for node in ast.walk(tree):
+        # obj._x on anything but self or cls: a module's, another object's (tok._enc).
         if (
             isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Name)
-            and node.value.id in aliases
-            and node.attr.startswith("_")
-            and not node.attr.startswith("__")
+            and private_name(node.attr)
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
         ):
-            private.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
+            private.append(f"{ast.unparse(node)} (line {node.lineno})")
+        # getattr(obj, "_x") spells the same reach-through as a string.
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and private_name(node.args[1].value)
+        ):
+            private.append(f"{ast.unparse(node)} (line {node.lineno})")
     return modules, private
+
+
+def _modules() -> dict[str, str]:
+    """Module name (dotted below llmjax/) -> path, for every llmjax/**/*.py."""
+    paths = glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True)
+    rel = lambda p: os.path.relpath(p, PACKAGE)[: -len(".py")].replace(os.sep, ".")
+    return {rel(p).removesuffix(".__init__"): p for p in paths}
 
 
 def test_no_import_cycles():
     graph = {}
-    for path in glob.glob(os.path.join(PACKAGE, "*.py")):
-        name = os.path.basename(path)[:-3]
-        graph[name] = _imports(path)[0] - {name, "__init__"}
+    for name, path in _modules().items():
+        top = name.split(".")[0]
+        graph[top] = graph.get(top, set()) | (_imports(path)[0] - {top, "__init__"})
     state: dict[str, str] = {}
 
     def visit(node: str, stack: list[str]) -> None:
@@ -66,9 +84,7 @@ def test_no_import_cycles():
 
 
 def test_no_private_names_across_modules():
-    files = glob.glob(os.path.join(PACKAGE, "*.py")) + glob.glob(
-        os.path.join(ROOT, "tests", "*.py")
-    )
+    files = list(_modules().values()) + glob.glob(os.path.join(ROOT, "tests", "*.py"))
     files += glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))
     found = {os.path.relpath(p, ROOT): _imports(p)[1] for p in files}
     assert {p: uses for p, uses in found.items() if uses} == {}

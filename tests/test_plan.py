@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from llmjax import config, hlo_stats, plan, roofline
-from llmjax.hlo_stats import Kernel
+from llmjax import config, plan
+from llmjax.plan import hlo_stats, roofline
+from llmjax.plan.hlo_stats import Kernel
 from tests.conftest import ROOT, run_plan
 
 # Hopper: 132 SMs x 4 tensor cores x 512 bf16 FMA per clock x 1.8295201 GHz x 2 FLOPs per FMA.

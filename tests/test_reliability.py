@@ -72,6 +72,11 @@ def _run(env, workdir, data_path, *extra, timeout=300, cwd=ROOT) -> subprocess.C
     )
 
 
+def _record(step: int) -> checkpoint.Record:
+    """The record of a bare state (no config, no model): what the checkpoint tests save."""
+    return checkpoint.Record(step=step, config={}, model={}, kind="pretrain", tokens_per_step=0)
+
+
 def _rows(workdir) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -190,7 +195,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(
     workdir = _copy_reference(reference, tmp_path)
     run = train.build(tiny_config(byte_data, **OVERRIDES))
     model_cfg = dataclasses.asdict(run.model_cfg)
-    good_step, good, _ = checkpoint.restore_latest(workdir, run.abstract_state, model_cfg)
+    good_step, good, _, _ = checkpoint.restore_latest(workdir, run.abstract_state, model_cfg)
     assert good_step == 16
     target = _largest_file(os.path.join(checkpoint.directory(workdir), "16", "state"))
     if damage == "truncate":
@@ -207,14 +212,14 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(
         os.path.join(checkpoint.directory(workdir), "20.orbax-checkpoint-tmp"),
     )
     with caplog.at_level(logging.WARNING):
-        step, state, meta = checkpoint.restore_latest(workdir, run.abstract_state, model_cfg)
-    assert step == 12 and meta["corrupt"] == [16]
+        step, state, _, corrupt = checkpoint.restore_latest(workdir, run.abstract_state, model_cfg)
+    assert step == 12 and corrupt == [16]
     assert f"checkpoint {checkpoint.directory(workdir)}/16 is corrupt" in caplog.text
     expected = checkpoint.restore(
         checkpoint.manager(reference, read_only=True), 12, run.abstract_state
     )
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(expected))
-    checkpoint.set_aside(workdir, meta["corrupt"])
+    checkpoint.set_aside(workdir, corrupt)
     assert checkpoint.steps_on_disk(checkpoint.directory(workdir)) == [8, 12]
     assert os.listdir(os.path.join(workdir, "checkpoints_corrupt"))[0].startswith("16-")
 
@@ -283,7 +288,7 @@ def test_only_abandoned_read_errors_are_silenced(tmp_path, caplog):
 
 def test_restored_buffers_are_donatable(byte_data, reference):
     run = train.build(tiny_config(byte_data, **OVERRIDES))
-    _, state, _ = checkpoint.restore_latest(
+    _, state, _, _ = checkpoint.restore_latest(
         reference, run.abstract_state, dataclasses.asdict(run.model_cfg)
     )
     leaves = jax.tree.leaves(state)
@@ -296,7 +301,7 @@ def test_retention_keeps_recent_and_every_nth(tmp_path):
     mngr = checkpoint.manager(str(tmp_path), keep=2, keep_every=4)
     state = {"w": jnp.arange(4.0)}
     for step in range(1, 11):
-        checkpoint.save(mngr, step, state, {"step": step})
+        checkpoint.save(mngr, step, state, _record(step))
     checkpoint.wait(mngr)
     mngr.close()
     assert checkpoint.steps_on_disk(checkpoint.directory(str(tmp_path))) == [4, 8, 9, 10]
@@ -321,7 +326,7 @@ def tiny_disk(tmp_path):
 def test_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(tiny_disk):
     mngr = checkpoint.manager(tiny_disk, keep=1)  # the old one must survive a failed save
     state = {"w": jnp.arange(64 * 1024, dtype=jnp.float32)}  # 256 KB
-    checkpoint.save(mngr, 1, state, {"step": 1})
+    checkpoint.save(mngr, 1, state, _record(1))
     checkpoint.wait(mngr)
     stat = os.statvfs(tiny_disk)
     with open(os.path.join(tiny_disk, "filler"), "wb") as f:
@@ -331,10 +336,10 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(tiny_disk):
         match=r"cannot save checkpoint .*/checkpoints/2: no space "
         r"left on device; .* \(\[1\]\) are intact",
     ):
-        checkpoint.save(mngr, 2, state, {"step": 2})
+        checkpoint.save(mngr, 2, state, _record(2))
         checkpoint.wait(mngr)
     abstract = jax.eval_shape(lambda: state)
-    step, restored, _ = checkpoint.restore_latest(tiny_disk, abstract, {})
+    step, restored, _, _ = checkpoint.restore_latest(tiny_disk, abstract, {})
     assert step == 1
     np.testing.assert_array_equal(restored["w"], state["w"])
 
@@ -361,7 +366,7 @@ def test_nan_run_stops_with_a_message_and_a_good_checkpoint(byte_data, env, tmp_
     assert [r["step"] for r in spikes] == [3] and spikes[0]["event/loss_spike"] > 1e9
     assert "step      3/16 | loss spike" in proc.stdout
     run = train.build(tiny_config(byte_data, **OVERRIDES, **{"optim.lr": 1e6}))
-    step, state, _ = checkpoint.restore_latest(
+    step, state, _, _ = checkpoint.restore_latest(
         workdir, run.abstract_state, dataclasses.asdict(run.model_cfg)
     )
     assert step == 4 and int(state.skipped) == 1

@@ -199,7 +199,8 @@ def _child(data_path: str, ckpt_dir: str) -> None:
         if name == "data2_fsdp4":  # the checkpoint's writer: 8 devices, fsdp shards
             head, state = steps(run, state, 0, SAVE_AT)
             mngr = checkpoint.manager(ckpt_dir)
-            checkpoint.save(mngr, SAVE_AT, state, {"step": SAVE_AT})
+            record = checkpoint.Record(SAVE_AT, {}, {}, "pretrain", 0)  # a bare state's
+            checkpoint.save(mngr, SAVE_AT, state, record)
             mngr.wait_until_finished()
             tail, _ = steps(run, state, SAVE_AT, STEPS)
             out["losses"][name] = head + tail

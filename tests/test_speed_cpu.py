@@ -216,7 +216,7 @@ def test_bf16_compute_matmuls_bf16_master_weights_f32(tmp_path):
 
 
 def test_config_keys_reach_the_model():
-    from llmjax.config import model_config
+    from llmjax.model import model_config
 
     cfg = tiny_config("", **{"model.scan_layers": True, "model.remat": "full"})
     mc = model_config(cfg, "gpu")

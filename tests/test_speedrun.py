@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmjax.config import base_config, model_config, validate
+from llmjax.config import base_config, validate
 from llmjax.convert import ConvertError, to_hf
 from llmjax.loss import chunked_ce
 from llmjax.model import (
@@ -21,6 +21,7 @@ from llmjax.model import (
     MASKED_LOGIT,
     GPTConfig,
     gpt2_departures,
+    model_config,
     rms_norm,
     rotary,
     stack_layers,

@@ -21,6 +21,7 @@ calls (`--xla_gpu_enable_triton_gemm=false`, cuBLAS picks its kernel at run time
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.resources
 import importlib.util
 import json
@@ -31,7 +32,8 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from llmjax import config, errors, hlo_stats, roofline, xla_flags
+from llmjax import config, xla_flags
+from llmjax.plan import hlo_stats, roofline
 
 GPUS = ("h100", "h200", "a100")
 # jax's GPU client preallocates this fraction of device memory (XLA_PYTHON_CLIENT_MEM_FRACTION);
@@ -44,7 +46,7 @@ FLAGS = flags.FLAGS
 
 def cuda_plugin_available() -> bool:
     """Whether jax's CUDA plugin (jax[cuda12]) is installed; deviceless compiles need it."""
-    return any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    return xla_flags.cuda_plugin_installed()
 
 
 def gpu_spec_text(gpu: str, spec_file: str | None = None) -> str:
@@ -91,23 +93,11 @@ def compile_only_devices(spec_text: str, n: int) -> list:
     return list(topo.devices)
 
 
-def _shard_bytes(tree) -> int:
-    import jax
-
-    return sum(
-        math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree)
-    )
-
-
 def _memory(compiled, gpu: roofline.Gpu) -> dict:
+    from llmjax.sharding import peak_bytes
+
     m = compiled.memory_analysis()
-    # Buffer assignment's total: donated arguments are reused for the outputs.
-    peak = (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
+    peak = peak_bytes(m)
     usable = int(
         gpu.memory_bytes
         * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
@@ -181,10 +171,11 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
     """Compiles the train step of `cfg` for `devices` and reports its program and prediction."""
     import jax
 
-    from llmjax import optim, train
+    from llmjax import inputs, optim, sharding, train
     from llmjax.model import flops_per_token
 
-    run = train.build(cfg, devices)
+    # The objective main would train (a DPO config's pairs and reference log-probs included).
+    run = train.build(cfg, devices, inputs.objective(cfg, inputs.resolve_kind(cfg)))
     B, T = cfg.data.batch_size, cfg.data.seq_len
     # The batch exactly as main feeds it (a DPO config's pairs and reference log-probs included).
     compiled, seconds = _compile(run.train_step, (run.abstract_state, run.batch_spec))
@@ -205,7 +196,7 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
         "attention": run.model_cfg.attention,
         "params": n_params,
         "compile_seconds": round(seconds, 2),
-        "state_bytes": _shard_bytes(run.abstract_state),
+        "state_bytes": sharding.bytes_per_device(run.abstract_state),
         **_memory(compiled, gpu),
         **_program(kernels, gpu),
         "flops_hand_6N_6LDT": hand,
@@ -234,9 +225,9 @@ def plan_decode(
     from flax import nnx
 
     from llmjax import sample
-    from llmjax.model import GPT
+    from llmjax.model import GPT, model_config
 
-    model_cfg = config.model_config(cfg, "gpu")
+    model_cfg = model_config(cfg, "gpu")
     model = nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0)))
     graphdef, params = nnx.split(model)
     on_device = jax.sharding.SingleDeviceSharding(device)
@@ -396,29 +387,48 @@ def _model_statement() -> dict:
     }
 
 
-def run(cfg) -> None:
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The command line's choices besides the config (see define_flags)."""
+
+    gpu: str = "h100"
+    gpu_spec: str | None = None
+    devices: int = 1
+    on_device: bool = False
+    fit: bool = False
+    fit_accum: bool = False
+    decode: bool = False
+    decode_batch: int = 1
+    decode_context: int = 0
+    decode_chunk: int = 8
+    dump: str | None = None
+
+
+def run(cfg, opts: Options) -> None:
     """Everything after the flags: prints the table(s), then the JSON object."""
     config.validate(cfg)
     if cfg.model.attention == "auto":  # as a GPU would resolve it, not this CPU
-        cfg.model.attention = config.model_config(cfg, "gpu").attention
-    spec = gpu_spec_text(FLAGS.gpu, FLAGS.gpu_spec)
+        from llmjax.model import model_config
+
+        cfg.model.attention = model_config(cfg, "gpu").attention
+    spec = gpu_spec_text(opts.gpu, opts.gpu_spec)
     try:
         gpu = roofline.parse_gpu(spec)
     except roofline.SpecError as e:
-        raise config.ConfigError(f"GPU spec {FLAGS.gpu_spec or FLAGS.gpu}: {e}") from e
-    if FLAGS.devices < 1:
-        raise config.ConfigError(f"--devices={FLAGS.devices} must be >= 1")
-    if FLAGS.on_device:
+        raise config.ConfigError(f"GPU spec {opts.gpu_spec or opts.gpu}: {e}") from e
+    if opts.devices < 1:
+        raise config.ConfigError(f"--devices={opts.devices} must be >= 1")
+    if opts.on_device:
         import jax
 
-        devices = jax.devices()[: FLAGS.devices]
-        if len(devices) < FLAGS.devices or devices[0].platform != "gpu":
-            raise config.ConfigError(f"--on_device: {FLAGS.devices} GPUs asked, {devices} found")
+        devices = jax.devices()[: opts.devices]
+        if len(devices) < opts.devices or devices[0].platform != "gpu":
+            raise config.ConfigError(f"--on_device: {opts.devices} GPUs asked, {devices} found")
     else:
-        devices = compile_only_devices(spec, FLAGS.devices)
+        devices = compile_only_devices(spec, opts.devices)
     show = lambda r: print(table(r) + "\n", flush=True)
-    if FLAGS.fit or FLAGS.fit_accum:
-        search = fit_batch if FLAGS.fit else fit_accum
+    if opts.fit or opts.fit_accum:
+        search = fit_batch if opts.fit else fit_accum
         report = search(cfg, devices, gpu, show)
         if report is None:
             raise config.ConfigError(f"no size tried fits {gpu.name} x {len(devices)}")
@@ -427,17 +437,17 @@ def run(cfg) -> None:
             f"grad_accum={report['grad_accum']}"
         )
     else:
-        report = plan_train(cfg, devices, gpu, FLAGS.dump)
+        report = plan_train(cfg, devices, gpu, opts.dump)
         show(report)
-    if FLAGS.decode:
-        context = FLAGS.decode_context or cfg.model.block_size
+    if opts.decode:
+        context = opts.decode_context or cfg.model.block_size
         decode = plan_decode(
-            cfg, devices[0], gpu, FLAGS.decode_batch, context, FLAGS.decode_chunk, FLAGS.dump
+            cfg, devices[0], gpu, opts.decode_batch, context, opts.decode_chunk, opts.dump
         )
         print(
             f"decode             batch {decode['decode_batch']}, cache {context}, "
             f"{decode['kernel_launches']} launches and {_gb(decode['hbm_bytes_per_step'])} per "
-            f"{FLAGS.decode_chunk} tokens: {decode['predicted_tokens_per_sec']:,.0f} tokens/s "
+            f"{opts.decode_chunk} tokens: {decode['predicted_tokens_per_sec']:,.0f} tokens/s "
             f"predicted (peak memory {_gb(decode['peak_memory_bytes'])})"
         )
         report["decode"] = decode
@@ -459,10 +469,23 @@ def main(argv: list[str]) -> None:
 
         os.environ["JAX_PLATFORMS"] = "cpu"
         jax.config.update("jax_platforms", "cpu")
-    run(FLAGS.config)  # a ConfigError is one line, exit code 2 (errors.run)
+    opts = Options(
+        gpu=FLAGS.gpu,
+        gpu_spec=FLAGS.gpu_spec,
+        devices=FLAGS.devices,
+        on_device=FLAGS.on_device,
+        fit=FLAGS.fit,
+        fit_accum=FLAGS.fit_accum,
+        decode=FLAGS.decode,
+        decode_batch=FLAGS.decode_batch,
+        decode_context=FLAGS.decode_context,
+        decode_chunk=FLAGS.decode_chunk,
+        dump=FLAGS.dump,
+    )
+    run(FLAGS.config, opts)  # a ConfigError is one line, exit code 2 (errors.run)
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
     # Defined only when run as a program, so importing this module (the tests do) never clashes
     # with another entry point's flags.
     config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
@@ -481,8 +504,3 @@ def _define_flags() -> None:
     flags.DEFINE_bool("on_device", False, "compile for this machine's real GPUs (to compare)")
     flags.DEFINE_string("dump", None, "directory for the optimized HLO text of each compiled step")
     flags.mark_flags_as_required(["config"])
-
-
-if __name__ == "__main__":
-    _define_flags()
-    errors.run(main)

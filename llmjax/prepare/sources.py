@@ -16,7 +16,7 @@ import re
 import sysconfig
 from collections.abc import Iterator
 
-from llmjax.errors import UserError
+from llmjax.errors import UserError, one_line
 
 # The offline corpus's modules: docstrings of these stdlib modules, after pydoc's topic pages.
 PYDOCS_MODULES = (
@@ -82,11 +82,6 @@ def paragraph_documents(paths: list[str]) -> Iterator[str]:
         yield from (block for block in re.split(r"\n[ \t]*\n", text) if block.strip())
 
 
-def _one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def dataset_rows(
     source: str, builder: str, text_field: str, **kwargs
 ) -> tuple[Iterator[str], int | None]:
@@ -98,7 +93,7 @@ def dataset_rows(
     try:
         ds = datasets.load_dataset(builder, streaming=True, **kwargs)
     except Exception as e:  # the hub raises many kinds (offline, gated, missing config, ...)
-        raise UserError(f"--source={source}: cannot open ({_one_line(e)})") from e
+        raise UserError(f"--source={source}: cannot open ({one_line(e, named=True)})") from e
     if ds.column_names is not None:
         if text_field not in ds.column_names:
             raise UserError(
@@ -122,7 +117,7 @@ def dataset_rows(
                 return
             except Exception as e:  # malformed JSON, a truncated parquet file, a dropped stream
                 raise UserError(
-                    f"--source={source}: cannot read past row {n:,} ({_one_line(e)})"
+                    f"--source={source}: cannot read past row {n:,} ({one_line(e, named=True)})"
                 ) from e
             n += len(next(iter(batch.values()), []))
             yield batch
@@ -164,7 +159,8 @@ def open_source(
                     total += pq.ParquetFile(path).metadata.num_rows
                 except Exception as e:  # pyarrow's errors do not name the file
                     raise UserError(
-                        f"--source={source}: {path}: not a readable parquet file ({_one_line(e)})"
+                        f"--source={source}: {path}: not a readable parquet file "
+                        f"({one_line(e, named=True)})"
                     ) from e
         rows, _ = dataset_rows(
             source, "json" if kind == "jsonl" else kind, text_field, data_files=paths, split="train"

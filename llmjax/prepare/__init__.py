@@ -35,21 +35,23 @@ from absl import flags
 
 from llmjax import errors
 from llmjax.data import PREPARE_STATE
+from llmjax.prepare.sources import open_source
 from llmjax.shards import (
     FORMAT,
     MAX_TOKENS,
+    META_FILE,
     TOKEN_DTYPE,
     DataError,
     ShardFile,
     shard_bytes,
     shard_name,
 )
-from llmjax.sources import open_source
 from llmjax.tokenizer import get_tokenizer
 
 BATCH_CHARS = 1 << 20  # text per tokenizer task: large enough to amortise IPC, small for smooth ETA
 CHECKPOINT_SECONDS = 60.0  # also checkpoint between shards, so a crash loses at most this much
 EMPTY, SHORT = 1, 2  # per-document filter verdicts computed by the tokenizer workers
+DIGEST_BYTES = 16  # a document's blake2b digest: 128 bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ EMPTY, SHORT = 1, 2  # per-document filter verdicts computed by the tokenizer wo
 
 def doc_digest(data: bytes) -> bytes:
     """128-bit digest of a document's UTF-8 bytes: its identity for --dedup and its split hash."""
-    return hashlib.blake2b(data, digest_size=16).digest()
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
 def doc_hash(digest: bytes) -> float:
@@ -72,7 +74,7 @@ class Encoded:
 
     status: np.ndarray  # int8 [n]: 0 kept so far, EMPTY, SHORT
     nbytes: np.ndarray  # int64 [n]: UTF-8 bytes of each text
-    digests: bytes  # 16 bytes per document, zeros for filtered ones
+    digests: bytes  # DIGEST_BYTES per document, zeros for filtered ones
     lengths: np.ndarray  # int64 [n]: tokens of each document, EOT included; 0 if filtered
     tokens: np.ndarray  # uint16: every kept document's [EOT, ids...], concatenated
 
@@ -87,10 +89,9 @@ def utf8(text: str) -> tuple[str, bytes]:
 
 def encode_batch(texts: list[str], tokenizer: str, min_chars: int) -> Encoded:
     tok = get_tokenizer(tokenizer)  # cached: built once per process
-    enc = getattr(tok, "_enc", None)  # tiktoken: its numpy output skips building Python lists
     n = len(texts)
     status, nbytes = np.zeros(n, np.int8), np.zeros(n, np.int64)
-    lengths, digests = np.zeros(n, np.int64), bytearray(16 * n)
+    lengths, digests = np.zeros(n, np.int64), bytearray(DIGEST_BYTES * n)
     eot = np.array([tok.eot_id], np.uint32)
     parts = []
     for i, text in enumerate(texts):
@@ -102,13 +103,8 @@ def encode_batch(texts: list[str], tokenizer: str, min_chars: int) -> Encoded:
         if len(text) < min_chars:
             status[i] = SHORT
             continue
-        digests[16 * i : 16 * i + 16] = doc_digest(data)
-        if enc is not None:  # disallowed_special=() encodes "<|endoftext|>" as plain text
-            ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-        elif tok.name == "bytes":
-            ids = np.frombuffer(data, np.uint8)
-        else:
-            ids = np.asarray(tok.encode(text), np.uint32)
+        digests[DIGEST_BYTES * i : DIGEST_BYTES * (i + 1)] = doc_digest(data)
+        ids = tok.encode_numpy(text)  # no Python lists
         parts += [eot, ids]
         lengths[i] = len(ids) + 1
     tokens = (
@@ -390,7 +386,7 @@ def _resume_state(out: str, options: dict) -> dict | None:
 
 def _claim_out(out: str, options: dict) -> dict | None:
     """Refuses to overwrite a dataset we did not start; returns a finished identical run's meta."""
-    meta_path = os.path.join(out, "meta.json")
+    meta_path = os.path.join(out, META_FILE)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
@@ -440,7 +436,7 @@ def prepare(
 ) -> dict:
     """Tokenizes `source` into shards under `out` and returns the meta.json contents.
 
-    The arguments are the CLI's flags (see _define_flags), except that `workers` defaults to 0
+    The arguments are the CLI's flags (see define_flags), except that `workers` defaults to 0
     here (tokenize in this process) and to the CPU count on the command line. Starting it again
     on the same `out` with the same options resumes an interrupted run, or returns a finished
     run's meta; other options, or shards prepare did not write, are refused (ValueError)."""
@@ -497,131 +493,169 @@ def prepare(
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+class Pass:
+    """One pass over the documents: its counters (continued from `state`, fresh or a checkpoint),
+    the shard writers and router they feed, its checkpoint (prepare_state.json) and its
+    meta.json."""
+
+    def __init__(self, state: dict, out: str, tok) -> None:
+        self.state, self.out, self.tok = state, out, tok
+        o = self.options = state["options"]
+        self.writers = {
+            s: ShardWriter(out, s, o["shard_tokens"], **state["splits"][s]) for s in state["splits"]
+        }
+        self.router = Router(
+            self.writers, o["val_fraction"], o["val_docs"], Router.held_from(state["held"])
+        )
+        self.docs = state["documents"]  # seen, kept and each reason for dropping
+        self.consumed = state["consumed"]  # documents read from the source, dropped ones too
+        self.text_bytes, self.kept_bytes = state["text_bytes"], state["kept_bytes"]
+        self.total_tokens = sum(w.tokens for w in self.writers.values()) + sum(
+            len(t) for *_, t in self.router.held
+        )
+        self.seen_digests: set[bytes] = set()  # --dedup
+        self.t0 = time.time() - state["seconds"]
+        self.last_ckpt = time.time()
+        self.capped = False  # --max_tokens reached (or, at the end, --max_docs)
+
+    def skip_done(self, texts: Iterator[str]) -> None:
+        """Re-reads (not re-tokenizes) what the checkpoint already holds; --dedup needs its
+        digests."""
+        o = self.options
+        for text in itertools.islice(texts, self.consumed):
+            if o["dedup"] and text and not text.isspace() and len(text) >= o["min_chars"]:
+                self.seen_digests.add(doc_digest(utf8(text)[1]))
+
+    def add(self, enc: Encoded, i: int, offset: int) -> int:
+        """Counts, filters and routes document `i` of a batch whose earlier documents' tokens end
+        at `offset`; returns where its own end."""
+        self.consumed += 1
+        self.docs["seen"] += 1
+        self.text_bytes += int(enc.nbytes[i])
+        if enc.status[i] == EMPTY:
+            self.docs["dropped_empty"] += 1
+            return offset
+        if enc.status[i] == SHORT:
+            self.docs["dropped_short"] += 1
+            return offset
+        n = int(enc.lengths[i])
+        digest = enc.digests[DIGEST_BYTES * i : DIGEST_BYTES * (i + 1)]
+        tokens = enc.tokens[offset : offset + n]
+        if self.options["dedup"]:
+            if digest in self.seen_digests:
+                self.docs["dropped_duplicate"] += 1
+                return offset + n
+            self.seen_digests.add(digest)
+        self.docs["kept"] += 1
+        self.kept_bytes += int(enc.nbytes[i])
+        self.router.route(doc_hash(digest), self.consumed - 1, tokens)
+        self.total_tokens += n
+        if any(w.finished for w in self.writers.values()) or (
+            time.time() - self.last_ckpt > CHECKPOINT_SECONDS
+        ):
+            self.checkpoint()
+            self.last_ckpt = time.time()
+        max_tokens = self.options["max_tokens"]
+        self.capped = bool(max_tokens and self.total_tokens >= max_tokens)
+        return offset + n
+
+    def checkpoint(self) -> None:
+        """Writes prepare_state.json: what a resumed pass starts from."""
+        for w in self.writers.values():
+            w.sync()
+            w.finished = False
+        self.state.update(
+            consumed=self.consumed,
+            seconds=time.time() - self.t0,
+            text_bytes=self.text_bytes,
+            kept_bytes=self.kept_bytes,
+            splits={s: w.state() for s, w in self.writers.items()},
+            held=self.router.state(),
+        )
+        tmp = os.path.join(self.out, PREPARE_STATE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.state, f)
+        os.replace(tmp, os.path.join(self.out, PREPARE_STATE))
+
+    def flush(self) -> None:
+        """Writes out what the router holds back and every writer's partial shard."""
+        max_docs = self.options["max_docs"]
+        self.capped = self.capped or bool(max_docs and self.docs["seen"] >= max_docs)
+        self.router.finish()
+        for w in self.writers.values():
+            w.flush()
+
+    def write_meta(self) -> dict:
+        """meta.json, the dataset card, in place of the checkpoint; a split left empty is a
+        DataError instead, with the directory left as if never started."""
+        o, tok, writers, out = self.options, self.tok, self.writers, self.out
+        for split, w in writers.items():
+            if not w.shards:
+                _remove_stale(out, {"splits": {s: {"shards": [], "partial": 0} for s in writers}})
+                if os.path.exists(os.path.join(out, PREPARE_STATE)):
+                    os.remove(os.path.join(out, PREPARE_STATE))
+                raise DataError(
+                    f"--source={o['source']}: no document went to {split} "
+                    f"({self.docs['kept']} kept of {self.docs['seen']}); a dataset needs at "
+                    "least 2 kept documents"
+                )
+        meta = {
+            "source": o["source"],
+            "tokenizer": o["tokenizer"],
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "format": {**FORMAT, "eot": "before every document"},
+            "options": o,
+            "documents": {**self.docs, **{s: w.docs for s, w in writers.items()}},
+            "text_bytes": {"seen": self.text_bytes, "kept": self.kept_bytes},
+            "capped": self.capped,
+            "tokens": {s: w.tokens for s, w in writers.items()},
+            "shards": {s: w.shards for s, w in writers.items()},
+            "command": " ".join(sys.argv),
+            "seconds": round(time.time() - self.t0, 3),
+        }
+        tmp = os.path.join(out, META_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, os.path.join(out, META_FILE))
+        if os.path.exists(os.path.join(out, PREPARE_STATE)):
+            os.remove(os.path.join(out, PREPARE_STATE))
+        return meta
+
+
 def _run(
     state: dict, out: str, tok, pool: ProcessPoolExecutor | None, workers: int, verbose: bool
 ) -> dict:
     """The document loop of `prepare`, from `state` (fresh or a checkpoint) to meta.json."""
     o = state["options"]
-    source, tokenizer, dedup, min_chars = o["source"], o["tokenizer"], o["dedup"], o["min_chars"]
-    max_docs, max_tokens = o["max_docs"], o["max_tokens"]
-    writers = {
-        s: ShardWriter(out, s, o["shard_tokens"], **state["splits"][s]) for s in state["splits"]
-    }
-    router = Router(writers, o["val_fraction"], o["val_docs"], Router.held_from(state["held"]))
-    docs, consumed = state["documents"], state["consumed"]
-    text_bytes, kept_bytes = state["text_bytes"], state["kept_bytes"]
-    total_tokens = sum(w.tokens for w in writers.values()) + sum(len(t) for *_, t in router.held)
-    texts, total_docs = open_source(source, o["text_field"], o["hf_config"], o["hf_split"])
-    if max_docs:
-        total_docs = min(total_docs or max_docs, max_docs)
-        texts = itertools.islice(texts, max_docs)
-    seen_digests: set[bytes] = set()
-    if consumed:
+    run = Pass(state, out, tok)
+    texts, total_docs = open_source(o["source"], o["text_field"], o["hf_config"], o["hf_split"])
+    if o["max_docs"]:
+        total_docs = min(total_docs or o["max_docs"], o["max_docs"])
+        texts = itertools.islice(texts, o["max_docs"])
+    if run.consumed:
         if verbose:
-            print(f"prepare: resuming after {consumed:,} documents", file=sys.stderr)
-        # Re-read (not re-tokenize) what the checkpoint already holds; --dedup needs its digests.
-        for text in itertools.islice(texts, consumed):
-            if dedup and text and not text.isspace() and len(text) >= min_chars:
-                seen_digests.add(doc_digest(utf8(text)[1]))
-    t0 = time.time() - state["seconds"]
-    progress = Progress(total_docs, max_tokens, t0) if verbose else None
-    last_ckpt = time.time()
-
-    def checkpoint() -> None:
-        for w in writers.values():
-            w.sync()
-            w.finished = False
-        state.update(
-            consumed=consumed,
-            seconds=time.time() - t0,
-            text_bytes=text_bytes,
-            kept_bytes=kept_bytes,
-            splits={s: w.state() for s, w in writers.items()},
-            held=router.state(),
-        )
-        tmp = os.path.join(out, PREPARE_STATE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, os.path.join(out, PREPARE_STATE))
-
-    capped = False
-    batches = encoded_batches(texts, tokenizer, min_chars, pool, workers)
+            print(f"prepare: resuming after {run.consumed:,} documents", file=sys.stderr)
+        run.skip_done(texts)
+    progress = Progress(total_docs, o["max_tokens"], run.t0) if verbose else None
+    batches = encoded_batches(texts, o["tokenizer"], o["min_chars"], pool, workers)
     try:
         for enc in batches:
             offset = 0
             for i in range(len(enc.status)):
-                consumed += 1
-                docs["seen"] += 1
-                text_bytes += int(enc.nbytes[i])
-                if enc.status[i] == EMPTY:
-                    docs["dropped_empty"] += 1
-                    continue
-                if enc.status[i] == SHORT:
-                    docs["dropped_short"] += 1
-                    continue
-                n, digest = int(enc.lengths[i]), enc.digests[16 * i : 16 * i + 16]
-                tokens, offset = enc.tokens[offset : offset + n], offset + n
-                if dedup:
-                    if digest in seen_digests:
-                        docs["dropped_duplicate"] += 1
-                        continue
-                    seen_digests.add(digest)
-                docs["kept"] += 1
-                kept_bytes += int(enc.nbytes[i])
-                router.route(doc_hash(digest), consumed - 1, tokens)
-                total_tokens += n
-                if any(w.finished for w in writers.values()) or (
-                    time.time() - last_ckpt > CHECKPOINT_SECONDS
-                ):
-                    checkpoint()
-                    last_ckpt = time.time()
-                if max_tokens and total_tokens >= max_tokens:
-                    capped = True
+                offset = run.add(enc, i, offset)
+                if run.capped:
                     break
             if progress:
-                progress.update(docs["seen"], total_tokens)
-            if capped:
+                progress.update(run.docs["seen"], run.total_tokens)
+            if run.capped:
                 break
     finally:
         batches.close()
-    capped = capped or bool(max_docs and docs["seen"] >= max_docs)
-    router.finish()
-    for w in writers.values():
-        w.flush()
+    run.flush()
     if progress:
-        progress.update(docs["seen"], total_tokens, done=True)
-    for split, w in writers.items():
-        if not w.shards:  # a useless dataset: leave the directory as if never started
-            _remove_stale(out, {"splits": {s: {"shards": [], "partial": 0} for s in writers}})
-            if os.path.exists(os.path.join(out, PREPARE_STATE)):
-                os.remove(os.path.join(out, PREPARE_STATE))
-            raise DataError(
-                f"--source={source}: no document went to {split} ({docs['kept']} "
-                f"kept of {docs['seen']}); a dataset needs at least 2 kept documents"
-            )
-    seconds = time.time() - t0
-    meta = {
-        "source": source,
-        "tokenizer": tokenizer,
-        "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
-        "format": {**FORMAT, "eot": "before every document"},
-        "options": o,
-        "documents": {**docs, **{s: w.docs for s, w in writers.items()}},
-        "text_bytes": {"seen": text_bytes, "kept": kept_bytes},
-        "capped": capped,
-        "tokens": {s: w.tokens for s, w in writers.items()},
-        "shards": {s: w.shards for s, w in writers.items()},
-        "command": " ".join(sys.argv),
-        "seconds": round(seconds, 3),
-    }
-    tmp = os.path.join(out, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(out, "meta.json"))
-    if os.path.exists(os.path.join(out, PREPARE_STATE)):
-        os.remove(os.path.join(out, PREPARE_STATE))
-    return meta
+        progress.update(run.docs["seen"], run.total_tokens, done=True)
+    return run.write_meta()
 
 
 def summary(meta: dict, out: str) -> str:
@@ -690,7 +724,7 @@ def main(argv):
     print(summary(meta, FLAGS.out))
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
     # Defined only when run as a program, so importing this module never clashes with
     # another entry point's flags.
     flags.DEFINE_string(
@@ -716,8 +750,3 @@ def _define_flags() -> None:
     flags.DEFINE_integer("min_chars", 0, "drop documents shorter than this many characters")
     flags.DEFINE_integer("max_docs", 0, "read at most this many source documents (0: all)")
     flags.DEFINE_integer("max_tokens", 0, "stop once this many tokens are written (0: no cap)")
-
-
-if __name__ == "__main__":
-    _define_flags()
-    errors.run(main)

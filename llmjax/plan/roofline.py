@@ -14,8 +14,8 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
-from llmjax.hlo_stats import Kernel
 from llmjax.metrics import PEAK_FLOPS
+from llmjax.plan.hlo_stats import Kernel
 
 # cuBLAS bf16 GEMMs of GPT-2 shapes (K = 768..3072) reach ~70% of the dense peak on H100
 # (NVIDIA's cuBLAS figures; the assumption benchmarks/NOTES.md has made since the first estimate).
