@@ -13,9 +13,9 @@ character), so the losses compare directly.
 
 Expected: validation loss 1.88 over the whole val split after 2,000 steps with the full tiny
 Shakespeare (1,115,394 characters, `--text=input.txt`; nanoGPT's README reports 1.88, and its
-train.py gave 1.892 here). On the repository's fixture (its first 400,000 characters, what
-`benchmarks/nanogpt_recipe.py` reads by default) the val split is other text: expect about 2.0
-(benchmarks/RESULTS.md has the measured figure).
+train.py gave 1.892 on this machine, issue 28). On the repository's fixture (its first 400,000
+characters, what `benchmarks/nanogpt_recipe.py` reads by default) the val split is other text:
+measured 1.789 (train loss 1.687 at step 2,000; benchmarks/RESULTS.md).
 """
 
 from llmjax.config import base_config
