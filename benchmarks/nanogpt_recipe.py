@@ -2,7 +2,7 @@
 the whole val split, one JSON line last.
 
     python benchmarks/nanogpt_recipe.py                       # 2,000 steps, ~2-4 min on 2 cores
-    python benchmarks/nanogpt_recipe.py --steps=200 --no_eval # a short timing run
+    python benchmarks/nanogpt_recipe.py --steps=200 --noeval  # a short timing run
     python benchmarks/nanogpt_recipe.py --framework=torch     # the eager PyTorch reference
     python benchmarks/nanogpt_recipe.py --text=input.txt      # the full tiny Shakespeare
 
