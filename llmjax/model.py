@@ -256,7 +256,9 @@ def _gathered(names: tuple[str | None, ...]):
     return promote
 
 
-def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, names, rngs) -> nnx.Linear:
+def _linear(
+    cfg: GPTConfig, d_in: int, d_out: int, std: float, names, rngs, dot_general=jax.lax.dot_general
+) -> nnx.Linear:
     return nnx.Linear(
         d_in,
         d_out,
@@ -266,8 +268,51 @@ def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, names, rngs) -> n
         bias_init=_zeros(names[1:]),
         use_bias=cfg.bias,
         promote_dtype=_gathered(names),
+        dot_general=dot_general,
         rngs=rngs,
     )
+
+
+def _input_first_dot(x, kernel, dimension_numbers, precision=None, **kwargs):
+    """`lax.dot_general` for a widening layer (c_fc), whose kernel gradient on CPU is formed as
+    x^T g rather than JAX's (g^T x)^T (`_input_first_matmul`). Anything beyond the plain
+    [..., D] x [D, F] product of nnx.Linear goes to lax.dot_general itself."""
+    contracting = (((x.ndim - 1,), (0,)), ((), ()))
+    if precision is not None or any(v is not None for v in kwargs.values()):
+        return jax.lax.dot_general(x, kernel, dimension_numbers, precision, **kwargs)
+    if dimension_numbers != contracting:
+        return jax.lax.dot_general(x, kernel, dimension_numbers)
+    return _input_first_matmul(x, kernel)
+
+
+@jax.custom_vjp
+def _input_first_matmul(x_BTD: jax.Array, w_DF: jax.Array) -> jax.Array:
+    """x @ w whose kernel gradient is ordered per platform when the step is lowered.
+
+    JAX's transpose of a matmul forms the kernel gradient as (g^T x)^T, the output gradient g as
+    the left operand. XLA:CPU then lays g [B*T, F] out transposed for its matmul and fuses the
+    producer of g (GELU's gradient) into that transposing write, a loop that does not vectorise:
+    a fifth of the nanoGPT recipe's step (benchmarks/NOTES.md). On CPU the gradient is x^T g:
+    XLA transposes x [B*T, D] instead, 4x smaller for c_fc and already in memory. Every other
+    platform gets exactly JAX's own form, so its program is unchanged."""
+    return jax.lax.dot_general(x_BTD, w_DF, (((x_BTD.ndim - 1,), (0,)), ((), ())))
+
+
+def _input_first_fwd(x_BTD, w_DF):
+    return _input_first_matmul(x_BTD, w_DF), (x_BTD, w_DF)
+
+
+def _input_first_bwd(res, g_BTF):
+    x_BTD, w_DF = res
+    lead = tuple(range(x_BTD.ndim - 1))
+    cpu = lambda x, g: jax.lax.dot_general(x, g, ((lead, lead), ((), ())))
+    jax_order = lambda x, g: jax.lax.dot_general(g, x, ((lead, lead), ((), ()))).T
+    dw_DF = jax.lax.platform_dependent(x_BTD, g_BTF, cpu=cpu, default=jax_order)
+    dx_BTD = jax.lax.dot_general(g_BTF, w_DF, (((g_BTF.ndim - 1,), (1,)), ((), ())))
+    return dx_BTD, dw_DF.astype(w_DF.dtype)
+
+
+_input_first_matmul.defvjp(_input_first_fwd, _input_first_bwd)
 
 
 def _proj_std(cfg: GPTConfig, std: float) -> float:
@@ -351,7 +396,10 @@ class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         D, std = cfg.n_embd, 0.02
         self.relu2 = cfg.mlp == "relu2"
-        self.c_fc = _linear(cfg, D, 4 * D, std, ("embed", "mlp"), rngs)
+        # A remat policy sees no matmul inside a custom_vjp (dots_saveable would recompute
+        # c_fc): under remat, c_fc keeps JAX's own matmul.
+        dot = _input_first_dot if cfg.remat == "none" else jax.lax.dot_general
+        self.c_fc = _linear(cfg, D, 4 * D, std, ("embed", "mlp"), rngs, dot)
         self.c_proj = _linear(cfg, 4 * D, D, _proj_std(cfg, std), ("mlp", "embed"), rngs)
         self.dropout = nnx.Dropout(cfg.dropout)
 
