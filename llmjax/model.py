@@ -278,8 +278,8 @@ def _input_first_dot(x, kernel, dimension_numbers, precision=None, **kwargs):
     x^T g rather than JAX's (g^T x)^T (`_input_first_matmul`). The platform is chosen here, at
     the forward product, not in its gradient: lowered for one platform, the switch keeps one
     branch, so every other platform differentiates the plain lax.dot_general itself and gets
-    exactly JAX's program (a custom_vjp there, even one whose gradient is JAX's, changes the
-    GPU step: +1.6% peak for GPT-2 124M). Anything beyond the plain [..., D] x [D, F] product of
+    JAX's own program by construction, not because XLA happens to compile a custom_vjp's
+    JAX-ordered backward the same. Anything beyond the plain [..., D] x [D, F] product of
     nnx.Linear goes to lax.dot_general itself."""
     contracting = (((x.ndim - 1,), (0,)), ((), ()))
     if precision is not None or any(v is not None for v in kwargs.values()):
