@@ -132,6 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
     h.data = -1  # data-parallel axis; -1 takes the devices the other axes leave
     h.fsdp = 1  # parameter/optimizer sharding (ZeRO-3) axis
     h.tensor = 1  # tensor-parallel axis (attention heads, MLP hidden)
+    # TPU multislice: data-parallel replicas over the data-center network, one per slice; the
+    # three axes above then tile one slice. -1 = as many as the devices span (1 off TPU).
+    h.dcn_data = -1
     return c
 
 
@@ -266,6 +269,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("mesh.data", cfg.mesh.data),
         ("mesh.fsdp", cfg.mesh.fsdp),
         ("mesh.tensor", cfg.mesh.tensor),
+        ("mesh.dcn_data", cfg.mesh.dcn_data),
     ]:
         _check(v == -1 or v >= 1, f"{key}={v} must be >= 1 or -1")
     _check(
