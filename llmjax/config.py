@@ -19,7 +19,7 @@ from llmjax.tokenizer import TOKENIZERS, get_tokenizer
 from llmjax.trackers import parse as parse_trackers
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 
 
 class ConfigError(UserError):
@@ -38,7 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.dropout = 0.0  # residual/embedding dropout; GPT-2 pretraining uses 0
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (bf16 matmuls, f32 loss and softmax)
     m.param_dtype = "float32"  # dtype of the master weights and optimizer state
-    m.attention = "auto"  # auto | xla | cudnn; auto = cudnn flash on GPU with bf16, else xla
+    # auto | xla | cudnn | splash; auto = cudnn flash on GPU with bf16, Pallas splash attention on
+    # TPU, else xla (the tested reference)
+    m.attention = "auto"
     # Weights a fresh run starts from: scratch (random init) | a hub id (gpt2, gpt2-medium, ...) |
     # a local Hugging Face directory | an llmjax workdir (e.g. written by llmjax.convert). Shape
     # keys above must match the source; a longer source context is cropped to block_size.
@@ -284,8 +286,12 @@ def model_config(cfg: ml_collections.ConfigDict, backend: str = "cpu") -> GPTCon
     tok = get_tokenizer(cfg.data.tokenizer)
     attention = m.attention
     if attention == "auto":
-        # cuDNN's fused attention needs a GPU and half precision; XLA's runs everywhere.
+        # cuDNN's fused attention needs a GPU and half precision; splash a TPU; XLA's runs
+        # everywhere.
         attention = "cudnn" if backend == "gpu" and m.dtype != "float32" else "xla"
+        attention = "splash" if backend == "tpu" else attention
+    if attention == "splash" and backend != "tpu":
+        raise ConfigError(f"model.attention=splash is a TPU kernel; this backend is {backend}")
     return GPTConfig(
         vocab_size=m.vocab_size or pad_vocab(tok.vocab_size),
         valid_vocab_size=tok.vocab_size,
