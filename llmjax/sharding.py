@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import importlib.util
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -281,7 +283,17 @@ def launched_processes() -> str | None:
         return "Open MPI"
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS"
+    if on_cloud_tpu_vm():
+        return "Cloud TPU VM"
     return None
+
+
+def on_cloud_tpu_vm() -> bool:
+    """A Cloud TPU VM: TPU chips attached (/dev/accel* on v4, VFIO groups on v5e/v5p/v6e) and
+    libtpu installed. There jax.distributed finds the slice's workers (and a multislice run's
+    other slices) from the VM's metadata, so every worker runs the same command."""
+    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
 def init_distributed(
@@ -289,7 +301,8 @@ def init_distributed(
 ) -> None:
     """Starts jax.distributed: from the flags when all three are given (every local device is
     used), else from the launcher's environment (SLURM srun, Open MPI: one device per process
-    there); a lone process on its own machine starts nothing. Call before any JAX computation."""
+    there; a Cloud TPU VM: one process per worker, all its chips); a lone process on its own
+    machine starts nothing. Call before any JAX computation."""
     given = {
         "--coordinator_address": coordinator_address,
         "--num_processes": num_processes,
