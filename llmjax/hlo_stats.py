@@ -313,7 +313,21 @@ class _Module:
             comp, runs = todo.pop()
             for inst in self.comps.get(comp, []):
                 yield inst, runs
-                todo += [(callee, runs * times) for callee, times in _callees(inst)]
+                callees = _callees(inst)
+                if inst.opcode == "while" and not _TRIP_COUNT.search(inst.attrs):
+                    callees = [(callees[0][0], self.condition_bound(inst))]
+                todo += [(callee, runs * times) for callee, times in callees]
+
+    def condition_bound(self, inst: _Inst) -> int:
+        """A while loop's trip count where the compiler left no known_trip_count (TPU): its
+        condition `counter < constant` (jax's scans count from 0); 1 if it reads otherwise."""
+        cond = self.comps.get(_attr("condition", inst.attrs) or "", [])
+        root = next((i for i in cond if i.root), None)
+        if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs:
+            return 1
+        consts = {i.name: i.args for i in cond if i.opcode == "constant"}
+        bound = consts.get(root.operands[-1]) if len(root.operands) == 2 else None
+        return int(bound) if bound and bound.strip().isdigit() else 1
 
     def fused_flops(self, comp: str) -> tuple[float, float]:
         """(dot FLOPs, elementwise FLOPs) of a fused computation, nested fusions included."""
@@ -404,6 +418,18 @@ class _Module:
         op = inst.opcode
         if op in _NO_LAUNCH or op.endswith("-done"):
             return None
+        if op in ("send", "recv") and "xla_megascale_runtime" in inst.attrs:
+            # Multislice: the compiler splits a collective over slices into ICI collectives
+            # inside each slice and a send/recv pair between slices that libtpu's megascale
+            # runtime carries over the data-center network; the send is the message.
+            if op == "recv":
+                return None
+            kind = re.search(r'_xla_megascale_transfer_type="?(\w+)', inst.attrs)
+            kind = kind.group(1).lower().replace("_", "-") if kind else "collective-permute"
+            kind = kind if kind in COLLECTIVES else "collective-permute"
+            slices = max(2, len(set(self.slices or ())))
+            message = shape_bytes(self._operands_str(inst).split(" token[]")[0])
+            return Kernel(inst.name, kind, 0.0, message, runs, slices, dcn=True)
         base = op.removesuffix("-start")
         if op == "async-start":  # e.g. a reduce-scatter wrapped to run on another stream
             wrapped = self.comps.get(_attr("calls", inst.attrs), [])
@@ -455,7 +481,10 @@ class _Module:
             splash = re.search(r"splash_mha_(fwd|dq|dkv)", inst.name + inst.attrs)
             if target == "tpu_custom_call" and splash:
                 # A Pallas splash-attention kernel (tpu_attention.py: causal, self-attention).
-                B, N, T, H = next(d for _, d in results if len(d) == 4)
+                # Its output [B, N, T, H] ([N, T, H] for one example per device) is the first
+                # array of the highest rank; lower ranks are the kernel's scratch.
+                *batch, N, T, H = max((d for _, d in results), key=len)
+                B = math.prod(batch)
                 per_score = SPLASH_FLOPS_PER_SCORE[splash.group(1)]
                 flops = per_score * B * N * T * T * H / 2  # the causal half
                 return Kernel(inst.name, f"splash {splash.group(1)} attention", flops, io, runs)

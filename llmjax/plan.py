@@ -60,11 +60,15 @@ def libtpu_available() -> bool:
 
 def quiet_libtpu(tpu_slice: roofline.TpuSlice, environ=None) -> None:
     """Without a TPU, libtpu warns at start-up that it cannot find one unless told the slice's
-    accelerator type and that the workers are this host; values already set win."""
+    accelerator type and that the workers are this host; values already set win. Only for
+    compile-only devices: a real TPU VM has its own values."""
     environ = os.environ if environ is None else environ
     accelerator = tpu_slice.name.replace("v5e-", "v5litepod-")  # Cloud's name for v5e slices
     environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator)
     environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu takes a lock file so that one process owns the chips; compiling owns none, and
+    # several plans (the tests, a --fit in another shell) may run at once.
+    environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def compile_only_tpu_devices(tpu_slice: roofline.TpuSlice, num_slices: int) -> list:
@@ -289,7 +293,10 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
         }
     _dump(dump, "train_step", compiled)
     slices = slice_of(run.mesh.devices.flat)  # partition id -> slice, for DCN collectives
-    kernels = hlo_stats.kernels(compiled.as_text(), len(devices), slices)
+    # Over several slices the compiled program is one slice's (its collectives' groups name the
+    # slice's devices); what crosses slices is megascale send/recv (hlo_stats).
+    per_program = len(devices) // len(set(slices))
+    kernels = hlo_stats.kernels(compiled.as_text(), per_program, slices)
     report.update(
         {
             "compile_seconds": round(seconds, 2),
@@ -484,10 +491,13 @@ def table(r: dict) -> str:
     return "\n".join(rows)
 
 
-def _model_statement() -> dict:
+def _model_statement(tpu: bool = False) -> dict:
+    link = "NVLink"
+    if tpu:  # the GPU-calibrated efficiencies, unmeasured on TPU (roofline.py)
+        link = "ICI (one axis, both directions) within a slice, DCN per chip between slices"
     return {
         "model": "per kernel max(flops/(eff*peak), bytes/(eff_hbm*HBM), min_kernel); "
-        "collectives ring at eff_link*NVLink; no overlap and fully overlapped",
+        f"collectives ring at eff_link*{link}; no overlap and fully overlapped",
         "eff_gemm": roofline.EFF_GEMM,
         "eff_attention": roofline.EFF_ATTENTION,
         "eff_hbm": roofline.EFF_HBM,
@@ -503,7 +513,15 @@ def _target(cfg) -> tuple[roofline.Gpu, list, dict]:
         tpu_slice = _tpu_slice(FLAGS.tpu)
         if FLAGS.num_slices < 1:
             raise config.ConfigError(f"--num_slices={FLAGS.num_slices} must be >= 1")
-        devices = compile_only_tpu_devices(tpu_slice, FLAGS.num_slices)
+        if FLAGS.on_device:  # on the TPU VM itself: the same report for its real chips
+            import jax
+
+            devices = jax.devices()
+            want = tpu_slice.chips * FLAGS.num_slices
+            if len(devices) != want or devices[0].platform != "tpu":
+                raise config.ConfigError(f"--on_device: {want} TPU chips expected, {devices} found")
+        else:
+            devices = compile_only_tpu_devices(tpu_slice, FLAGS.num_slices)
         hosts = tpu_slice.hosts * FLAGS.num_slices
         return (
             roofline.tpu_roofline(tpu_slice.chip),
@@ -576,7 +594,7 @@ def run(cfg) -> None:
     if FLAGS.tpu:
         flags_used = {"libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", "")}
     report.update(target)
-    report.update(jax=jax.__version__, **flags_used, **_model_statement())
+    report.update(jax=jax.__version__, **flags_used, **_model_statement(bool(FLAGS.tpu)))
     print(json.dumps(report))
 
 
@@ -585,7 +603,8 @@ def main(argv: list[str]) -> None:
     # Before any backend starts: the CPU is the only real platform here (the CUDA plugin's
     # start-up check would look for a driver), and XLA reads its flags once.
     if FLAGS.tpu:
-        quiet_libtpu(_tpu_slice(FLAGS.tpu))
+        if not FLAGS.on_device:
+            quiet_libtpu(_tpu_slice(FLAGS.tpu))
         os.environ["LIBTPU_INIT_ARGS"] = xla_flags.merged_libtpu_args(
             os.environ.get("LIBTPU_INIT_ARGS", "")
         )
@@ -619,7 +638,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("decode_batch", 1, "sequences sampled at once (--decode)")
     flags.DEFINE_integer("decode_context", 0, "KV-cache length (--decode); 0 = model.block_size")
     flags.DEFINE_integer("decode_chunk", 8, "decode steps per dispatch, as llmjax.sample runs them")
-    flags.DEFINE_bool("on_device", False, "compile for this machine's real GPUs (to compare)")
+    flags.DEFINE_bool("on_device", False, "compile for this machine's real GPUs/TPUs (to compare)")
     flags.DEFINE_string("dump", None, "directory for the optimized HLO text of each compiled step")
     flags.mark_flags_as_required(["config"])
 

@@ -7,7 +7,8 @@ message (all-reduce 2(n-1)/n, all-gather, reduce-scatter and all-to-all (n-1)/n,
 whole message) at EFF_LINK x the NVLink bandwidth (on a TPU: ICI within a slice, DCN between
 slices; see TPU_CHIPS). Reported twice: collectives after the compute (no overlap) and hidden
 under it (fully overlapped). The efficiencies below are assumptions until
-a GPU has run benchmarks/gpu_first_contact.sh; replace them with the measured ones.
+a GPU has run benchmarks/gpu_first_contact.sh; replace them with the measured ones. TPUs use the
+same ones (MXU for "gemm", splash kernels for "attention"): unmeasured there too.
 """
 
 from __future__ import annotations
