@@ -242,3 +242,14 @@ def test_tpu_while_loop_trip_count_from_its_condition():
     assert "known_trip_count" not in tpu_style
     runs = {k.name: k.launches for k in hlo_stats.kernels(tpu_style, devices=8)}
     assert runs["gemm"] == runs["w"] == 12
+
+
+def test_libtpu_flags_user_wins_and_only_where_a_tpu_is_expected():
+    from llmjax import xla_flags
+
+    user = "--xla_tpu_overlap_compute_collective_tc=false --xla_dump_to=/tmp/d"
+    merged = xla_flags.merged_libtpu_args(user).split()
+    assert merged[:2] == user.split()  # the user's own, unchanged, first
+    assert "--xla_tpu_overlap_compute_collective_tc=true" not in merged
+    assert len(merged) == 2 + len(xla_flags.TPU_LIBTPU_FLAGS) - 1
+    assert not xla_flags.tpu_expected({"JAX_PLATFORMS": "cpu"})
