@@ -302,6 +302,8 @@ class _Module:
         self.shape = {i.name: i.shape for insts in self.comps.values() for i in insts}
         self.devices = devices
         self.slices = slices
+        # TPU HLO carries its tiled layouts ({1,0:T(8,128)}) in every shape.
+        self.tpu = ":T(" in text
 
     def operand_shapes(self, inst: _Inst) -> list[str]:
         return [self.shape.get(o, "") for o in inst.operands]
@@ -489,6 +491,14 @@ class _Module:
                 flops = per_score * B * N * T * T * H / 2  # the causal half
                 return Kernel(inst.name, f"splash {splash.group(1)} attention", flops, io, runs)
             return Kernel(inst.name, f"custom-call {target}", 0.0, io, runs)
+        if op == "dynamic-update-slice":  # in place: the update read and written
+            io = 2 * shape_bytes(self.shape.get(inst.operands[1], ""))
+        elif op == "dynamic-slice":  # reads only the slice
+            io = 2 * shape_bytes(inst.shape)
+        if self.tpu and not any(dims for _, dims in arrays(inst.shape)):
+            # A scalar op outside a fusion (loop counters, indices) runs on the TPU core's
+            # scalar unit alongside the vector work: no kernel of its own.
+            return None
         return Kernel(inst.name, op, 0.0, io, runs)
 
     def has_convolution(self, comp: str) -> bool:

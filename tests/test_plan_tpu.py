@@ -253,3 +253,24 @@ def test_libtpu_flags_user_wins_and_only_where_a_tpu_is_expected():
     assert "--xla_tpu_overlap_compute_collective_tc=true" not in merged
     assert len(merged) == 2 + len(xla_flags.TPU_LIBTPU_FLAGS) - 1
     assert not xla_flags.tpu_expected({"JAX_PLATFORMS": "cpu"})
+
+
+def test_tpu_in_place_updates_and_scalar_ops():
+    # Outside a fusion the TPU compiler leaves dynamic-update-slice (in place: the update's bytes,
+    # read and written) and scalar index arithmetic (the scalar unit's: no kernel).
+    hlo = """\
+HloModule tpu_loop_ops, entry_computation_layout={()->f32[64,1024]{1,0}}
+
+ENTRY %main (buf: f32[64,1024], row: f32[1,1024], i: s32[]) -> f32[64,1024] {
+  %buf = f32[64,1024]{1,0:T(8,128)} parameter(0)
+  %row = f32[1,1024]{1,0:T(1,128)} parameter(1)
+  %i = s32[]{:T(128)} parameter(2)
+  %two = s32[]{:T(128)} constant(2)
+  %j = s32[]{:T(128)} multiply(%i, %two)
+  %zero = s32[]{:T(128)} constant(0)
+  ROOT %dus = f32[64,1024]{1,0:T(8,128)} dynamic-update-slice(%buf, %row, %j, %zero)
+}
+"""
+    found = {k.name: k for k in hlo_stats.kernels(hlo)}
+    assert set(found) == {"dus"}
+    assert found["dus"].bytes == 2 * 1024 * 4
