@@ -7,7 +7,8 @@ so it runs under `shard_map`, each device on its own rows of the batch (the mesh
 q, k and v; with one device or outside sharding.activation_rules it is called directly.
 
 The kernel's numerics cannot be checked on a TPU here: the XLA path (`model.attention=xla`) stays
-the tested reference; tests/test_model.py compares this one with it in Pallas's interpreter.
+the tested reference; tests/test_plan_tpu.py compares this one with it in Pallas's interpreter
+(marked slow).
 """
 
 from __future__ import annotations
