@@ -21,7 +21,7 @@ from llmjax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_KINDS = ("auto", "pretrain", "instruct", "preference")
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 POSITIONS = ("learned", "rope")  # model.position
 NORMS = ("layernorm", "rmsnorm")  # model.norm
 MLPS = ("gelu", "relu2")  # model.mlp
@@ -56,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.dropout = 0.0  # residual/embedding dropout; GPT-2 pretraining uses 0
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (bf16 matmuls, f32 loss and softmax)
     m.param_dtype = "float32"  # dtype of the master weights and optimizer state
-    m.attention = "auto"  # auto | xla | cudnn; auto = cudnn flash on GPU with bf16, else xla
+    # auto | xla | cudnn | splash; auto = cudnn flash on GPU with bf16, Pallas splash attention on
+    # TPU, else xla (the tested reference)
+    m.attention = "auto"
     # Weights a fresh run starts from: scratch (random init) | a hub id (gpt2, gpt2-medium, ...) |
     # a local Hugging Face directory | an llmjax workdir (e.g. written by llmjax.convert). Shape
     # keys above must match the source; a longer source context is cropped to block_size.
@@ -154,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
     h.data = -1  # data-parallel axis; -1 takes the devices the other axes leave
     h.fsdp = 1  # parameter/optimizer sharding (ZeRO-3) axis
     h.tensor = 1  # tensor-parallel axis (attention heads, MLP hidden)
+    # TPU multislice: data-parallel replicas over the data-center network, one per slice; the
+    # three axes above then tile one slice. -1 = as many as the devices span (1 off TPU).
+    h.dcn_data = -1
     return c
 
 
@@ -286,6 +291,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("mesh.data", cfg.mesh.data),
         ("mesh.fsdp", cfg.mesh.fsdp),
         ("mesh.tensor", cfg.mesh.tensor),
+        ("mesh.dcn_data", cfg.mesh.dcn_data),
     ]:
         _check(v == -1 or v >= 1, f"{key}={v} must be >= 1 or -1")
     _check(

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import importlib.util
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -59,8 +61,15 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def mesh_shape(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:
-    """Resolves the one -1 axis and checks the product against the device count."""
+def mesh_shape(
+    cfg: ml_collections.ConfigDict, n_devices: int, slices: int = 1
+) -> tuple[int, int, int]:
+    """Resolves the one -1 axis and checks the product against the device count; with several
+    TPU slices (mesh.dcn_data) the axes tile one slice and `data` is multiplied by dcn_data."""
+    dcn = dcn_data(cfg, slices)
+    if dcn > 1:
+        inner = mesh_shape(cfg, n_devices // dcn)
+        return (dcn * inner[0], inner[1], inner[2])
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     named = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     known = math.prod(s for s in sizes if s != -1)
@@ -73,10 +82,43 @@ def mesh_shape(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int
     return tuple(sizes)
 
 
+def slice_count(devices) -> int:
+    """TPU slices the devices span (devices of other platforms: 1)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def dcn_data(cfg: ml_collections.ConfigDict, slices: int) -> int:
+    """mesh.dcn_data resolved (-1: one data replica group per slice), checked against the slices
+    the devices span: the data-center network carries only the data axis's gradient all-reduce."""
+    dcn = slices if cfg.get("dcn_data", 1) == -1 else cfg.get("dcn_data", 1)
+    if dcn != slices:
+        raise ConfigError(
+            f"mesh.dcn_data={cfg.dcn_data}, but the devices span {slices} TPU slice(s); "
+            f"use mesh.dcn_data={slices} (or -1)"
+        )
+    return dcn
+
+
 def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+    """data x fsdp x tensor over `devices`. On TPU the axes follow the ICI torus (mesh_utils), and
+    over several slices (multislice) `data` is the hybrid mesh's dcn_data x data: slice-major, so
+    only the data-parallel gradient all-reduce crosses the data-center network; fsdp and tensor
+    stay inside a slice. The one RULES table serves both."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    slices = slice_count(devices)
+    shape = mesh_shape(cfg, len(devices), slices)
+    if devices[0].platform != "tpu":
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    from jax.experimental import mesh_utils
+
+    if slices == 1:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    else:
+        inner = (shape[0] // slices, shape[1], shape[2])
+        grid = mesh_utils.create_hybrid_device_mesh(
+            inner, (slices, 1, 1), devices, allow_split_physical_axes=True
+        )
+    return Mesh(grid, MESH_AXES)
 
 
 def logical_to_mesh(spec: P) -> P:
@@ -246,7 +288,17 @@ def launched_processes() -> str | None:
         return "Open MPI"
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS"
+    if on_cloud_tpu_vm():
+        return "Cloud TPU VM"
     return None
+
+
+def on_cloud_tpu_vm() -> bool:
+    """A Cloud TPU VM: TPU chips attached (/dev/accel* on v4, VFIO groups on v5e/v5p/v6e) and
+    libtpu installed. There jax.distributed finds the slice's workers (and a multislice run's
+    other slices) from the VM's metadata, so every worker runs the same command."""
+    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
 def init_distributed(
@@ -254,7 +306,8 @@ def init_distributed(
 ) -> None:
     """Starts jax.distributed: from the flags when all three are given (every local device is
     used), else from the launcher's environment (SLURM srun, Open MPI: one device per process
-    there); a lone process on its own machine starts nothing. Call before any JAX computation."""
+    there; a Cloud TPU VM: one process per worker, all its chips); a lone process on its own
+    machine starts nothing. Call before any JAX computation."""
     given = {
         "--coordinator_address": coordinator_address,
         "--num_processes": num_processes,

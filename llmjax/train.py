@@ -143,7 +143,9 @@ def build(
         mesh = sharding.make_mesh(cfg.mesh, devices)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    model_cfg = model_config(cfg, jax.default_backend())
+    # The devices' platform: plan compiles for TPUs from a CPU process.
+    tpu = mesh.devices.flat[0].platform == "tpu"
+    model_cfg = model_config(cfg, "tpu" if tpu else jax.default_backend())
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
 
     def init() -> TrainState:
