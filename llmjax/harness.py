@@ -482,8 +482,8 @@ def run_tasks(lm, names: list[str], manager, **kwargs) -> dict:
 
 
 def metric_values(results: dict) -> dict[str, dict[str, float]]:
-    """{task or group: {metric key: value}} of a harness results dict, numbers only (stderrs
-    that were not computed, "N/A", and aliases are left out)."""
+    """{task or group: {metric key ("acc,none"): value}} of a harness results dict: numbers
+    only (stderrs that were not computed, "N/A"), without aliases and sample counts."""
     out = {}
     for section in ("results", "groups"):
         for task, row in (results.get(section) or {}).items():
@@ -491,7 +491,7 @@ def metric_values(results: dict) -> dict[str, dict[str, float]]:
                 {
                     k: float(v)
                     for k, v in row.items()
-                    if isinstance(v, int | float) and not isinstance(v, bool)
+                    if "," in k and isinstance(v, int | float) and not isinstance(v, bool)
                 }
             )
     return out

@@ -266,3 +266,54 @@ def test_cli_bad_inputs_are_one_line(tiny_gpt2, tmp_path, env):
     local = TaskManager(include_path=folder, include_defaults=False)
     with pytest.raises(harness.HarnessError, match="unknown task 'nope'"):
         harness.check_tasks(["llmjax_mc", "nope"], local)
+
+
+def test_training_logs_harness_rows(byte_data, shakespeare, tmp_path):
+    """train.harness_* log harness/<task>/<metric> rows into metrics.jsonl: the numbers the
+    harness gives the saved checkpoint (scored in float32 whatever the run's dtype)."""
+    from llmjax import train
+    from tests.conftest import tiny_config
+
+    folder = write_tasks(tmp_path / "tasks", fixture_items(shakespeare))
+    files = [os.path.join(folder, f"{t}.yaml") for t in ("llmjax_mc", "llmjax_rolling")]
+    cfg = tiny_config(
+        byte_data,
+        **{
+            "train.steps": 2,
+            "train.eval_every": 0,
+            "train.ckpt_every": 2,
+            "train.harness_tasks": ",".join(files),
+            "train.harness_every": 2,
+            "train.harness_limit": 3,
+            "model.dtype": "bfloat16",
+        },
+    )
+    work = str(tmp_path / "w")
+    train.train_and_evaluate(cfg, work)
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    logged = {k: v for r in rows for k, v in r.items() if k.startswith("harness/")}
+    assert set(logged) == {
+        "harness/llmjax_mc/acc",
+        "harness/llmjax_mc/acc_norm",
+        "harness/llmjax_rolling/word_perplexity",
+        "harness/llmjax_rolling/byte_perplexity",
+        "harness/llmjax_rolling/bits_per_byte",
+    }
+    want = _evaluate_files(harness.LlmjaxLM(workdir=work), files, limit=3)["results"]
+    for key, value in logged.items():
+        _, task, metric = key.split("/")
+        np.testing.assert_allclose(value, want[task][f"{metric},none"], rtol=1e-6)
+
+
+def _evaluate_files(lm, files: list[str], **kwargs) -> dict:
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    return evaluator.simple_evaluate(
+        model=lm,
+        tasks=files,
+        task_manager=TaskManager(include_defaults=False),
+        bootstrap_iters=0,
+        **kwargs,
+    )
