@@ -20,8 +20,9 @@ conditioned on the end-of-text token. What it adds is the scoring, built like th
   - generate_until: greedy or sampled decoding (sample.generate, KV cache) of max_gen_toks tokens
     after the context's last block_size - max_gen_toks tokens, cut at the first `until` string.
 Rows are sorted by length, padded to a power of two (at least 16, at most block_size) and scored
-`batch_size` rows at a time by one jitted function: a handful of compiled shapes for a whole
-evaluation, and one host read per batch. Scoring is in float32 whatever dtype the run trained in
+`batch_size` rows at a time by one jitted function, the LM head applied to the scored positions
+only (also padded to a power of two): a handful of compiled shapes for a whole evaluation, and one
+host read per batch. Scoring is in float32 whatever dtype the run trained in
 (--dtype chooses). Text containing "<|endoftext|>" gets the end-of-text token there, as a Hugging
 Face tokenizer gives it (llmjax's own encoders read it as plain text).
 
@@ -129,27 +130,28 @@ def encode(tok: Tokenizer, text: str) -> list[int]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def score_rows(graphdef, params, tokens_RT1, start_R, end_R):
-    """Per row: the summed log-probability of targets start..end-1 (target t is token t+1, read
-    after tokens 0..t) and whether each of them is the argmax; float32 throughout."""
+def score_rows(graphdef, params, tokens_RT1, pos_RC, scored_RC):
+    """Per row: the summed log-probability of the targets at positions pos_RC where scored_RC
+    (target t is token t+1, read after tokens 0..t) and whether each is the argmax; float32.
+
+    Only the scored positions go through the LM head: a multiple-choice row scores a few
+    continuation tokens after a long context, and the head is a third of GPT-2 124M's work."""
     model = nnx.merge(graphdef, params)
-    T = tokens_RT1.shape[1] - 1
     x_RTD = model.hidden(tokens_RT1[:, :-1])
-    t_T = jnp.arange(T)
-    scored_RT = (t_T >= start_R[:, None]) & (t_T < end_R[:, None])
+    x_RCD = jnp.take_along_axis(x_RTD, pos_RC[:, :, None], axis=1)
+    tgt_RC = jnp.take_along_axis(tokens_RT1[:, 1:], pos_RC, axis=1)
 
     def one(xs):
-        x_TD, tgt_T, scored_T = xs
-        logits_TV = model.logits(x_TD)
-        logp_TV = jax.nn.log_softmax(logits_TV, axis=-1)
-        logp_T = jnp.take_along_axis(logp_TV, tgt_T[:, None], axis=-1)[:, 0]
-        greedy_T = jnp.argmax(logits_TV, axis=-1) == tgt_T
-        return jnp.sum(jnp.where(scored_T, logp_T, 0.0)), jnp.all(greedy_T | ~scored_T)
+        x_CD, tgt_C, scored_C = xs
+        logits_CV = model.logits(x_CD)
+        logp_CV = jax.nn.log_softmax(logits_CV, axis=-1)
+        logp_C = jnp.take_along_axis(logp_CV, tgt_C[:, None], axis=-1)[:, 0]
+        greedy_C = jnp.argmax(logits_CV, axis=-1) == tgt_C
+        return jnp.sum(jnp.where(scored_C, logp_C, 0.0)), jnp.all(greedy_C | ~scored_C)
 
-    # Rows a few at a time through the head: a [rows, T, V] float32 array would not fit.
-    return jax.lax.map(
-        one, (x_RTD, tokens_RT1[:, 1:], scored_RT), batch_size=max(1, HEAD_TOKENS // T)
-    )
+    # Rows a few at a time through the head: a [rows, C, V] float32 array may not fit.
+    C = pos_RC.shape[1]
+    return jax.lax.map(one, (x_RCD, tgt_RC, scored_RC), batch_size=max(1, HEAD_TOKENS // C))
 
 
 def padded_length(n: int, block_size: int) -> int:
@@ -197,12 +199,15 @@ class Scorer:
         for b in range(0, len(order), self.rows):
             batch = order[b : b + self.rows]
             T = padded_length(len(batch[0]) - 2, L)
+            C = padded_length(max(k[0] for k in batch), T)  # scored positions per row
             tokens = np.zeros((self.rows, T + 1), np.int32)
-            start, end = np.zeros(self.rows, np.int32), np.zeros(self.rows, np.int32)
+            pos = np.zeros((self.rows, C), np.int32)
+            scored = np.zeros((self.rows, C), bool)
             for r, (n_cont, *row) in enumerate(batch):
                 tokens[r, : len(row)] = row
-                start[r], end[r] = len(row) - 1 - n_cont, len(row) - 1
-            out = score_rows(self.graphdef, self.params, tokens, start, end)
+                pos[r, :n_cont] = np.arange(len(row) - 1 - n_cont, len(row) - 1)
+                scored[r, :n_cont] = True
+            out = score_rows(self.graphdef, self.params, tokens, pos, scored)
             # Read the previous batch while this one computes: one host read per batch.
             if pending is not None:
                 self._store(results, *pending)
