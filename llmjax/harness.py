@@ -315,9 +315,16 @@ def lm_class() -> type:
             seed: int = 0,
             model: GPT | None = None,
             tokenizer: Tokenizer | None = None,
-            **ignored,  # the harness's device and max_batch_size: llmjax places the model itself
+            device: str | None = None,  # the harness's: llmjax places the model itself
+            max_batch_size: int | None = None,  # the harness's: batch_size rows always
+            **unknown,
         ) -> None:
             super().__init__()
+            if unknown:
+                raise HarnessError(
+                    f"unknown model_args {', '.join(sorted(unknown))} for llmjax (workdir, "
+                    "pretrained, dtype, batch_size, seed)"
+                )
             check_one_process()
             if model is None:
                 model, tokenizer, self.source = load(workdir, pretrained, dtype)

@@ -318,3 +318,15 @@ def _evaluate_files(lm, files: list[str], **kwargs) -> dict:
         bootstrap_iters=0,
         **kwargs,
     )
+
+
+def test_missing_extra_unknown_args_and_several_processes_are_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    with pytest.raises(harness.HarnessError, match=r"pip install -e '\.\[harness\]'"):
+        harness.require_lm_eval()
+    monkeypatch.undo()
+    with pytest.raises(harness.HarnessError, match="unknown model_args workdri for llmjax"):
+        harness.LlmjaxLM(workdri="typo")
+    monkeypatch.setattr(harness.jax, "process_count", lambda: 2)
+    with pytest.raises(harness.HarnessError, match="runs in one process; this job has 2"):
+        harness.LlmjaxLM(workdir="unused")
