@@ -254,6 +254,11 @@ def train_and_evaluate(
     if t.hellaswag_every:  # read (or downloaded) before anything compiles: a bad path fails fast
         path = evaluate.hellaswag_path(t.hellaswag_path)
         hellaswag_items = evaluate.load_hellaswag(path, t.hellaswag_items)
+    harness_tasks = None
+    if t.harness_every:  # the same: an unknown task or a missing extra fails before compiling
+        from llmjax import harness
+
+        harness_tasks = harness.training_tasks(t.harness_tasks, t.harness_limit)
     # Whatever can refuse the run only reads; the workdir is first written after these checks.
     model_dict = dataclasses.asdict(run.model_cfg)
     restored = checkpoint.restore_latest(workdir, run.abstract_state, model_dict)
@@ -315,6 +320,13 @@ def train_and_evaluate(
             log.line(
                 f"step {done:>6}/{t.steps} | hellaswag acc {hs['hellaswag_acc']:.4f} | "
                 f"acc_norm {hs['hellaswag_acc_norm']:.4f}"
+            )
+        if harness_tasks and _due(done, t.harness_every, t.steps):
+            scores = harness_tasks.scores(run.model_cfg, state.params, tok)
+            log.writer.scalars(done, scores)
+            log.line(
+                f"step {done:>6}/{t.steps} | "
+                + " | ".join(f"{k} {v:.4f}" for k, v in scores.items())
             )
         if _due(done, t.sample_every, t.steps):
             params = sharding.gather(state.params)  # all processes: weights may span hosts
