@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,47 @@ def manager(
         # removing them at start-up only frees their space.
         cleanup_tmp_directories=not read_only,
     )
-    return ocp.CheckpointManager(directory(workdir), options=options, item_names=("state", "meta"))
+    mngr = ocp.CheckpointManager(directory(workdir), options=options, item_names=("state", "meta"))
+    if not read_only:
+        _writing.add(mngr)
+    return mngr
+
+
+# The managers of this process that write: a run that fails settles their saves (`settle`).
+_writing: weakref.WeakSet = weakref.WeakSet()
+
+
+def settle(timeout_s: float) -> tuple[str, int | None] | None:
+    """After a failure: gives the save in flight of every writing manager up to `timeout_s` to
+    commit, then removes what did not (process 0). Returns (checkpoints folder, its latest
+    committed step) of the run, or None if this process never opened a checkpoint for writing
+    (it failed before training started)."""
+    found = None
+    for mngr in list(_writing):
+        # Orbax's wait has no timeout: it runs in a thread that may be left behind.
+        waiter = threading.Thread(target=_wait_quietly, args=(mngr,), daemon=True)
+        waiter.start()
+        waiter.join(timeout_s)
+        path = str(mngr.directory)
+        if jax.process_index() == 0 and os.path.isdir(path):
+            for name in os.listdir(path):
+                if ".orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+        steps = steps_on_disk(path)
+        found = (path, steps[-1] if steps else None)
+    return found
+
+
+def writing() -> bool:
+    """Whether this process has opened a checkpoint for writing: its training has started."""
+    return len(_writing) > 0
+
+
+def _wait_quietly(mngr: ocp.CheckpointManager) -> None:
+    try:
+        mngr.wait_until_finished()
+    except Exception:  # the failed save: reported by whoever saw it first, cleaned up by settle
+        pass
 
 
 def directory(workdir: str) -> str:

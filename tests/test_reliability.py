@@ -489,3 +489,65 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(byte_data, env, 
     assert checkpoint.steps_on_disk(checkpoint.directory(workdir))[-1] == steps.pop()
     assert all(p.wait(timeout=600) == 0 for p in _two_processes(env, byte_data, workdir))
     assert _logged(workdir) == _logged(reference)
+
+
+def _lines(stderr: str) -> list[str]:
+    return stderr.strip().splitlines()
+
+
+def test_a_second_trainer_on_one_workdir_is_refused(byte_data, env, reference, tmp_path):
+    """A double submit: the second trainer exits 2 in one line naming the first, which runs on
+    to the end untouched."""
+    workdir = str(tmp_path / "w")
+    first = subprocess.Popen(
+        _cmd(workdir, byte_data), cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE
+    )
+    for line in first.stdout:
+        if line.startswith("step      2/"):
+            break
+    first.send_signal(signal.SIGSTOP)  # frozen mid-run, still holding the workdir
+    t0 = time.time()
+    try:
+        second = _run(env, workdir, byte_data, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    lines = _lines(second.stderr)
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert f"--workdir={workdir} is in use by another trainer" in lines[0]
+    assert f"pid {first.pid} since " in lines[0]
+    assert time.time() - t0 < 60 and "compiled" not in second.stdout
+    first.stdout.read()
+    assert first.wait(timeout=120) == 0
+    assert _logged(workdir) == _logged(reference)
+    assert checkpoint.steps_on_disk(checkpoint.directory(workdir)) == [8, 12, 16]
+    assert not os.path.exists(os.path.join(workdir, ".lock"))  # released at the end
+
+
+def test_a_dead_holders_lock_is_taken_over_with_a_warning(tmp_path, caplog):
+    from llmjax import workdir_lock
+
+    path = tmp_path / workdir_lock.LOCK_FILE
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    now = time.time()
+    record = {"host": os.uname().nodename, "pid": gone.pid, "since": now - 60, "beat": now - 5}
+    path.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        lock = workdir_lock.acquire(str(tmp_path))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"took over the lock of {tmp_path}: host {record['host']} pid {gone.pid} since "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now - 60))} (no longer running)"
+    ]
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    with pytest.raises(workdir_lock.WorkdirLockError, match=f"pid {os.getpid()} since"):
+        workdir_lock.acquire(str(tmp_path))  # held: flock refuses even this process
+    lock.release()
+    # Another host's record with a fresh heartbeat: the lock may not reach that host (a shared
+    # filesystem whose locks are local), so the run is refused; an old one is taken over.
+    record = {"host": "elsewhere", "pid": 12, "since": now - 60, "beat": now - 5}
+    path.write_text(json.dumps(record))
+    with pytest.raises(workdir_lock.WorkdirLockError, match="heartbeat 5 s ago"):
+        workdir_lock.acquire(str(tmp_path))
+    path.write_text(json.dumps({**record, "beat": now - workdir_lock.STALE_S - 1}))
+    workdir_lock.acquire(str(tmp_path)).release()
+    assert not path.exists()
