@@ -391,7 +391,7 @@ def _bad_tokens(folder) -> str:
     return folder
 
 
-@pytest.mark.parametrize("case", ["incompatible_model", "devices", "token_ids"])
+@pytest.mark.parametrize("case", ["incompatible_model", "devices", "token_ids", "flipped_byte"])
 def test_cli_bad_input_is_one_line_exit_2_and_changes_nothing(
     byte_data, env, reference, tmp_path, case
 ):
@@ -402,9 +402,18 @@ def test_cli_bad_input_is_one_line_exit_2_and_changes_nothing(
         run_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
         extra = ["--config.data.batch_size=9"]
         needle = "data.batch_size=9 is not divisible by data-parallel size 2"
-    else:
+    elif case == "token_ids":
         workdir, data_path = str(tmp_path / "fresh"), _bad_tokens(str(tmp_path / "bad"))
         needle = "train_000000.bin: token id 300 >= vocabulary size 257"
+    else:  # one byte of the text changed ('a' -> 'b'): every id stays valid
+        data_path = str(tmp_path / "data")
+        shutil.copytree(byte_data, data_path)
+        with open(os.path.join(data_path, "train_000000.bin"), "r+b") as f:
+            f.seek(-2000, os.SEEK_END)
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 1]))
+        needle = "train_000000.bin: contents do not match the sha256 in meta.json"
     before = snapshot(tmp_path)
     t0 = time.time()
     proc = _run(run_env, workdir, data_path, *extra, timeout=120)
