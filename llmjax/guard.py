@@ -156,8 +156,8 @@ class _Exit:
     """The one report of a failed run: the first caller (main thread or PeerWatch) prints and
     exits; any later one waits for the exit."""
 
-    def __init__(self, term: _Terminal):
-        self.term, self.once = term, threading.Lock()
+    def __init__(self, term: _Terminal, lock: workdir_lock.WorkdirLock | None):
+        self.term, self.lock, self.once = term, lock, threading.Lock()
 
     def __call__(self, message: str, code: int, e: BaseException | None, settle_s: float) -> None:
         if not self.once.acquire(blocking=False):
@@ -169,9 +169,15 @@ class _Exit:
             latest = f"{path}/{step}" if step is not None else "none yet"
             if "last good checkpoint" not in message:
                 message += f"; latest intact checkpoint: {latest}"
-        self.term.line(f"{message} (details in {self.term.log_path})")
+        # A library's error (or a user error it caused) has a traceback worth reading.
+        known = isinstance(e, (UserError, FloatingPointError)) and e.__cause__ is None
+        if e is not None and not known:
+            message += f" (details in {self.term.log_path})"
+        self.term.line(message)
         sys.stdout.flush()
         logging.flush()
+        if self.lock is not None:  # the next trainer finds no lock left behind to take over
+            self.lock.release()
         os._exit(code)
 
 
@@ -247,7 +253,7 @@ def trainer(workdir: str) -> Iterator[None]:
     lock = _lock_job(workdir)
     term = _Terminal(os.path.join(os.path.abspath(workdir), ERRORS_LOG))
     term.divert()
-    report = _Exit(term)
+    report = _Exit(term, lock)
     watch = PeerWatch(report) if jax.process_count() > 1 else None
     try:
         yield

@@ -560,3 +560,65 @@ def test_a_dead_holders_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     path.write_text(json.dumps({**record, "beat": now - workdir_lock.STALE_S - 1}))
     workdir_lock.acquire(str(tmp_path)).release()
     assert not path.exists()
+
+
+def _upto(workdir, step: int) -> list[tuple]:
+    return [r for r in _logged(workdir) if dict(r)["step"] <= step]
+
+
+def _intact_upto(workdir, reference, steps: list[int], line: str) -> None:
+    """The run's checkpoints are `steps` and nothing half-written; the line names the last one;
+    metrics.jsonl holds the reference's rows up to it."""
+    folder = checkpoint.directory(workdir)
+    assert sorted(os.listdir(folder)) == [str(s) for s in steps]
+    assert line.endswith(f"latest intact checkpoint: {folder}/{steps[-1]}") or (
+        f"latest intact checkpoint: {folder}/{steps[-1]} (details in " in line
+    ), line
+    assert _upto(workdir, steps[-1]) == _upto(reference, steps[-1])
+
+
+def test_a_bad_id_mid_run_keeps_the_save_in_flight(byte_data, env, reference, tmp_path):
+    """An id beyond the vocabulary met at run time (data.verify=off) by the eval one step after a
+    save started: the save commits, the run ends in one line naming it, exit 2; the same command
+    on good data resumes and logs exactly the uninterrupted run."""
+    data_path, workdir = str(tmp_path / "data"), str(tmp_path / "w")
+    shutil.copytree(byte_data, data_path)
+    val = os.path.join(data_path, "val_000000.bin")
+    tokens = np.memmap(val, np.uint16, "r+", offset=1024)
+    tokens[5] = 300  # in the first eval batch
+    tokens.flush()
+    del tokens
+    t0 = time.time()
+    proc = _run(env, workdir, data_path, "--config.data.verify=off", "--config.train.eval_every=5")
+    seconds = time.time() - t0
+    lines = _lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"llmjax: {val}: token id 300 >= vocabulary size 257"), lines[0]
+    assert seconds < 120
+    _intact_upto(workdir, reference, [4], lines[0])
+    resumed = _run(env, workdir, byte_data)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _logged(workdir) == _logged(reference)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_resumes(byte_data, env, reference, tiny_disk):
+    """A 2 MB disk holds checkpoint 4 (1.5 MB) but not 8: one line, exit 2, checkpoint 4 intact,
+    the half-written 8 removed; Orbax's tracebacks are in errors.log."""
+    workdir = os.path.join(tiny_disk, "w")
+    t0 = time.time()
+    proc = _run(env, workdir, byte_data)
+    seconds = time.time() - t0
+    lines = _lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert re.match(
+        rf"llmjax: cannot save checkpoint {re.escape(checkpoint.directory(workdir))}/8: no space "
+        r"left on device; the checkpoints already on disk \(\[4\]\) are intact",
+        lines[0],
+    ), lines[0]
+    assert seconds < 120
+    _intact_upto(workdir, reference, [4], lines[0])
+    assert "Traceback" in open(os.path.join(workdir, "errors.log")).read()
+    moved = shutil.copytree(workdir, os.path.join(os.path.dirname(tiny_disk), "moved"))
+    resumed = _run(env, moved, byte_data)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _logged(moved) == _logged(reference)
