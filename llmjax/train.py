@@ -33,6 +33,7 @@ from llmjax import (
     evaluate,
     inputs,
     instruct,
+    memory,
     metrics,
     optim,
     sharding,
@@ -506,6 +507,7 @@ def compile_train_step(run: Run, state: TrainState, start: int):
     metrics.console(f"compiled train step in {time.time() - t0:.1f}s")
     metrics.console(sharding.describe(run.mesh))
     metrics.console(sharding.memory_report(state.params, state.opt_state, train_step))
+    memory.check_fits(train_step, cfg)  # before the first step: one line, not an OOM traceback
     return train_step
 
 

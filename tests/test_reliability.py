@@ -622,3 +622,26 @@ def test_a_full_disk_mid_run_is_one_line_and_resumes(byte_data, env, reference, 
     resumed = _run(env, moved, byte_data)
     assert resumed.returncode == 0, resumed.stderr
     assert _logged(moved) == _logged(reference)
+
+
+def test_a_step_over_the_memory_limit_is_refused_before_it_runs(byte_data, monkeypatch):
+    from llmjax import memory
+    from llmjax.config import ConfigError
+
+    cfg = tiny_config(byte_data, **OVERRIDES)
+    run = train.build(cfg)
+    compiled = run.train_step.lower(run.abstract_state, run.batch_spec).compile()
+    m = compiled.memory_analysis()
+    need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    need += m.temp_size_in_bytes
+    assert memory.step_bytes(compiled) == need
+    monkeypatch.setattr(memory, "device_available", lambda d: (need // 2, "test limit"))
+    with pytest.raises(ConfigError) as e:
+        memory.check_fits(compiled, cfg)
+    assert str(e.value) == (
+        f"the train step needs {need / 2**30:,.2f} GiB per device (XLA's estimate) but "
+        f"{need // 2 / 2**30:,.2f} GiB are free (test limit); lower data.batch_size (now 8), "
+        "raise optim.grad_accum (now 1) or set model.remat=full (now none)"
+    )
+    monkeypatch.setattr(memory, "device_available", lambda d: (need, "test limit"))
+    memory.check_fits(compiled, cfg)  # fits exactly
