@@ -28,10 +28,11 @@ import warnings
 from collections.abc import Iterator
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
-from llmjax import checkpoint, errors, workdir_lock
+from llmjax import checkpoint, errors, memory, workdir_lock
 from llmjax.errors import UserError
 
 ERRORS_LOG = "errors.log"
@@ -41,16 +42,9 @@ SETTLE_S = 60.0
 # Peer liveness: every process bumps its counter in the distributed key-value store every
 # BEAT_S; one whose counter has not moved for LOST_S is lost. LOST_S is well above the longest
 # pause of a Python thread in a healthy process (the beat thread needs the GIL; long native calls
-# release it) and well below JAX's own heartbeat timeout (HEARTBEAT_TIMEOUT_S), which would abort
-# the process without a word.
+# release it) and well below JAX's own heartbeat timeout (sharding.HEARTBEAT_TIMEOUT_S), which
+# would abort the process without a word.
 BEAT_S, LOST_S = 1.0, 10.0
-# jax.distributed's timeouts, set in sharding.init_distributed. The heartbeat timeout is JAX's
-# backstop when the PeerWatch thread cannot run (a process hung with the GIL held): it is the
-# longest a job then lives on with a dead peer. Its default, 100 s, left survivors running for
-# 55-93 s; 30 s is three times LOST_S, so the watch always speaks first. The shutdown timeout
-# bounds how long a finished process waits at the shutdown barrier for the others (default 300 s);
-# a healthy job arrives there within seconds of each other.
-HEARTBEAT_TIMEOUT_S, SHUTDOWN_TIMEOUT_S = 30, 60
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -236,8 +230,10 @@ class PeerWatch:
             self.client.key_value_set(f"llmjax/done/{self.me}", "1")
 
 
-def _summary(e: BaseException) -> tuple[str, int]:
+def _summary(e: BaseException, cfg: ml_collections.ConfigDict | None) -> tuple[str, int]:
     """(line, exit code) for an error that ended a run."""
+    if cfg is not None and memory.is_out_of_memory(e):
+        return f"out of memory ({errors.one_line(e)[:160]}); {memory.advice(cfg)}", 2
     if isinstance(e, UserError):
         return errors.one_line(e), 2
     if isinstance(e, FloatingPointError):  # diverged: the message names the last good checkpoint
@@ -248,8 +244,9 @@ def _summary(e: BaseException) -> tuple[str, int]:
 
 
 @contextlib.contextmanager
-def trainer(workdir: str) -> Iterator[None]:
-    """The guard around one training run in `workdir` (see the module's docstring)."""
+def trainer(workdir: str, cfg: ml_collections.ConfigDict | None = None) -> Iterator[None]:
+    """The guard around one training run in `workdir` (see the module's docstring); `cfg` names
+    the keys to change in the line for a step out of memory."""
     lock = _lock_job(workdir)
     term = _Terminal(os.path.join(os.path.abspath(workdir), ERRORS_LOG))
     term.divert()
@@ -263,11 +260,16 @@ def trainer(workdir: str) -> Iterator[None]:
             if lock is not None:
                 lock.release()
             raise
-        report(*_summary(e), e, SETTLE_S)
+        report(*_summary(e, cfg), e, SETTLE_S)
     except BaseException as e:
         if isinstance(e, SystemExit):
             raise
-        report(*_summary(e), e, SETTLE_S)
+        if watch is not None and isinstance(e, jax.errors.JaxRuntimeError):
+            # A collective failed: most likely a peer died. The watch names it within LOST_S (and
+            # exits); only if every peer still beats is this error the story.
+            term.traceback(e, "a collective failed; waiting for the peer watch")
+            watch.stop.wait(LOST_S + 3 * BEAT_S)
+        report(*_summary(e, cfg), e, SETTLE_S)
     if watch is not None:
         watch.finish()
     term.restore()

@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
     # After jax.distributed: with several processes, a signal to one stops all at one step.
     checkpoint.handle_signals()  # SIGTERM/SIGINT: finish the step, save, exit 0
     # The workdir's lock, errors.log, and one line (a diverged run: exit code 1) for any failure.
-    with guard.trainer(FLAGS.workdir):
+    with guard.trainer(FLAGS.workdir, cfg):
         train.train_and_evaluate(cfg, FLAGS.workdir)
 
 

@@ -624,6 +624,54 @@ def test_a_full_disk_mid_run_is_one_line_and_resumes(byte_data, env, reference, 
     assert _logged(moved) == _logged(reference)
 
 
+def _cli_processes(env, data_path, workdir, port: int, *extra) -> list[subprocess.Popen]:
+    return [
+        subprocess.Popen(
+            _cmd(workdir, data_path, *extra)
+            + [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_dead_peer_ends_the_job_in_one_line(byte_data, env, tmp_path):
+    """Process 1 of 2 is SIGKILLed mid-run (no launcher to stop the survivor): process 0 exits
+    within 15 s, in one line naming process 1 and the checkpoint to resume from; the checkpoints
+    and metrics.jsonl up to it are an uninterrupted two-process run's."""
+    env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    reference = str(tmp_path / "reference")
+    procs = _cli_processes(env, byte_data, reference, _free_port())
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], procs[0].stderr.read()
+    workdir = str(tmp_path / "w")
+    procs = _cli_processes(env, byte_data, workdir, _free_port())
+    for line in procs[0].stdout:
+        if line.startswith("step      6/"):
+            break
+    procs[1].kill()
+    t0 = time.time()
+    _, err = procs[0].communicate(timeout=60)
+    seconds = time.time() - t0
+    lines = _lines(err)
+    assert procs[0].returncode == 1 and len(lines) <= 3, err
+    assert seconds < 15, seconds
+    assert re.match(r"llmjax: process 1 of 2 was lost \(no heartbeat for 1\d s\)", lines[-1])
+    _intact_upto(workdir, reference, [4], lines[-1])
+
+
 def test_a_step_over_the_memory_limit_is_refused_before_it_runs(byte_data, monkeypatch):
     from llmjax import memory
     from llmjax.config import ConfigError
