@@ -434,6 +434,12 @@ def request_stop(reason: str) -> None:
     _stop_reason.append(reason)
 
 
+def stop_requested() -> bool:
+    """Whether a stop is pending (one process; not consumed): long evaluations check it between
+    batches and give up, so a preemption's grace period is not spent on them."""
+    return bool(_stop_reason)
+
+
 def should_stop(step: int) -> str | None:
     """Why the loop should save and stop after `step` (None: carry on). Called every step on every
     process; the request is consumed."""

@@ -349,8 +349,9 @@ def with_reference(run: Run, d: inputs.Data, params, workdir: str, *, fresh: boo
     return inputs.Data(train, val, d.pairs)
 
 
-def sample_text(run: Run, params, tok: Tokenizer, prompt: str, n: int, seed: int) -> str:
-    """A continuation of `prompt`, or for a chat model its answers to the fixed questions."""
+def sample_text(run: Run, params, tok: Tokenizer, prompt: str, n: int, seed: int, stop=None) -> str:
+    """A continuation of `prompt`, or for a chat model its answers to the fixed questions.
+    `stop`: checked after every token (evaluate.Stopped)."""
     model = nnx.merge(run.graphdef, jax.device_get(params))
     chat = tok.chat
     if chat:
@@ -358,12 +359,21 @@ def sample_text(run: Run, params, tok: Tokenizer, prompt: str, n: int, seed: int
             instruct.render(tok, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
             for q in instruct.SAMPLE_QUESTIONS
         ]
-        stop = tok.special["<|end|>"]
+        end = tok.special["<|end|>"]
     else:
-        prompts, stop = [tok.encode(prompt) or [tok.eot_id]], tok.eot_id
+        prompts, end = [tok.encode(prompt) or [tok.eot_id]], tok.eot_id
     n = min(n, run.model_cfg.block_size - max(map(len, prompts)))
-    outs = generate(model, prompts, n, temperature=0.8, top_k=40, seed=seed, eot_id=stop)
-    texts = [tok.decode([t for t in out if t != stop]) for out in outs]
+    outs = generate(
+        model,
+        prompts,
+        n,
+        temperature=0.8,
+        top_k=40,
+        seed=seed,
+        eot_id=end,
+        on_token=(lambda row, token: _stop_point(stop)) if stop else None,
+    )
+    texts = [tok.decode([t for t in out if t != end]) for out in outs]
     if chat:
         return "\n".join(
             f"Q: {q}\nA: {a}" for q, a in zip(instruct.SAMPLE_QUESTIONS, texts, strict=True)
@@ -416,6 +426,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     train_step = compile_train_step(run, state, start)
     put = lambda batch: jax.tree.map(lambda a: sharding.put_batch(a, run.mesh), batch)
     batches = batches_of.train(start)
+    cadences = {
+        "eval": t.eval_every,
+        "hellaswag": t.hellaswag_every if hellaswag_items else 0,
+        "sample": t.sample_every,
+    }
+    evaluations = functools.partial(
+        _evaluations, run, lambda: state.params, log, batches_of, hellaswag_items, tok
+    )
+    evaluations(start, meta["loop"].get("redo", []))  # cut short by the stop that saved `start`
     for step in range(start, t.steps):
         state, m = train_step(state, put(next(batches)))
         log.record(m)
@@ -424,33 +443,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
             streak = log.interval(done, state.skipped, state.bad_streak)
             if streak >= t.max_bad_steps:
                 raise diverged(log.last, done, streak, mngr)
-        if _due(done, t.eval_every, t.steps):
-            ev = evaluate.mean_metrics(run.eval_step, state.params, map(put, batches_of.val()))
-            log.writer.scalars(done, {f"eval/{k}": v for k, v in ev.items()})
-            log.line(
-                f"step {done:>6}/{t.steps} | "
-                + " | ".join(f"eval {k} {v:.4f}" for k, v in ev.items())
-            )
-        if hellaswag_items and _due(done, t.hellaswag_every, t.steps):
-            hs = evaluate.hellaswag(
-                run.graphdef, state.params, hellaswag_items, tok, run.model_cfg.block_size
-            )
-            log.writer.scalars(
-                done, {f"eval/{k}": hs[k] for k in ("hellaswag_acc", "hellaswag_acc_norm")}
-            )
-            log.line(
-                f"step {done:>6}/{t.steps} | hellaswag acc {hs['hellaswag_acc']:.4f} | "
-                f"acc_norm {hs['hellaswag_acc_norm']:.4f}"
-            )
-        if _due(done, t.sample_every, t.steps):
-            params = sharding.gather(state.params)  # all processes: weights may span hosts
-            if jax.process_index() == 0:
-                text = sample_text(run, params, tok, t.sample_prompt, t.sample_tokens, done)
-                log.writer.text(done, "sample", text)
-                log.line(f"step {done:>6}/{t.steps} | sample: {text!r}")
+        due = [k for k, every in cadences.items() if _due(done, every, t.steps)]
+        cut = evaluations(done, due)  # those a stop request cut short: redone on resume
         stop = checkpoint.should_stop(done)  # SIGTERM/SIGINT: save now and return
         if _due(done, t.ckpt_every, t.steps) or stop:
-            checkpoint.save(mngr, done, state, _meta(run, done, log.replay_state()))
+            loop = {**log.replay_state(), "redo": cut}
+            checkpoint.save(mngr, done, state, _meta(run, done, loop))
         if stop:
             checkpoint.wait(mngr)
             log.line(
@@ -463,6 +461,52 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     mngr.close()
     log.close()
     return state
+
+
+def _evaluations(
+    run: Run, params, log, batches_of: inputs.Data, hellaswag_items, tok, done: int, due: list
+) -> list[str]:
+    """The evaluations in `due` ("eval", "hellaswag", "sample") after step `done`, logged; returns
+    those a stop request (SIGTERM) cut short, between two batches, so that the save comes within
+    a preemption's grace period. One process only: with several, a stop is agreed at a step."""
+    t, params, finished = run.cfg.train, params(), []
+    put = lambda batch: jax.tree.map(lambda a: sharding.put_batch(a, run.mesh), batch)
+    stop = checkpoint.stop_requested if jax.process_count() == 1 else None
+    try:
+        if "eval" in due:
+            ev = evaluate.mean_metrics(run.eval_step, params, map(put, batches_of.val()), stop)
+            log.writer.scalars(done, {f"eval/{k}": v for k, v in ev.items()})
+            log.line(
+                f"step {done:>6}/{t.steps} | "
+                + " | ".join(f"eval {k} {v:.4f}" for k, v in ev.items())
+            )
+            finished.append("eval")
+        if "hellaswag" in due:
+            hs = evaluate.hellaswag(
+                run.graphdef, params, hellaswag_items, tok, run.model_cfg.block_size, stop
+            )
+            log.writer.scalars(
+                done, {f"eval/{k}": hs[k] for k in ("hellaswag_acc", "hellaswag_acc_norm")}
+            )
+            log.line(
+                f"step {done:>6}/{t.steps} | hellaswag acc {hs['hellaswag_acc']:.4f} | "
+                f"acc_norm {hs['hellaswag_acc_norm']:.4f}"
+            )
+            finished.append("hellaswag")
+        if "sample" in due:
+            gathered = sharding.gather(params)  # all processes: weights may span hosts
+            if jax.process_index() == 0:
+                text = sample_text(run, gathered, tok, t.sample_prompt, t.sample_tokens, done, stop)
+                log.writer.text(done, "sample", text)
+                log.line(f"step {done:>6}/{t.steps} | sample: {text!r}")
+    except evaluate.Stopped:
+        return [k for k in due if k not in finished]
+    return []
+
+
+def _stop_point(stop) -> None:
+    if stop():
+        raise evaluate.Stopped
 
 
 def _due(done: int, every: int, steps: int) -> bool:

@@ -672,6 +672,57 @@ def test_a_dead_peer_ends_the_job_in_one_line(byte_data, env, tmp_path):
     _intact_upto(workdir, reference, [4], lines[-1])
 
 
+def test_sigterm_during_a_long_eval_stops_within_5_s(byte_data, env, reference, tmp_path):
+    """SIGTERM once the eval after step 8 has started (2000 batches, far longer than the grace):
+    the eval stops after its current batch, step 8 is saved, exit 0; the resumed run redoes that
+    eval first (here with the reference's one batch) and logs exactly the uninterrupted run."""
+    workdir = str(tmp_path / "w")
+    proc = subprocess.Popen(
+        _cmd(workdir, byte_data, "--config.train.eval_batches=2000"),
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    for line in proc.stdout:
+        if line.startswith("step      8/16 | loss"):  # the train line; the eval comes next
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    out, err = proc.communicate(timeout=120)
+    seconds = time.time() - t0
+    assert proc.returncode == 0 and len(_lines(err)) <= 3, err
+    assert seconds < 5, seconds
+    assert "stopped by SIGTERM after step 8" in out and "eval loss" not in out
+    assert checkpoint.steps_on_disk(checkpoint.directory(workdir)) == [4, 8]
+    mngr = checkpoint.manager(workdir, read_only=True)
+    assert checkpoint.read_meta(mngr, 8)["loop"]["redo"] == ["eval"]
+    assert _upto(workdir, 8) == [r for r in _upto(reference, 8) if "eval/loss" not in dict(r)]
+    resumed = _run(env, workdir, byte_data)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step      8/16 | eval loss" in resumed.stdout
+    assert _logged(workdir) == _logged(reference)
+
+
+def test_evaluations_stop_between_batches():
+    from llmjax import evaluate
+
+    read, stops = [], iter([False, False, True])
+    batches = (read.append(i) or np.full((2, 3), i, np.int32) for i in range(100))
+
+    def step(params, batch):
+        return jnp.sum(batch), (jnp.float32(batch.size), {})
+
+    with pytest.raises(evaluate.Stopped):
+        evaluate.mean_metrics(step, None, batches, stop=lambda: next(stops))
+    assert read == [0, 1, 2]  # the current batch finished, no further one read
+    assert evaluate.mean_metrics(step, None, [np.ones((2, 3), np.int32)], stop=lambda: False) == {
+        "loss": 1.0
+    }
+
+
 def test_a_step_over_the_memory_limit_is_refused_before_it_runs(byte_data, monkeypatch):
     from llmjax import memory
     from llmjax.config import ConfigError
