@@ -77,6 +77,7 @@ class WorkdirLock:
     def __init__(self, path: str, fd: int, record: dict):
         self.path, self.fd, self.record = path, fd, record
         self._stop = threading.Event()
+        self._fd_lock = threading.Lock()  # no heartbeat into a closed (and reused) descriptor
         self._beat = threading.Thread(target=self._heartbeat, name="llmjax-lock", daemon=True)
         self._beat.start()
 
@@ -87,22 +88,26 @@ class WorkdirLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self._write()
-            except OSError:  # a full or vanished disk: the run itself will say so
-                pass
+            with self._fd_lock:
+                if self.fd < 0:
+                    return
+                try:
+                    self._write()
+                except OSError:  # a full or vanished disk: the run itself will say so
+                    pass
 
     def release(self) -> None:
         """Removes the lock file, then unlocks: a waiting trainer finds no file or a fresh one."""
-        if self.fd < 0:
-            return
         self._stop.set()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = -1
+        with self._fd_lock:
+            if self.fd < 0:
+                return
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
 
 
 def acquire(workdir: str) -> WorkdirLock:
