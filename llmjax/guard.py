@@ -230,7 +230,7 @@ class PeerWatch:
             self.client.key_value_set(f"llmjax/done/{self.me}", "1")
 
 
-def _summary(e: BaseException, cfg: ml_collections.ConfigDict | None) -> tuple[str, int]:
+def summary(e: BaseException, cfg: ml_collections.ConfigDict | None) -> tuple[str, int]:
     """(line, exit code) for an error that ended a run."""
     if cfg is not None and memory.is_out_of_memory(e):
         return f"out of memory ({errors.one_line(e)[:160]}); {memory.advice(cfg)}", 2
@@ -260,7 +260,7 @@ def trainer(workdir: str, cfg: ml_collections.ConfigDict | None = None) -> Itera
             if lock is not None:
                 lock.release()
             raise
-        report(*_summary(e, cfg), e, SETTLE_S)
+        report(*summary(e, cfg), e, SETTLE_S)
     except BaseException as e:
         if isinstance(e, SystemExit):
             raise
@@ -269,7 +269,7 @@ def trainer(workdir: str, cfg: ml_collections.ConfigDict | None = None) -> Itera
             # exits); only if every peer still beats is this error the story.
             term.traceback(e, "a collective failed; waiting for the peer watch")
             watch.stop.wait(LOST_S + 3 * BEAT_S)
-        report(*_summary(e, cfg), e, SETTLE_S)
+        report(*summary(e, cfg), e, SETTLE_S)
     if watch is not None:
         watch.finish()
     term.restore()

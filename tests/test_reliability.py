@@ -744,3 +744,20 @@ def test_a_step_over_the_memory_limit_is_refused_before_it_runs(byte_data, monke
     )
     monkeypatch.setattr(memory, "device_available", lambda d: (need, "test limit"))
     memory.check_fits(compiled, cfg)  # fits exactly
+
+
+def test_out_of_memory_at_run_time_is_the_memory_line(byte_data):
+    from llmjax import guard
+
+    cfg = tiny_config(byte_data, **{"data.batch_size": 1024, "model.remat": "dots_saveable"})
+    oom = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9876543210 bytes.\nmore"
+    )
+    assert guard.summary(oom, cfg) == (
+        "out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9876543210 "
+        "bytes.); lower data.batch_size (now 1024), raise optim.grad_accum (now 1) or set "
+        "model.remat=full (now dots_saveable)",
+        2,
+    )
+    assert guard.summary(MemoryError(), cfg)[1] == 2
+    assert guard.summary(ValueError("a bug"), cfg) == ("ValueError: a bug", 1)
