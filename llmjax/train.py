@@ -434,7 +434,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
     evaluations = functools.partial(
         _evaluations, run, lambda: state.params, log, batches_of, hellaswag_items, tok
     )
-    evaluations(start, meta["loop"].get("redo", []))  # cut short by the stop that saved `start`
+    evaluations(start, (meta.get("loop") or {}).get("redo", []))  # cut short by the last stop
     for step in range(start, t.steps):
         state, m = train_step(state, put(next(batches)))
         log.record(m)
