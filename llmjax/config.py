@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.seq_len = 1024  # tokens per training sequence (<= model.block_size)
     d.workers = 0  # Grain worker processes (0 = read in threads of this process)
     d.prefetch = 4  # batches read ahead of the train step
+    # Shard contents checked before step 1 (integrity.py): full = every shard's sha256 (against
+    # meta.json) and largest token id on every start; cached = only shards changed since this
+    # user last verified them (path, size, mtime); off = none (ids still checked as read).
+    d.verify = "cached"
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 6e-4  # peak learning rate, reached after warmup
@@ -274,6 +278,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check(
         d.tokenizer in TOKENIZERS,
         f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}",
+    )
+    _check(
+        d.verify in ("full", "cached", "off"),
+        f"data.verify={d.verify!r} is not one of full, cached, off",
     )
     parse_trackers(t.trackers)
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")

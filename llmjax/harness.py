@@ -37,6 +37,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from llmjax import checkpoint, convert, errors
+from llmjax import checkpoint, convert, errors, evaluate
 from llmjax.model import GPT, GPTConfig
 from llmjax.sample import generate
 from llmjax.tokenizer import EOT, Tokenizer, get_tokenizer
@@ -169,6 +170,12 @@ class Scorer:
         self.model, self.tok, self.rows, self.seed = model, tok, batch_rows, seed
         self.graphdef, self.params = nnx.split(model)
         self.block_size = model.cfg.block_size
+        # The training loop's stop request (SIGTERM), checked between batches: evaluate.Stopped.
+        self.stop: Callable[[], bool] | None = None
+
+    def _stop_point(self) -> None:
+        if self.stop is not None and self.stop():
+            raise evaluate.Stopped
 
     def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log p(continuation | context), every continuation token the argmax) per pair, in
@@ -211,6 +218,7 @@ class Scorer:
             # Read the previous batch while this one computes: one host read per batch.
             if pending is not None:
                 self._store(results, *pending)
+                self._stop_point()
             pending = (batch, out)
         if pending is not None:
             self._store(results, *pending)
@@ -270,6 +278,7 @@ class Scorer:
                     if term:
                         text = text.split(term)[0]
                 texts[i] = text
+            self._stop_point()
         return texts
 
 
@@ -521,12 +530,16 @@ class TrainingTasks:
     manager: object  # the harness's TaskManager
     limit: int
 
-    def scores(self, cfg: GPTConfig, params, tok: Tokenizer) -> dict[str, float]:
-        """{"harness/<task>/<metric>": value} for the model of `params`, scored in float32."""
+    def scores(
+        self, cfg: GPTConfig, params, tok: Tokenizer, stop: Callable[[], bool] | None = None
+    ) -> dict[str, float]:
+        """{"harness/<task>/<metric>": value} for the model of `params`, scored in float32.
+        `stop`: checked between batches (evaluate.Stopped)."""
         import logging as std_logging
 
         std_logging.getLogger("lm_eval").setLevel(std_logging.WARNING)
         lm = lm_class()(model=eval_model(cfg, params), tokenizer=tok)
+        lm.scorer.stop = stop
         results = run_tasks(lm, self.names, self.manager, limit=self.limit or None)
         return {
             f"harness/{task}/{metric.removesuffix(',none')}": value

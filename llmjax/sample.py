@@ -220,9 +220,16 @@ def generate(
 FLAGS = flags.FLAGS
 
 
-def sample_text(model: GPT, tok: Tokenizer, prompt: str, n: int, seed: int) -> str:
+def sample_text(
+    model: GPT,
+    tok: Tokenizer,
+    prompt: str,
+    n: int,
+    seed: int,
+    on_token: Callable[[int, int], None] | None = None,
+) -> str:
     """The training loop's periodic sample: a continuation of `prompt`, or for a chat model its
-    answers to instruct.SAMPLE_QUESTIONS."""
+    answers to instruct.SAMPLE_QUESTIONS. `on_token`: as `generate`'s (the loop's stop check)."""
     chat = tok.chat
     if chat:
         prompts = [
@@ -241,6 +248,7 @@ def sample_text(model: GPT, tok: Tokenizer, prompt: str, n: int, seed: int) -> s
         top_k=PERIODIC_TOP_K,
         seed=seed,
         eot_id=stop,
+        on_token=on_token,
     )
     texts = [tok.decode([t for t in out if t != stop]) for out in outs]
     if chat:
