@@ -93,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.seq_len = 1024  # tokens per training sequence (<= model.block_size)
     d.workers = 0  # Grain worker processes (0 = read in threads of this process)
     d.prefetch = 4  # batches read ahead of the train step
+    # Shard contents checked before step 1 (integrity.py): full = every shard's sha256 (against
+    # meta.json) and largest token id on every start; cached = only shards changed since this
+    # user last verified them (path, size, mtime); off = none (ids still checked as read).
+    d.verify = "cached"
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 6e-4  # peak learning rate, reached after warmup
@@ -144,6 +148,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.hellaswag_every = 0  # steps between HellaSwag evaluations (eval/hellaswag_acc*); 0 disables
     t.hellaswag_path = "download"  # HellaSwag val jsonl, or "download" (official file, cached)
     t.hellaswag_items = 0  # first N items per evaluation; 0 = all 10,042
+    # lm-evaluation-harness tasks (names or YAML files, comma-separated) scored every
+    # harness_every steps as harness/<task>/<metric> (llmjax.harness; the `harness` extra).
+    t.harness_tasks = ""
+    t.harness_every = 0  # steps between harness evaluations; 0 disables
+    t.harness_limit = 0  # first N documents per task per evaluation; 0 = all
     # Where metrics.jsonl's rows are also sent, comma-separated: tensorboard (WORKDIR/tb) | mlflow
     # | wandb | none. MLflow and W&B are extras: pip install -e ".[mlflow]" / ".[wandb]".
     t.trackers = "tensorboard"
@@ -210,6 +219,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("train.keep_every", t.keep_every),
         ("train.hellaswag_every", t.hellaswag_every),
         ("train.hellaswag_items", t.hellaswag_items),
+        ("train.harness_every", t.harness_every),
+        ("train.harness_limit", t.harness_limit),
         ("train.z_loss", t.z_loss),
         ("model.logit_cap", m.logit_cap),
         ("optim.muon_weight_decay", o.muon_weight_decay),
@@ -266,8 +277,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     )
     _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r} is not one of {', '.join(DATA_KINDS)}")
     _check(
+        not t.harness_every or bool(t.harness_tasks.strip(", ")),
+        "train.harness_tasks is empty but train.harness_every > 0",
+    )
+    _check(
         d.tokenizer in TOKENIZERS,
         f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}",
+    )
+    _check(
+        d.verify in ("full", "cached", "off"),
+        f"data.verify={d.verify!r} is not one of full, cached, off",
     )
     parse_trackers(t.trackers)
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")

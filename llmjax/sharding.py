@@ -279,6 +279,21 @@ def memory_report(params, opt_state, compiled) -> str:
     )
 
 
+# jax.distributed's timeouts. The heartbeat timeout is JAX's own detection of a dead process; it
+# aborts the survivors without a word, so it must come after llmjax's (guard.LOST_S, 10 s, which
+# ends them with a line) and only matters where that cannot run (a process hung with the GIL
+# held). Its default, 100 s, left survivors running 55-93 s; 30 s bounds that case. The shutdown
+# timeout is how long a finished process waits at the shutdown barrier for the others (default
+# 300 s); healthy processes arrive within seconds of each other, failed ones exit without it.
+# A dead coordinator (process 0) is the exception: JAX's client aborts every survivor within a
+# second (its message lands in errors.log); its error callback cannot be set from Python.
+HEARTBEAT_TIMEOUT_S, SHUTDOWN_TIMEOUT_S = 30, 60
+TIMEOUTS = {
+    "heartbeat_timeout_seconds": HEARTBEAT_TIMEOUT_S,
+    "shutdown_timeout_seconds": SHUTDOWN_TIMEOUT_S,
+}
+
+
 # Launchers that start several processes and tell jax.distributed who is who.
 def launched_processes() -> str | None:
     env = os.environ
@@ -321,11 +336,15 @@ def init_distributed(
         # Explicit flags mean every visible device: without this, jax under SLURM would still
         # restrict each process to device SLURM_LOCALID.
         jax.distributed.initialize(
-            coordinator_address, num_processes, process_id, cluster_detection_method="deactivate"
+            coordinator_address,
+            num_processes,
+            process_id,
+            cluster_detection_method="deactivate",
+            **TIMEOUTS,
         )
     elif launcher := launched_processes():
         try:
-            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+            jax.distributed.initialize(coordinator_address, num_processes, process_id, **TIMEOUTS)
         except ValueError as e:  # e.g. JAX_COORDINATOR_ADDRESS set but no process count
             raise ConfigError(f"jax.distributed under {launcher}: {e}") from e
     elif any(v is not None for v in given.values()):
