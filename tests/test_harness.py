@@ -216,7 +216,7 @@ def test_compiles_once_per_length_and_gracefully_refuses(tiny_gpt2):
     lm = harness.LlmjaxLM(workdir=work, batch_size=3)
     with compiles_of("score_rows") as first:
         _evaluate(lm, folder)
-    assert 1 <= len(first) <= 6
+    assert len(first) <= 6  # none where an earlier test compiled the same shapes
     with compiles_of("score_rows") as second:
         _evaluate(harness.LlmjaxLM(workdir=work, batch_size=3), folder, limit=2)
     assert second == []
