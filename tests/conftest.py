@@ -11,10 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The shard-verification cache (llmjax.integrity) of this session only, not the user's: the
+# tests' own children inherit it.
+os.environ.setdefault("LLMJAX_CACHE", tempfile.mkdtemp(prefix="llmjax-test-cache-"))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 # Example data a user runs the recipes with; the tests read the same copy.
 INSTRUCTIONS = os.path.join(ROOT, "data", "instruction-data.json")
