@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-all test-isa lint fresh-check clean plan-install
+.PHONY: install demo test test-all test-isa lint fresh-check clean plan-install plan-install-tpu
 
 install: $(STAMP)
 
@@ -53,6 +53,16 @@ plan-install: $(STAMP)
 	$(PLAN_VENV)/bin/python -m pip install -q "jax[cuda12]==$$($(PY) -c 'import jax; print(jax.__version__)')"
 	$(PLAN_VENV)/bin/python -m pip install -q -e ".[cuda12]" pytest  # pytest: tests/test_plan.py
 	@echo "then: $(PLAN_VENV)/bin/python -m llmjax.plan --config=configs/gpt2_124m.py --gpu=h100"
+
+# The same for TPUs: jax[tpu] (libtpu, ~1.5 GB) at .venv's jax version, so a CPU machine can
+# compile for TPU slices (`plan --tpu=v5e-8`). Its own venv: libtpu and the CUDA plugin apart.
+PLAN_TPU_VENV := .venv-plan-tpu
+plan-install-tpu: $(STAMP)
+	test -x $(PLAN_TPU_VENV)/bin/python || $(PYTHON) -m venv $(PLAN_TPU_VENV)
+	$(PLAN_TPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PLAN_TPU_VENV)/bin/python -m pip install -q "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
+	$(PLAN_TPU_VENV)/bin/python -m pip install -q -e . pytest  # pytest: tests/test_plan_tpu.py
+	@echo "then: $(PLAN_TPU_VENV)/bin/python -m llmjax.plan --config=configs/gpt2_124m.py --tpu=v5e-8"
 
 # What a user who clones the repository gets: the committed tree cloned into an empty temporary
 # directory, nothing beside it, then `make test` and `make demo` there (what CI runs).

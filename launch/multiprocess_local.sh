@@ -25,6 +25,15 @@ PYTHON=${PYTHON:-python}
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Wait for them: a survivor of a lost peer ends itself within ~10 s (llmjax's peer watch, one
+  # line saying so); one still there after 20 s is killed, so a requeued job never overlaps it.
+  for ((t = 0; t < 200; t++)); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT INT TERM
 
@@ -46,7 +55,8 @@ done
 # A failing process stops the others at once (the rest would wait on it until a timeout).
 status=0
 for ((k = 0; k < N; k++)); do
-  wait -n || { status=$?; break; }
+  # (bash's own report of a killed process, its whole command, would bury the processes' lines)
+  wait -n 2>/dev/null || { status=$?; break; }
 done
 [[ $status -eq 0 ]] && pids=()
 exit $status

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,47 @@ def manager(
         # removing them at start-up only frees their space.
         cleanup_tmp_directories=not read_only,
     )
-    return ocp.CheckpointManager(directory(workdir), options=options, item_names=("state", "meta"))
+    mngr = ocp.CheckpointManager(directory(workdir), options=options, item_names=("state", "meta"))
+    if not read_only:
+        _writing.add(mngr)
+    return mngr
+
+
+# The managers of this process that write: a run that fails settles their saves (`settle`).
+_writing: weakref.WeakSet = weakref.WeakSet()
+
+
+def settle(timeout_s: float) -> tuple[str, int | None] | None:
+    """After a failure: gives the save in flight of every writing manager up to `timeout_s` to
+    commit, then removes what did not (process 0). Returns (checkpoints folder, its latest
+    committed step) of the run, or None if this process never opened a checkpoint for writing
+    (it failed before training started)."""
+    found = None
+    for mngr in list(_writing):
+        # Orbax's wait has no timeout: it runs in a thread that may be left behind.
+        waiter = threading.Thread(target=_wait_quietly, args=(mngr,), daemon=True)
+        waiter.start()
+        waiter.join(timeout_s)
+        path = str(mngr.directory)
+        if jax.process_index() == 0 and os.path.isdir(path):
+            for name in os.listdir(path):
+                if ".orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+        steps = steps_on_disk(path)
+        found = (path, steps[-1] if steps else None)
+    return found
+
+
+def writing() -> bool:
+    """Whether this process has opened a checkpoint for writing: its training has started."""
+    return len(_writing) > 0
+
+
+def _wait_quietly(mngr: ocp.CheckpointManager) -> None:
+    try:
+        mngr.wait_until_finished()
+    except Exception:  # the failed save: reported by whoever saw it first, cleaned up by settle
+        pass
 
 
 def directory(workdir: str) -> str:
@@ -180,6 +221,9 @@ class Record:
     kind: str  # pretrain | instruct | preference (config.DATA_KINDS, resolved): its objective
     tokens_per_step: int  # as the trainer counts them (a DPO pair is two sequences)
     loop: dict | None = None  # metrics.RunLog.replay_state(): logs a resumed run exactly
+    # The evaluations after `step` a stop request cut short ("eval", "hellaswag", "harness",
+    # "sample"): the resumed run does them first, so its log reads as the uninterrupted run's.
+    redo: list[str] | None = None
     converted_from: str | None = None  # weights only, written by llmjax.convert from this source
     fingerprint: list[int] | None = None  # of the state, set by `save`
     leaves: dict[str, list] | None = None  # `leaf_specs(state)`, set by `save`
@@ -224,6 +268,7 @@ class Record:
             kind=meta["kind"],
             tokens_per_step=meta["tokens_per_step"],
             loop=meta.get("loop"),
+            redo=meta.get("redo"),
             converted_from=meta.get("converted_from"),
             fingerprint=meta.get("fingerprint"),
             leaves=meta.get("leaves"),
@@ -465,6 +510,12 @@ def handle_signals() -> None:
 
 def request_stop(reason: str) -> None:
     _stop_reason.append(reason)
+
+
+def stop_requested() -> bool:
+    """Whether a stop is pending (one process; not consumed): long evaluations check it between
+    batches and give up, so a preemption's grace period is not spent on them."""
+    return bool(_stop_reason)
 
 
 def should_stop(step: int) -> str | None:

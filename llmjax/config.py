@@ -21,7 +21,7 @@ from llmjax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_KINDS = ("auto", "pretrain", "instruct", "preference")
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 POSITIONS = ("learned", "rope")  # model.position
 NORMS = ("layernorm", "rmsnorm")  # model.norm
 MLPS = ("gelu", "relu2")  # model.mlp
@@ -56,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.dropout = 0.0  # residual/embedding dropout; GPT-2 pretraining uses 0
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (bf16 matmuls, f32 loss and softmax)
     m.param_dtype = "float32"  # dtype of the master weights and optimizer state
-    m.attention = "auto"  # auto | xla | cudnn; auto = cudnn flash on GPU with bf16, else xla
+    # auto | xla | cudnn | splash; auto = cudnn flash on GPU with bf16, Pallas splash attention on
+    # TPU, else xla (the tested reference)
+    m.attention = "auto"
     # Weights a fresh run starts from: scratch (random init) | a hub id (gpt2, gpt2-medium, ...) |
     # a local Hugging Face directory | an llmjax workdir (e.g. written by llmjax.convert). Shape
     # keys above must match the source; a longer source context is cropped to block_size.
@@ -91,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.seq_len = 1024  # tokens per training sequence (<= model.block_size)
     d.workers = 0  # Grain worker processes (0 = read in threads of this process)
     d.prefetch = 4  # batches read ahead of the train step
+    # Shard contents checked before step 1 (integrity.py): full = every shard's sha256 (against
+    # meta.json) and largest token id on every start; cached = only shards changed since this
+    # user last verified them (path, size, mtime); off = none (ids still checked as read).
+    d.verify = "cached"
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 6e-4  # peak learning rate, reached after warmup
@@ -142,6 +148,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.hellaswag_every = 0  # steps between HellaSwag evaluations (eval/hellaswag_acc*); 0 disables
     t.hellaswag_path = "download"  # HellaSwag val jsonl, or "download" (official file, cached)
     t.hellaswag_items = 0  # first N items per evaluation; 0 = all 10,042
+    # lm-evaluation-harness tasks (names or YAML files, comma-separated) scored every
+    # harness_every steps as harness/<task>/<metric> (llmjax.harness; the `harness` extra).
+    t.harness_tasks = ""
+    t.harness_every = 0  # steps between harness evaluations; 0 disables
+    t.harness_limit = 0  # first N documents per task per evaluation; 0 = all
     # Where metrics.jsonl's rows are also sent, comma-separated: tensorboard (WORKDIR/tb) | mlflow
     # | wandb | none. MLflow and W&B are extras: pip install -e ".[mlflow]" / ".[wandb]".
     t.trackers = "tensorboard"
@@ -154,6 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
     h.data = -1  # data-parallel axis; -1 takes the devices the other axes leave
     h.fsdp = 1  # parameter/optimizer sharding (ZeRO-3) axis
     h.tensor = 1  # tensor-parallel axis (attention heads, MLP hidden)
+    # TPU multislice: data-parallel replicas over the data-center network, one per slice; the
+    # three axes above then tile one slice. -1 = as many as the devices span (1 off TPU).
+    h.dcn_data = -1
     return c
 
 
@@ -205,6 +219,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("train.keep_every", t.keep_every),
         ("train.hellaswag_every", t.hellaswag_every),
         ("train.hellaswag_items", t.hellaswag_items),
+        ("train.harness_every", t.harness_every),
+        ("train.harness_limit", t.harness_limit),
         ("train.z_loss", t.z_loss),
         ("model.logit_cap", m.logit_cap),
         ("optim.muon_weight_decay", o.muon_weight_decay),
@@ -261,8 +277,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     )
     _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r} is not one of {', '.join(DATA_KINDS)}")
     _check(
+        not t.harness_every or bool(t.harness_tasks.strip(", ")),
+        "train.harness_tasks is empty but train.harness_every > 0",
+    )
+    _check(
         d.tokenizer in TOKENIZERS,
         f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}",
+    )
+    _check(
+        d.verify in ("full", "cached", "off"),
+        f"data.verify={d.verify!r} is not one of full, cached, off",
     )
     parse_trackers(t.trackers)
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
@@ -286,6 +310,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("mesh.data", cfg.mesh.data),
         ("mesh.fsdp", cfg.mesh.fsdp),
         ("mesh.tensor", cfg.mesh.tensor),
+        ("mesh.dcn_data", cfg.mesh.dcn_data),
     ]:
         _check(v == -1 or v >= 1, f"{key}={v} must be >= 1 or -1")
     _check(

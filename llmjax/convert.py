@@ -28,7 +28,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from llmjax import checkpoint, errors
+from llmjax import checkpoint, errors, workdir_lock
 from llmjax.checkpoint import CheckpointError
 from llmjax.config import ConfigError, base_config
 from llmjax.model import (
@@ -508,7 +508,11 @@ def main(argv) -> None:
         raise ConvertError("give --from_hf (import) or --to_hf (export), not both")
     if FLAGS.from_hf:
         model = from_hf(FLAGS.from_hf)
-        write_workdir(model, FLAGS.workdir, FLAGS.from_hf)
+        lock = workdir_lock.acquire(FLAGS.workdir)  # not into a workdir a trainer is using
+        try:
+            write_workdir(model, FLAGS.workdir, FLAGS.from_hf)
+        finally:
+            lock.release()
         print(
             f"convert: {FLAGS.from_hf} -> {FLAGS.workdir} ({model.cfg.n_layer} layers, "
             f"width {model.cfg.n_embd})"

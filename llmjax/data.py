@@ -39,34 +39,34 @@ def read_meta(path: str) -> dict:
         raise DataError(f"{meta_path}: unreadable ({e})") from e
 
 
-def check_dataset(path: str, tokenizer: str, seq_len: int) -> None:
+def check_dataset(path: str, tokenizer: str, seq_len: int, verify: str = "cached") -> dict:
     """Fails fast, before anything compiles, on data the run cannot use.
 
-    Token ids: shards with a meta.json were written by `prepare` with the named tokenizer, whose
-    ids all fit; foreign shards (llm.c, modded-nanogpt) are scanned once here (about 1 s per GB),
-    because an out-of-range id would silently read a padding row or a clamped one in JAX.
+    Every shard's header, size and token count (against meta.json when there is one); then its
+    contents, as `verify` (data.verify) says: the sha256 that meta.json lists and the largest
+    token id against the vocabulary (integrity.py; shards made elsewhere, such as llm.c's, have
+    no meta.json and get the id check alone). An out-of-range id would silently read a padding
+    row or a clamped one in JAX. Returns what the content check read (integrity.verify).
     """
+    from llmjax import integrity  # late, as the tokenizer: keeps prepare's workers light
+    from llmjax.tokenizer import get_tokenizer
+
+    if verify not in integrity.MODES:
+        raise DataError(f"data.verify={verify!r} is not one of {', '.join(integrity.MODES)}")
     meta = read_meta(path)
     if meta and meta.get("tokenizer") != tokenizer:
         raise DataError(
             f"data.path={path!r} was tokenized with {meta.get('tokenizer')!r} "
             f"but data.tokenizer={tokenizer!r}"
         )
-    if not meta:
-        from llmjax.tokenizer import get_tokenizer  # late: keeps prepare's workers light
-
-        vocab = get_tokenizer(tokenizer).vocab_size
-        for p in split_paths(path, "train") + split_paths(path, "val"):
-            top = _max_token(read_shard(p))
-            if top >= vocab:
-                raise DataError(
-                    f"{p}: token id {top} >= vocabulary size {vocab} (data.tokenizer={tokenizer})"
-                )
+    expected: dict[str, str | None] = {}
     for split in ("train", "val"):
         paths = split_paths(path, split)
         lengths = {os.path.basename(p): len(read_shard(p)) for p in paths}
+        listed_sha: dict[str, str | None] = {}
         if meta and "shards" in meta:
             listed = {s["name"]: s["tokens"] for s in meta["shards"][split]}
+            listed_sha = {s["name"]: s.get("sha256") for s in meta["shards"][split]}
             for name in sorted(listed.keys() - lengths.keys()):
                 raise DataError(f"{os.path.join(path, name)}: listed in meta.json but missing")
             for name in sorted(lengths.keys() - listed.keys()):
@@ -86,11 +86,9 @@ def check_dataset(path: str, tokenizer: str, seq_len: int) -> None:
                 f"tokens, longest shard {longest}) is smaller than one window of "
                 f"seq_len+1={seq_len + 1}"
             )
-
-
-def _max_token(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
-    """The largest id in a memory-mapped shard, read in 128 MB chunks to bound memory."""
-    return max((int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
+        expected.update({p: listed_sha.get(os.path.basename(p)) for p in paths})
+    vocab = get_tokenizer(tokenizer).vocab_size
+    return integrity.verify(expected, vocab, tokenizer, verify)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

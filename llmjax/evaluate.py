@@ -24,7 +24,7 @@ import json
 import math
 import os
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -71,11 +71,33 @@ def mean_loss(step, params, batches: Iterable) -> float:
     return mean_metrics(objective, params, batches)["loss"]
 
 
-def mean_metrics(step, params, batches: Iterable) -> dict[str, float]:
+class Stopped(Exception):
+    """An evaluation given up between two batches because a stop was requested (SIGTERM)."""
+
+
+def _stop_point(in_flight: list, stop: Callable[[], bool] | None) -> None:
+    """With `stop`: at most two batches in flight, so a stop request waits for the current batch
+    only, then raises Stopped."""
+    if stop is None:
+        return
+    if len(in_flight) >= 2:
+        jax.block_until_ready(in_flight[-2])
+    if stop():
+        raise Stopped
+
+
+def mean_metrics(
+    step, params, batches: Iterable, stop: Callable[[], bool] | None = None
+) -> dict[str, float]:
     """{loss, and each metric the objective sums} as means per unit (scored target, or pair)
     over `batches`, from `step`: (params, batch) -> (loss sum, (units, {metric: sum})), the
-    training loop's eval step. Added in float64 on the host, as `mean_loss`."""
-    outs = jax.device_get([step(params, b) for b in batches])
+    training loop's eval step. Added in float64 on the host, as `mean_loss`. `stop`: checked
+    after every batch (Stopped)."""
+    outs = []
+    for b in batches:
+        outs.append(step(params, b))
+        _stop_point(outs, stop)
+    outs = jax.device_get(outs)
     names = sorted(outs[0][1][1]) if outs else []
     table = np.array([[s, n, *(m[k] for k in names)] for s, (n, m) in outs], np.float32)
     total, count, *sums = np.sum(table.reshape(-1, 2 + len(names)), axis=0, dtype=np.float64)
@@ -200,7 +222,12 @@ def _ending_logprobs(graphdef, params, tokens_RT, mask_RT):
 
 
 def score_hellaswag(
-    graphdef, params, items: list[dict], tok: Tokenizer, block_size: int
+    graphdef,
+    params,
+    items: list[dict],
+    tok: Tokenizer,
+    block_size: int,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Log-likelihood sums [N, 4] and ending token counts [N, 4] of every item's endings."""
     rows = [r for item in items for r in hellaswag_rows(item, tok, block_size)]
@@ -216,6 +243,7 @@ def score_hellaswag(
             tokens[r, : len(t)] = t
             mask[r, len(t) - n_end : len(t)] = 1.0
         results.append(_ending_logprobs(graphdef, params, tokens, mask))
+        _stop_point(results, stop)
     # One host sync at the end, so the device never waits for the host between batches.
     sums, counts = (
         np.concatenate(x)[: len(rows)] for x in zip(*jax.device_get(results), strict=True)
@@ -223,9 +251,17 @@ def score_hellaswag(
     return sums.astype(np.float64).reshape(-1, 4), counts.astype(np.int64).reshape(-1, 4)
 
 
-def hellaswag(graphdef, params, items: list[dict], tok: Tokenizer, block_size: int) -> dict:
-    """HellaSwag accuracy (largest log-likelihood sum) and acc_norm (largest mean per token)."""
-    sums, counts = score_hellaswag(graphdef, params, items, tok, block_size)
+def hellaswag(
+    graphdef,
+    params,
+    items: list[dict],
+    tok: Tokenizer,
+    block_size: int,
+    stop: Callable[[], bool] | None = None,
+) -> dict:
+    """HellaSwag accuracy (largest log-likelihood sum) and acc_norm (largest mean per token).
+    `stop`: checked after every batch (Stopped)."""
+    sums, counts = score_hellaswag(graphdef, params, items, tok, block_size, stop)
     labels = np.array([item["label"] for item in items])
     return {
         "hellaswag_acc": float(np.mean(sums.argmax(1) == labels)),

@@ -73,7 +73,12 @@ def open_data(cfg: ml_collections.ConfigDict, kind: str, tok: Tokenizer, vocab_s
     micro = d.batch_size // cfg.optim.grad_accum
     pid, n_proc = jax.process_index(), jax.process_count()
     if kind == "pretrain":
-        data.check_dataset(d.path, d.tokenizer, d.seq_len)
+        read = data.check_dataset(d.path, d.tokenizer, d.seq_len, d.verify)
+        if read["shards"]:
+            metrics.console(
+                f"verified {read['shards']} shards ({read['bytes'] / 1e6:,.1f} MB: sha256 and "
+                f"token ids) in {read['seconds']:.1f}s (data.verify={d.verify})"
+            )
         common = dict(
             seq_len=d.seq_len, vocab_size=vocab_size, process_index=pid, process_count=n_proc
         )

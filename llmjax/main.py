@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
     cfg = FLAGS.config
     config.validate(cfg)  # a UserError: one line, exit code 2 (errors.run)
     # late: jax starts after the config is known good
-    from llmjax import checkpoint, convert, metrics, sharding, train
+    from llmjax import checkpoint, convert, guard, metrics, sharding, train
 
     sharding.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     adopted = convert.adopt_architecture(cfg, config.overrides(sys.argv[1:]))
@@ -38,11 +38,10 @@ def main(argv: list[str]) -> None:
         metrics.console(adopted)
     # After jax.distributed: with several processes, a signal to one stops all at one step.
     checkpoint.handle_signals()  # SIGTERM/SIGINT: finish the step, save, exit 0
-    try:
-        name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
+    # The workdir's lock, errors.log, and one line (a diverged run: exit code 1) for any failure.
+    name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
+    with guard.trainer(FLAGS.workdir, cfg):
         train.train_and_evaluate(cfg, FLAGS.workdir, os.path.splitext(name)[0])
-    except FloatingPointError as e:  # diverged; the last good checkpoint is on disk
-        errors.fail(e, code=1)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec as P
 
-from llmjax.config import REMAT, VOCAB_SIZES
+from llmjax import tpu_attention
+from llmjax.config import REMAT, VOCAB_SIZES, ConfigError
 
 # A padded logit must never win a sample or take probability mass in the loss. A large finite value
 # rather than -inf keeps every softmax and its gradient free of inf - inf.
@@ -53,7 +54,7 @@ class GPTConfig:
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of the (master) weights
-    attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+    attention: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention) | splash (TPU Pallas)
     scan_layers: bool = False  # blocks stacked on a leading layer axis and run by one lax.scan
     remat: str = "none"  # per-block rematerialisation: none | dots_saveable | full (REMAT_POLICIES)
     # Architecture options (config.py documents each); the defaults are GPT-2.
@@ -149,8 +150,12 @@ def model_config(cfg, backend: str = "cpu") -> GPTConfig:
     vocab = VOCAB_SIZES[cfg.data.tokenizer]
     attention = m.attention
     if attention == "auto":
-        # cuDNN's fused attention needs a GPU and half precision; XLA's runs everywhere.
+        # cuDNN's fused attention needs a GPU and half precision; splash a TPU; XLA's runs
+        # everywhere.
         attention = "cudnn" if backend == "gpu" and m.dtype != "float32" else "xla"
+        attention = "splash" if backend == "tpu" else attention
+    if attention == "splash" and backend != "tpu":
+        raise ConfigError(f"model.attention=splash is a TPU kernel; this backend is {backend}")
     return GPTConfig(
         vocab_size=m.vocab_size or pad_vocab(vocab),
         valid_vocab_size=vocab,
@@ -361,9 +366,12 @@ class CausalSelfAttention(nnx.Module):
         if cache is None:
             # Attention-probability dropout is left out: fused kernels (cuDNN flash) do not offer
             # it, and GPT-2 pretraining runs with dropout 0.
-            y_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=self.attention
-            )
+            if self.attention == "splash":  # Pallas TPU kernel, per device (tpu_attention.py)
+                y_BTNH = tpu_attention.causal_attention(q_BTNH, k_BTNH, v_BTNH)
+            else:
+                y_BTNH = jax.nn.dot_product_attention(
+                    q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=self.attention
+                )
         else:
             # Decoding: write this chunk's keys/values at `pos`, attend over the whole cache with a
             # mask, so every step has the same shapes and nothing recompiles.

@@ -4,8 +4,9 @@
         --temperature=0.8 --top_k=40 --top_p=0.95 --seed=0
 
 The cache is preallocated for the whole generation, so the decode step has fixed shapes and compiles
-once; the prompt is never re-run. Prompts of different lengths share a batch: the shortest prefix is
-prefilled, and rows whose prompt is still running are fed their prompt token instead of a sample.
+once; the prompt is never re-run. Prompts of different lengths share a batch: the shortest prefix
+(rounded down to one of a few lengths, `prefill_length`) is prefilled, and rows whose prompt is
+still running are fed their prompt token instead of a sample.
 Decode steps run `chunk` at a time in one lax.scan with sampling inside: one dispatch and one host
 sync per chunk rather than per token (on a GPU those cost more than a 124M decode step).
 """
@@ -73,6 +74,14 @@ def decode_chunk(
 
     (_, cache), toks_nB = jax.lax.scan(step, (toks_BK[:, -1], cache), jnp.arange(n))
     return toks_nB.T, cache
+
+
+def prefill_length(shortest: int) -> int:
+    """Prompt tokens run by the one prefill call: the shortest prompt rounded down (to a power of
+    two below 64, else to a multiple of 64), so that prompts of nearby lengths share one compiled
+    prefill (the harness sends thousands of lengths); the rest of each prompt is fed by the decode
+    steps as forced tokens."""
+    return 1 << (shortest.bit_length() - 1) if shortest < 64 else shortest // 64 * 64
 
 
 def _next(logits_BV, index, prompt_BS, lengths_B, key, temperature, top_k, top_p):
@@ -175,7 +184,7 @@ def generate(
     for r, p in enumerate(prompts):
         tokens[r, : len(p)] = p
     cache = model.init_cache(B, S)
-    first = min(lengths)  # the index of the first token in toks_BK
+    first = prefill_length(min(lengths))  # the index of the first token in toks_BK
     consts = (
         jnp.asarray(tokens),
         jnp.asarray(lengths, jnp.int32),
@@ -211,9 +220,16 @@ def generate(
 FLAGS = flags.FLAGS
 
 
-def sample_text(model: GPT, tok: Tokenizer, prompt: str, n: int, seed: int) -> str:
+def sample_text(
+    model: GPT,
+    tok: Tokenizer,
+    prompt: str,
+    n: int,
+    seed: int,
+    on_token: Callable[[int, int], None] | None = None,
+) -> str:
     """The training loop's periodic sample: a continuation of `prompt`, or for a chat model its
-    answers to instruct.SAMPLE_QUESTIONS."""
+    answers to instruct.SAMPLE_QUESTIONS. `on_token`: as `generate`'s (the loop's stop check)."""
     chat = tok.chat
     if chat:
         prompts = [
@@ -232,6 +248,7 @@ def sample_text(model: GPT, tok: Tokenizer, prompt: str, n: int, seed: int) -> s
         top_k=PERIODIC_TOP_K,
         seed=seed,
         eot_id=stop,
+        on_token=on_token,
     )
     texts = [tok.decode([t for t in out if t != stop]) for out in outs]
     if chat:

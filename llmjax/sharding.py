@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import importlib.util
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -59,8 +61,15 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def mesh_shape(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:
-    """Resolves the one -1 axis and checks the product against the device count."""
+def mesh_shape(
+    cfg: ml_collections.ConfigDict, n_devices: int, slices: int = 1
+) -> tuple[int, int, int]:
+    """Resolves the one -1 axis and checks the product against the device count; with several
+    TPU slices (mesh.dcn_data) the axes tile one slice and `data` is multiplied by dcn_data."""
+    dcn = dcn_data(cfg, slices)
+    if dcn > 1:
+        inner = mesh_shape(cfg, n_devices // dcn)
+        return (dcn * inner[0], inner[1], inner[2])
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     named = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     known = math.prod(s for s in sizes if s != -1)
@@ -73,10 +82,43 @@ def mesh_shape(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int
     return tuple(sizes)
 
 
+def slice_count(devices) -> int:
+    """TPU slices the devices span (devices of other platforms: 1)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def dcn_data(cfg: ml_collections.ConfigDict, slices: int) -> int:
+    """mesh.dcn_data resolved (-1: one data replica group per slice), checked against the slices
+    the devices span: the data-center network carries only the data axis's gradient all-reduce."""
+    dcn = slices if cfg.get("dcn_data", 1) == -1 else cfg.get("dcn_data", 1)
+    if dcn != slices:
+        raise ConfigError(
+            f"mesh.dcn_data={cfg.dcn_data}, but the devices span {slices} TPU slice(s); "
+            f"use mesh.dcn_data={slices} (or -1)"
+        )
+    return dcn
+
+
 def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+    """data x fsdp x tensor over `devices`. On TPU the axes follow the ICI torus (mesh_utils), and
+    over several slices (multislice) `data` is the hybrid mesh's dcn_data x data: slice-major, so
+    only the data-parallel gradient all-reduce crosses the data-center network; fsdp and tensor
+    stay inside a slice. The one RULES table serves both."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    slices = slice_count(devices)
+    shape = mesh_shape(cfg, len(devices), slices)
+    if devices[0].platform != "tpu":
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    from jax.experimental import mesh_utils
+
+    if slices == 1:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    else:
+        inner = (shape[0] // slices, shape[1], shape[2])
+        grid = mesh_utils.create_hybrid_device_mesh(
+            inner, (slices, 1, 1), devices, allow_split_physical_axes=True
+        )
+    return Mesh(grid, MESH_AXES)
 
 
 def logical_to_mesh(spec: P) -> P:
@@ -237,6 +279,21 @@ def memory_report(params, opt_state, compiled) -> str:
     )
 
 
+# jax.distributed's timeouts. The heartbeat timeout is JAX's own detection of a dead process; it
+# aborts the survivors without a word, so it must come after llmjax's (guard.LOST_S, 10 s, which
+# ends them with a line) and only matters where that cannot run (a process hung with the GIL
+# held). Its default, 100 s, left survivors running 55-93 s; 30 s bounds that case. The shutdown
+# timeout is how long a finished process waits at the shutdown barrier for the others (default
+# 300 s); healthy processes arrive within seconds of each other, failed ones exit without it.
+# A dead coordinator (process 0) is the exception: JAX's client aborts every survivor within a
+# second (its message lands in errors.log); its error callback cannot be set from Python.
+HEARTBEAT_TIMEOUT_S, SHUTDOWN_TIMEOUT_S = 30, 60
+TIMEOUTS = {
+    "heartbeat_timeout_seconds": HEARTBEAT_TIMEOUT_S,
+    "shutdown_timeout_seconds": SHUTDOWN_TIMEOUT_S,
+}
+
+
 # Launchers that start several processes and tell jax.distributed who is who.
 def launched_processes() -> str | None:
     env = os.environ
@@ -246,7 +303,17 @@ def launched_processes() -> str | None:
         return "Open MPI"
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS"
+    if on_cloud_tpu_vm():
+        return "Cloud TPU VM"
     return None
+
+
+def on_cloud_tpu_vm() -> bool:
+    """A Cloud TPU VM: TPU chips attached (/dev/accel* on v4, VFIO groups on v5e/v5p/v6e) and
+    libtpu installed. There jax.distributed finds the slice's workers (and a multislice run's
+    other slices) from the VM's metadata, so every worker runs the same command."""
+    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
 def init_distributed(
@@ -254,7 +321,8 @@ def init_distributed(
 ) -> None:
     """Starts jax.distributed: from the flags when all three are given (every local device is
     used), else from the launcher's environment (SLURM srun, Open MPI: one device per process
-    there); a lone process on its own machine starts nothing. Call before any JAX computation."""
+    there; a Cloud TPU VM: one process per worker, all its chips); a lone process on its own
+    machine starts nothing. Call before any JAX computation."""
     given = {
         "--coordinator_address": coordinator_address,
         "--num_processes": num_processes,
@@ -268,11 +336,15 @@ def init_distributed(
         # Explicit flags mean every visible device: without this, jax under SLURM would still
         # restrict each process to device SLURM_LOCALID.
         jax.distributed.initialize(
-            coordinator_address, num_processes, process_id, cluster_detection_method="deactivate"
+            coordinator_address,
+            num_processes,
+            process_id,
+            cluster_detection_method="deactivate",
+            **TIMEOUTS,
         )
     elif launcher := launched_processes():
         try:
-            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+            jax.distributed.initialize(coordinator_address, num_processes, process_id, **TIMEOUTS)
         except ValueError as e:  # e.g. JAX_COORDINATOR_ADDRESS set but no process count
             raise ConfigError(f"jax.distributed under {launcher}: {e}") from e
     elif any(v is not None for v in given.values()):

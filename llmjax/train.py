@@ -24,7 +24,17 @@ import ml_collections
 import optax
 from flax import nnx
 
-from llmjax import checkpoint, evaluate, inputs, loss, metrics, optim, sharding, trackers
+from llmjax import (
+    checkpoint,
+    evaluate,
+    inputs,
+    loss,
+    memory,
+    metrics,
+    optim,
+    sharding,
+    trackers,
+)
 from llmjax.config import ConfigError
 from llmjax.convert import load_params
 from llmjax.model import GPT, GPTConfig, count_params, flops_per_token, model_config
@@ -143,7 +153,9 @@ def build(
         mesh = sharding.make_mesh(cfg.mesh, devices)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    model_cfg = model_config(cfg, jax.default_backend())
+    # The devices' platform: plan compiles for TPUs from a CPU process.
+    tpu = mesh.devices.flat[0].platform == "tpu"
+    model_cfg = model_config(cfg, "tpu" if tpu else jax.default_backend())
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
 
     def init() -> TrainState:
@@ -227,9 +239,10 @@ def initial_state(run: Run) -> TrainState:
     return jax.jit(start_from, out_shardings=sh, donate_argnums=0)(params)
 
 
-def _record(run: Run, step: int, loop: dict) -> checkpoint.Record:
+def _record(run: Run, step: int, loop: dict, redo: list[str]) -> checkpoint.Record:
     """`loop`: what the loop needs to log the resumed steps exactly as an uninterrupted run would
-    (per-step metrics not yet logged, the running loss mean, the length of metrics.jsonl)."""
+    (per-step metrics not yet logged, the running loss mean, the length of metrics.jsonl);
+    `redo`: the evaluations after `step` that a stop cut short, redone first on resume."""
     return checkpoint.Record(
         step=step,
         config=run.cfg.to_dict(),
@@ -237,6 +250,7 @@ def _record(run: Run, step: int, loop: dict) -> checkpoint.Record:
         kind=run.objective.kind,
         tokens_per_step=step_tokens(run),
         loop=loop,
+        redo=redo or None,
     )
 
 
@@ -254,6 +268,11 @@ def train_and_evaluate(
     if t.hellaswag_every:  # read (or downloaded) before anything compiles: a bad path fails fast
         path = evaluate.hellaswag_path(t.hellaswag_path)
         hellaswag_items = evaluate.load_hellaswag(path, t.hellaswag_items)
+    harness_tasks = None
+    if t.harness_every:  # the same: an unknown task or a missing extra fails before compiling
+        from llmjax import harness
+
+        harness_tasks = harness.training_tasks(t.harness_tasks, t.harness_limit)
     # Whatever can refuse the run only reads; the workdir is first written after these checks.
     model_dict = dataclasses.asdict(run.model_cfg)
     restored = checkpoint.restore_latest(workdir, run.abstract_state, model_dict)
@@ -261,11 +280,12 @@ def train_and_evaluate(
     # Process 0 only, before anything compiles: a tracker that cannot start fails the run now.
     opened = trackers.start_run(cfg, workdir, config_name) if jax.process_index() == 0 else []
     replay = {"pending": [], "loss_mean": [0.0, 0], "log_bytes": 0}  # a fresh run's log
+    redo: list[str] = []  # evaluations the stop that saved the checkpoint cut short
     if restored is not None:
         latest, state, record, corrupt = restored
         checkpoint.set_aside(workdir, corrupt)
         metrics.console(f"resumed from {checkpoint.directory(workdir)}/{latest}")
-        replay = record.loop
+        replay, redo = record.loop, record.redo or []
     else:
         state = initial_state(run)
     if run.objective.prepare is not None:  # DPO's reference: after every check, before step 1
@@ -290,6 +310,24 @@ def train_and_evaluate(
     train_step = compile_train_step(run, state, start)
     put = lambda batch: jax.tree.map(lambda a: sharding.put_batch(a, run.mesh), batch)
     batches = batches_of.train(start)
+    cadences = {
+        "eval": t.eval_every,
+        "hellaswag": t.hellaswag_every if hellaswag_items else 0,
+        "harness": t.harness_every if harness_tasks else 0,
+        "sample": t.sample_every,
+    }
+    evaluations = functools.partial(
+        _evaluations,
+        run,
+        lambda: state.params,
+        log,
+        batches_of,
+        hellaswag_items,
+        harness_tasks,
+        tok,
+    )
+    # Cut short by the stop that saved `start` (those the resumed config still runs).
+    evaluations(start, [k for k in redo if cadences.get(k)])
     for step in range(start, t.steps):
         state, m = train_step(state, put(next(batches)))
         log.record(m)
@@ -298,34 +336,11 @@ def train_and_evaluate(
             streak = log.interval(done, state.skipped, state.bad_streak)
             if streak >= t.max_bad_steps:
                 raise diverged(log.last, done, streak, mngr)
-        if _due(done, t.eval_every, t.steps):
-            ev = evaluate.mean_metrics(run.eval_step, state.params, map(put, batches_of.val()))
-            log.writer.scalars(done, {f"eval/{k}": v for k, v in ev.items()})
-            log.line(
-                f"step {done:>6}/{t.steps} | "
-                + " | ".join(f"eval {k} {v:.4f}" for k, v in ev.items())
-            )
-        if hellaswag_items and _due(done, t.hellaswag_every, t.steps):
-            hs = evaluate.hellaswag(
-                run.graphdef, state.params, hellaswag_items, tok, run.model_cfg.block_size
-            )
-            log.writer.scalars(
-                done, {f"eval/{k}": hs[k] for k in ("hellaswag_acc", "hellaswag_acc_norm")}
-            )
-            log.line(
-                f"step {done:>6}/{t.steps} | hellaswag acc {hs['hellaswag_acc']:.4f} | "
-                f"acc_norm {hs['hellaswag_acc_norm']:.4f}"
-            )
-        if _due(done, t.sample_every, t.steps):
-            params = sharding.gather(state.params)  # all processes: weights may span hosts
-            if jax.process_index() == 0:
-                model = nnx.merge(run.graphdef, jax.device_get(params))
-                text = sample_text(model, tok, t.sample_prompt, t.sample_tokens, done)
-                log.writer.text(done, "sample", text)
-                log.line(f"step {done:>6}/{t.steps} | sample: {text!r}")
+        due = [k for k, every in cadences.items() if _due(done, every, t.steps)]
+        cut = evaluations(done, due)  # those a stop request cut short: redone on resume
         stop = checkpoint.should_stop(done)  # SIGTERM/SIGINT: save now and return
         if _due(done, t.ckpt_every, t.steps) or stop:
-            checkpoint.save(mngr, done, state, _record(run, done, log.replay_state()))
+            checkpoint.save(mngr, done, state, _record(run, done, log.replay_state(), cut))
         if stop:
             checkpoint.wait(mngr)
             log.line(
@@ -338,6 +353,71 @@ def train_and_evaluate(
     mngr.close()
     log.close()
     return state
+
+
+def _evaluations(
+    run: Run,
+    params,
+    log,
+    batches_of: inputs.Data,
+    hellaswag_items,
+    harness_tasks,
+    tok,
+    done: int,
+    due: list,
+) -> list[str]:
+    """The evaluations in `due` ("eval", "hellaswag", "harness", "sample") after step `done`,
+    logged; returns those a stop request (SIGTERM) cut short, between two batches (tokens), so
+    that the save comes within a preemption's grace period. One process only: with several, a
+    stop is agreed at a step."""
+    t, params, finished = run.cfg.train, params(), []
+    put = lambda batch: jax.tree.map(lambda a: sharding.put_batch(a, run.mesh), batch)
+    stop = checkpoint.stop_requested if jax.process_count() == 1 else None
+    try:
+        if "eval" in due:
+            ev = evaluate.mean_metrics(run.eval_step, params, map(put, batches_of.val()), stop)
+            log.writer.scalars(done, {f"eval/{k}": v for k, v in ev.items()})
+            log.line(
+                f"step {done:>6}/{t.steps} | "
+                + " | ".join(f"eval {k} {v:.4f}" for k, v in ev.items())
+            )
+            finished.append("eval")
+        if "hellaswag" in due:
+            hs = evaluate.hellaswag(
+                run.graphdef, params, hellaswag_items, tok, run.model_cfg.block_size, stop
+            )
+            log.writer.scalars(
+                done, {f"eval/{k}": hs[k] for k in ("hellaswag_acc", "hellaswag_acc_norm")}
+            )
+            log.line(
+                f"step {done:>6}/{t.steps} | hellaswag acc {hs['hellaswag_acc']:.4f} | "
+                f"acc_norm {hs['hellaswag_acc_norm']:.4f}"
+            )
+            finished.append("hellaswag")
+        if "harness" in due:
+            scores = harness_tasks.scores(run.model_cfg, params, tok, stop)
+            log.writer.scalars(done, scores)
+            log.line(
+                f"step {done:>6}/{t.steps} | "
+                + " | ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            )
+            finished.append("harness")
+        if "sample" in due:
+            gathered = sharding.gather(params)  # all processes: weights may span hosts
+            if jax.process_index() == 0:
+                model = nnx.merge(run.graphdef, jax.device_get(gathered))
+                on_token = (lambda row, token: _stop_point(stop)) if stop else None
+                text = sample_text(model, tok, t.sample_prompt, t.sample_tokens, done, on_token)
+                log.writer.text(done, "sample", text)
+                log.line(f"step {done:>6}/{t.steps} | sample: {text!r}")
+    except evaluate.Stopped:
+        return [k for k in due if k not in finished]
+    return []
+
+
+def _stop_point(stop) -> None:
+    if stop():
+        raise evaluate.Stopped
 
 
 def _due(done: int, every: int, steps: int) -> bool:
@@ -381,6 +461,7 @@ def compile_train_step(run: Run, state: TrainState, start: int):
     metrics.console(f"compiled train step in {time.time() - t0:.1f}s")
     metrics.console(sharding.mesh_line(run.mesh))
     metrics.console(sharding.memory_report(state.params, state.opt_state, train_step))
+    memory.check_fits(train_step, cfg)  # before the first step: one line, not an OOM traceback
     return train_step
 
 

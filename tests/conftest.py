@@ -11,10 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The shard-verification cache (llmjax.integrity) of this session only, not the user's: the
+# tests' own children inherit it.
+os.environ.setdefault("LLMJAX_CACHE", tempfile.mkdtemp(prefix="llmjax-test-cache-"))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 # Example data a user runs the recipes with; the tests read the same copy.
 INSTRUCTIONS = os.path.join(ROOT, "data", "instruction-data.json")
@@ -87,12 +91,17 @@ def pretrained_bytes(byte_data, tmp_path_factory) -> str:
 
 def pytest_runtest_setup(item) -> None:
     """What the `plan` marker promises (pyproject.toml): deviceless GPU compiles skip where jax's
-    CUDA plugin is absent."""
+    CUDA plugin is absent; and the `tpu` marker: deviceless TPU compiles where libtpu is."""
     if item.get_closest_marker("plan"):
         from llmjax import plan
 
         if not plan.cuda_plugin_available():
             pytest.skip("jax's CUDA plugin is not installed (make plan-install)")
+    if item.get_closest_marker("tpu"):
+        from llmjax import plan
+
+        if not plan.libtpu_available():
+            pytest.skip("libtpu (jax[tpu]) is not installed (make plan-install-tpu)")
 
 
 def tiny_config(data_path: str, **overrides):

@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from llmjax import checkpoint, convert, train
+from llmjax import checkpoint, convert, train, workdir_lock
 from llmjax.convert import ConvertError
 from llmjax.model import GPT
 from llmjax.sample import generate
@@ -229,6 +229,13 @@ def test_cli_import_export_and_init_from(tmp_path, byte_data):
     np.testing.assert_array_equal(hf_logits(again, idx), hf_logits(hf, idx))
     r = _run("llmjax.convert", f"--from_hf={tmp_path / 'nowhere'}", f"--workdir={work}")
     assert r.returncode == 2 and r.stderr.startswith("llmjax: ") and "nowhere" in r.stderr
+    held = workdir_lock.acquire(str(tmp_path / "busy"))  # a trainer's workdir: not written into
+    try:
+        r = _run("llmjax.convert", f"--from_hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'busy'}")
+    finally:
+        held.release()
+    assert r.returncode == 2 and f"pid {os.getpid()} since" in r.stderr, r.stderr
+    assert os.listdir(tmp_path / "busy") == []
 
     # model.init_from: a workdir or an HF directory gives the same step-0 params; the context is
     # cropped to the configured block_size (tiny: 64 -> 32 after the override).

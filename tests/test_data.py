@@ -170,3 +170,43 @@ def test_count_val_windows_is_one_pass(byte_data):
     )
     np.testing.assert_array_equal(rows[:n], rows[n:])  # the second pass repeats the first
     assert len({r.tobytes() for r in rows[:n]}) == n
+
+
+def _flip_keeping_ids_valid(path: str, token: int) -> None:
+    """Changes one token of a shard to the next byte value (a valid id), keeping the mtime."""
+    st = os.stat(path)
+    offset = shards.HEADER_BYTES + 2 * token
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = int.from_bytes(f.read(2), "little")
+        f.seek(offset)
+        f.write(((old + 1) % 256).to_bytes(2, "little"))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_shard_contents_checked_against_meta_and_cached(tmp_path, byte_data, monkeypatch):
+    import hashlib
+    import shutil
+
+    monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "cache"))
+    path = str(tmp_path / "d")
+    shutil.copytree(byte_data, path)
+    shard = os.path.join(path, "train_000000.bin")
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if ".bin" in f)
+    read = data.check_dataset(path, "bytes", 32, "cached")
+    assert read["shards"] == 2 and read["bytes"] == size  # train and val, read once
+    assert data.check_dataset(path, "bytes", 32, "cached")["shards"] == 0  # cached
+    _flip_keeping_ids_valid(shard, 5000)
+    # The mtime is the cache's key: an edit that restores it passes `cached`; `full` rereads.
+    assert data.check_dataset(path, "bytes", 32, "cached")["shards"] == 0
+    with pytest.raises(data.DataError, match="train_000000.bin: contents do not match the sha256"):
+        data.check_dataset(path, "bytes", 32, "full")
+    os.utime(shard)  # a normal edit moves the mtime: `cached` rereads the shard
+    with pytest.raises(data.DataError, match="train_000000.bin: contents do not match the sha256"):
+        data.check_dataset(path, "bytes", 32, "cached")
+    assert data.check_dataset(path, "bytes", 32, "off")["shards"] == 0
+    # The digest is the file's, as prepare and sha256sum compute it.
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    want = meta["shards"]["val"][0]["sha256"]
+    val = os.path.join(path, "val_000000.bin")
+    assert hashlib.sha256(open(val, "rb").read()).hexdigest() == want

@@ -396,7 +396,7 @@ def _bad_tokens(folder) -> str:
     return folder
 
 
-@pytest.mark.parametrize("case", ["incompatible_model", "devices", "token_ids"])
+@pytest.mark.parametrize("case", ["incompatible_model", "devices", "token_ids", "flipped_byte"])
 def test_cli_bad_input_is_one_line_exit_2_and_changes_nothing(
     byte_data, env, reference, tmp_path, case
 ):
@@ -407,9 +407,18 @@ def test_cli_bad_input_is_one_line_exit_2_and_changes_nothing(
         run_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
         extra = ["--config.data.batch_size=9"]
         needle = "data.batch_size=9 is not divisible by data-parallel size 2"
-    else:
+    elif case == "token_ids":
         workdir, data_path = str(tmp_path / "fresh"), _bad_tokens(str(tmp_path / "bad"))
         needle = "train_000000.bin: token id 300 >= vocabulary size 257"
+    else:  # one byte of the text changed ('a' -> 'b'): every id stays valid
+        data_path = str(tmp_path / "data")
+        shutil.copytree(byte_data, data_path)
+        with open(os.path.join(data_path, "train_000000.bin"), "r+b") as f:
+            f.seek(-2000, os.SEEK_END)
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 1]))
+        needle = "train_000000.bin: contents do not match the sha256 in meta.json"
     before = snapshot(tmp_path)
     t0 = time.time()
     proc = _run(run_env, workdir, data_path, *extra, timeout=120)
@@ -494,3 +503,266 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(byte_data, env, 
     assert checkpoint.steps_on_disk(checkpoint.directory(workdir))[-1] == steps.pop()
     assert all(p.wait(timeout=600) == 0 for p in _two_processes(env, byte_data, workdir))
     assert _logged(workdir) == _logged(reference)
+
+
+def _lines(stderr: str) -> list[str]:
+    return stderr.strip().splitlines()
+
+
+def test_a_second_trainer_on_one_workdir_is_refused(byte_data, env, reference, tmp_path):
+    """A double submit: the second trainer exits 2 in one line naming the first, which runs on
+    to the end untouched."""
+    workdir = str(tmp_path / "w")
+    first = subprocess.Popen(
+        _cmd(workdir, byte_data), cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE
+    )
+    for line in first.stdout:
+        if line.startswith("step      2/"):
+            break
+    first.send_signal(signal.SIGSTOP)  # frozen mid-run, still holding the workdir
+    t0 = time.time()
+    try:
+        second = _run(env, workdir, byte_data, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    lines = _lines(second.stderr)
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert f"--workdir={workdir} is in use by another trainer" in lines[0]
+    assert f"pid {first.pid} since " in lines[0]
+    assert time.time() - t0 < 60 and "compiled" not in second.stdout
+    first.stdout.read()
+    assert first.wait(timeout=120) == 0
+    assert _logged(workdir) == _logged(reference)
+    assert checkpoint.steps_on_disk(checkpoint.directory(workdir)) == [8, 12, 16]
+    assert not os.path.exists(os.path.join(workdir, ".lock"))  # released at the end
+
+
+def test_a_dead_holders_lock_is_taken_over_with_a_warning(tmp_path, caplog):
+    from llmjax import workdir_lock
+
+    path = tmp_path / workdir_lock.LOCK_FILE
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    now = time.time()
+    record = {"host": os.uname().nodename, "pid": gone.pid, "since": now - 60, "beat": now - 5}
+    path.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        lock = workdir_lock.acquire(str(tmp_path))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"took over the lock of {tmp_path}: host {record['host']} pid {gone.pid} since "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now - 60))} (no longer running)"
+    ]
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    with pytest.raises(workdir_lock.WorkdirLockError, match=f"pid {os.getpid()} since"):
+        workdir_lock.acquire(str(tmp_path))  # held: flock refuses even this process
+    lock.release()
+    # Another host's record with a fresh heartbeat: the lock may not reach that host (a shared
+    # filesystem whose locks are local), so the run is refused; an old one is taken over.
+    record = {"host": "elsewhere", "pid": 12, "since": now - 60, "beat": now - 5}
+    path.write_text(json.dumps(record))
+    with pytest.raises(workdir_lock.WorkdirLockError, match="heartbeat 5 s ago"):
+        workdir_lock.acquire(str(tmp_path))
+    path.write_text(json.dumps({**record, "beat": now - workdir_lock.STALE_S - 1}))
+    workdir_lock.acquire(str(tmp_path)).release()
+    assert not path.exists()
+
+
+def _upto(workdir, step: int) -> list[tuple]:
+    return [r for r in _logged(workdir) if dict(r)["step"] <= step]
+
+
+def _intact_upto(workdir, reference, steps: list[int], line: str) -> None:
+    """The run's checkpoints are `steps` and nothing half-written; the line names the last one;
+    metrics.jsonl holds the reference's rows up to it."""
+    folder = checkpoint.directory(workdir)
+    assert sorted(os.listdir(folder)) == [str(s) for s in steps]
+    assert line.endswith(f"latest intact checkpoint: {folder}/{steps[-1]}") or (
+        f"latest intact checkpoint: {folder}/{steps[-1]} (details in " in line
+    ), line
+    assert _upto(workdir, steps[-1]) == _upto(reference, steps[-1])
+
+
+def test_a_bad_id_mid_run_keeps_the_save_in_flight(byte_data, env, reference, tmp_path):
+    """An id beyond the vocabulary met at run time (data.verify=off) by the eval one step after a
+    save started: the save commits, the run ends in one line naming it, exit 2; the same command
+    on good data resumes and logs exactly the uninterrupted run."""
+    data_path, workdir = str(tmp_path / "data"), str(tmp_path / "w")
+    shutil.copytree(byte_data, data_path)
+    val = os.path.join(data_path, "val_000000.bin")
+    tokens = np.memmap(val, np.uint16, "r+", offset=1024)
+    tokens[5] = 300  # in the first eval batch
+    tokens.flush()
+    del tokens
+    t0 = time.time()
+    proc = _run(env, workdir, data_path, "--config.data.verify=off", "--config.train.eval_every=5")
+    seconds = time.time() - t0
+    lines = _lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"llmjax: {val}: token id 300 >= vocabulary size 257"), lines[0]
+    assert seconds < 120
+    _intact_upto(workdir, reference, [4], lines[0])
+    resumed = _run(env, workdir, byte_data)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _logged(workdir) == _logged(reference)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_resumes(byte_data, env, reference, tiny_disk):
+    """A 2 MB disk holds checkpoint 4 (1.5 MB) but not 8: one line, exit 2, checkpoint 4 intact,
+    the half-written 8 removed; Orbax's tracebacks are in errors.log."""
+    workdir = os.path.join(tiny_disk, "w")
+    t0 = time.time()
+    proc = _run(env, workdir, byte_data)
+    seconds = time.time() - t0
+    lines = _lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert re.match(
+        rf"llmjax: cannot save checkpoint {re.escape(checkpoint.directory(workdir))}/8: no space "
+        r"left on device; the checkpoints already on disk \(\[4\]\) are intact",
+        lines[0],
+    ), lines[0]
+    assert seconds < 120
+    _intact_upto(workdir, reference, [4], lines[0])
+    assert "Traceback" in open(os.path.join(workdir, "errors.log")).read()
+    moved = shutil.copytree(workdir, os.path.join(os.path.dirname(tiny_disk), "moved"))
+    resumed = _run(env, moved, byte_data)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _logged(moved) == _logged(reference)
+
+
+def _cli_processes(env, data_path, workdir, port: int, *extra) -> list[subprocess.Popen]:
+    return [
+        subprocess.Popen(
+            _cmd(workdir, data_path, *extra)
+            + [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_dead_peer_ends_the_job_in_one_line(byte_data, env, tmp_path):
+    """Process 1 of 2 is SIGKILLed mid-run (no launcher to stop the survivor): process 0 exits
+    within 15 s, in one line naming process 1 and the checkpoint to resume from; the checkpoints
+    and metrics.jsonl up to it are an uninterrupted two-process run's."""
+    env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    reference = str(tmp_path / "reference")
+    procs = _cli_processes(env, byte_data, reference, _free_port())
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], procs[0].stderr.read()
+    workdir = str(tmp_path / "w")
+    procs = _cli_processes(env, byte_data, workdir, _free_port())
+    for line in procs[0].stdout:
+        if line.startswith("step      6/"):
+            break
+    procs[1].kill()
+    t0 = time.time()
+    _, err = procs[0].communicate(timeout=60)
+    seconds = time.time() - t0
+    lines = _lines(err)
+    assert procs[0].returncode == 1 and len(lines) <= 3, err
+    assert seconds < 15, seconds
+    assert re.match(r"llmjax: process 1 of 2 was lost \(no heartbeat for 1\d s\)", lines[-1])
+    _intact_upto(workdir, reference, [4], lines[-1])
+
+
+def test_sigterm_during_a_long_eval_stops_within_5_s(byte_data, env, reference, tmp_path):
+    """SIGTERM once the eval after step 8 has started (2000 batches, far longer than the grace):
+    the eval stops after its current batch, step 8 is saved, exit 0; the resumed run redoes that
+    eval first (here with the reference's one batch) and logs exactly the uninterrupted run."""
+    workdir = str(tmp_path / "w")
+    proc = subprocess.Popen(
+        _cmd(workdir, byte_data, "--config.train.eval_batches=2000"),
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    for line in proc.stdout:
+        if line.startswith("step      8/16 | loss"):  # the train line; the eval comes next
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    out, err = proc.communicate(timeout=120)
+    seconds = time.time() - t0
+    assert proc.returncode == 0 and len(_lines(err)) <= 3, err
+    assert seconds < 5, seconds
+    assert "stopped by SIGTERM after step 8" in out and "eval loss" not in out
+    assert checkpoint.steps_on_disk(checkpoint.directory(workdir)) == [4, 8]
+    mngr = checkpoint.manager(workdir, read_only=True)
+    assert checkpoint.read_record(mngr, 8).redo == ["eval"]
+    assert _upto(workdir, 8) == [r for r in _upto(reference, 8) if "eval/loss" not in dict(r)]
+    resumed = _run(env, workdir, byte_data)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step      8/16 | eval loss" in resumed.stdout
+    assert _logged(workdir) == _logged(reference)
+
+
+def test_evaluations_stop_between_batches():
+    from llmjax import evaluate
+
+    read, stops = [], iter([False, False, True])
+    batches = (read.append(i) or np.full((2, 3), i, np.int32) for i in range(100))
+
+    def step(params, batch):
+        return jnp.sum(batch), (jnp.float32(batch.size), {})
+
+    with pytest.raises(evaluate.Stopped):
+        evaluate.mean_metrics(step, None, batches, stop=lambda: next(stops))
+    assert read == [0, 1, 2]  # the current batch finished, no further one read
+    assert evaluate.mean_metrics(step, None, [np.ones((2, 3), np.int32)], stop=lambda: False) == {
+        "loss": 1.0
+    }
+
+
+def test_a_step_over_the_memory_limit_is_refused_before_it_runs(byte_data, monkeypatch):
+    from llmjax import memory
+    from llmjax.config import ConfigError
+
+    cfg = tiny_config(byte_data, **OVERRIDES)
+    run = train.build(cfg)
+    compiled = run.train_step.lower(run.abstract_state, run.batch_spec).compile()
+    m = compiled.memory_analysis()
+    need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    need += m.temp_size_in_bytes
+    assert memory.step_bytes(compiled) == need
+    monkeypatch.setattr(memory, "device_available", lambda d: (need // 2, "test limit"))
+    with pytest.raises(ConfigError) as e:
+        memory.check_fits(compiled, cfg)
+    assert str(e.value) == (
+        f"the train step needs {need / 2**30:,.2f} GiB per device (XLA's estimate) but "
+        f"{need // 2 / 2**30:,.2f} GiB are free (test limit); lower data.batch_size (now 8), "
+        "raise optim.grad_accum (now 1) or set model.remat=full (now none)"
+    )
+    monkeypatch.setattr(memory, "device_available", lambda d: (need, "test limit"))
+    memory.check_fits(compiled, cfg)  # fits exactly
+
+
+def test_out_of_memory_at_run_time_is_the_memory_line(byte_data):
+    from llmjax import guard
+
+    cfg = tiny_config(byte_data, **{"data.batch_size": 1024, "model.remat": "dots_saveable"})
+    oom = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9876543210 bytes.\nmore"
+    )
+    assert guard.summary(oom, cfg) == (
+        "out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9876543210 "
+        "bytes.); lower data.batch_size (now 1024), raise optim.grad_accum (now 1) or set "
+        "model.remat=full (now dots_saveable)",
+        2,
+    )
+    assert guard.summary(MemoryError(), cfg)[1] == 2
+    assert guard.summary(ValueError("a bug"), cfg) == ("ValueError: a bug", 1)

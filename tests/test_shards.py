@@ -184,3 +184,16 @@ def test_data_errors_are_user_errors():
     from llmjax.errors import UserError
 
     assert issubclass(data.DataError, UserError) and issubclass(data.DataError, ValueError)
+
+
+def test_bad_id_at_the_end_of_a_foreign_shard(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "cache"))
+    tokens = list(range(250)) * 20
+    llmc_write_datafile(tmp_path / "val.bin", tokens)
+    llmc_write_datafile(tmp_path / "train.bin", tokens + [257])  # the last token
+    with pytest.raises(data.DataError, match=r"train.bin: token id 257 >= vocabulary size 257"):
+        data.check_dataset(str(tmp_path), "bytes", 32)
+    llmc_write_datafile(tmp_path / "train.bin", tokens + [256])
+    assert data.check_dataset(str(tmp_path), "bytes", 32)["shards"] == 2
+    with pytest.raises(data.DataError, match="data.verify='some' is not one of full, cached"):
+        data.check_dataset(str(tmp_path), "bytes", 32, "some")

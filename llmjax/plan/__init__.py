@@ -1,8 +1,10 @@
-"""See the GPU program before renting a GPU: memory, FLOPs, bytes, kernels, collectives, tokens/s.
+"""See the GPU or TPU program before renting one: memory, FLOPs, bytes, kernels, collectives,
+tokens/s.
 
     python -m llmjax.plan --config=configs/gpt2_124m.py --gpu=h100 [--devices=8] [--config.K=V]
         [--fit] [--fit_accum] [--decode] [--autotune_results=FILE] [--gpu_spec=FILE] [--dump=DIR]
         [--on_device]  # on a GPU machine: the same report for the real GPUs, to compare
+    python -m llmjax.plan --config=configs/gpt2_124m.py --tpu=v5e-8 [--num_slices=2] [...]
 
 Compiles the train step `llmjax.main` would run (same config checks, XLA flags, mesh, grad
 accumulation; `model.attention=auto` resolved as on a GPU) for `--devices` compile-only GPUs
@@ -16,6 +18,14 @@ for all devices. The prediction is the roofline stated in roofline.py.
 Without autotuning XLA gives Triton GEMMs a placeholder tiling, so GEMMs are compiled as cuBLAS
 calls (`--xla_gpu_enable_triton_gemm=false`, cuBLAS picks its kernel at run time) unless
 `--autotune_results` names results dumped on a real GPU (`--xla_gpu_dump_autotune_results_to`).
+
+`--tpu=SLICE` (v4-N, v5e-N, v5p-N, v6e-N as Cloud TPU names them; `--num_slices=K` for K slices
+joined by the data-center network) compiles the same step with libtpu's compiler for
+compile-only TPU devices (`jax[tpu]`: `make plan-install-tpu` sets up `.venv-plan-tpu`). The chip
+figures are roofline.TPU_CHIPS; FLOPs and bytes are read from the optimized HLO as for GPUs
+(XLA's cost analysis misses the FLOPs in the TPU compiler's collective-matmul loops and in Pallas
+kernels). A step that does not fit fails to compile on TPU; it is reported with `fits: false`
+and the compiler's own figures, not as an error.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import time
 
 from absl import flags
@@ -42,6 +53,59 @@ DEFAULT_MEM_FRACTION = 0.75
 FIT_MAX_BATCH = 1024  # per device; --fit stops doubling here
 
 FLAGS = flags.FLAGS
+
+
+def libtpu_available() -> bool:
+    """Whether libtpu (jax[tpu]) is installed; deviceless TPU compiles need it."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def quiet_libtpu(tpu_slice: roofline.TpuSlice, environ=None) -> None:
+    """Without a TPU, libtpu warns at start-up that it cannot find one unless told the slice's
+    accelerator type and that the workers are this host; values already set win. Only for
+    compile-only devices: a real TPU VM has its own values."""
+    environ = os.environ if environ is None else environ
+    accelerator = tpu_slice.name.replace("v5e-", "v5litepod-")  # Cloud's name for v5e slices
+    environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator)
+    environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu takes a lock file so that one process owns the chips; compiling owns none, and
+    # several plans (the tests, a --fit in another shell) may run at once.
+    environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def compile_only_tpu_devices(tpu_slice: roofline.TpuSlice, num_slices: int) -> list:
+    """The devices of `num_slices` compile-only copies of `tpu_slice`, slice by slice."""
+    from jax.experimental import topologies
+
+    if not libtpu_available():
+        raise config.ConfigError(
+            "libtpu (jax[tpu]) is not installed: `make plan-install-tpu`, then "
+            ".venv-plan-tpu/bin/python -m llmjax.plan ..."
+        )
+    topo = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=tpu_slice.topology_name,
+        chip_config_name=tpu_slice.chip.chip_config,
+        chips_per_host_bounds=tpu_slice.chips_per_host,
+        num_slices=num_slices,
+        wrap=tpu_slice.wrap,
+    )
+    return sorted(topo.devices, key=lambda d: (getattr(d, "slice_index", 0), d.id))
+
+
+def slice_of(devices) -> list[int]:
+    """Each device's slice (0 on a single slice), in the order given."""
+    return [getattr(d, "slice_index", 0) for d in devices]
+
+
+def _oom_figures(message: str) -> tuple[int, int] | None:
+    """(required, available) bytes from libtpu's "Ran out of memory in memory space hbm" error."""
+    sizes = re.findall(r"\(([0-9.]+)([KMGT])\)", message)
+    if "RESOURCE_EXHAUSTED" not in message or len(sizes) < 2:
+        return None
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    required, available = (int(float(v) * scale[u]) for v, u in (sizes[0], sizes[-1]))
+    return required, available
 
 
 def cuda_plugin_available() -> bool:
@@ -93,15 +157,20 @@ def compile_only_devices(spec_text: str, n: int) -> list:
     return list(topo.devices)
 
 
-def _memory(compiled, gpu: roofline.Gpu) -> dict:
+def _usable_bytes(gpu: roofline.Gpu, platform: str) -> int:
+    """Device memory a step may use: on a GPU jax's preallocated fraction of it; on a TPU what
+    libtpu offers a program (roofline.TPU_CHIPS)."""
+    if platform == "tpu":
+        return gpu.memory_bytes
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
+    return int(gpu.memory_bytes * fraction)
+
+
+def _memory(compiled, usable: int) -> dict:
     from llmjax.sharding import peak_bytes
 
     m = compiled.memory_analysis()
     peak = peak_bytes(m)
-    usable = int(
-        gpu.memory_bytes
-        * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
-    )
     return {
         "arguments_bytes": m.argument_size_in_bytes,
         "outputs_bytes": m.output_size_in_bytes,
@@ -124,7 +193,9 @@ def _program(kernels: list[hlo_stats.Kernel], gpu: roofline.Gpu) -> dict:
         flops[k.category] += k.flops * k.launches
         launches[k.kind] += k.launches
         if k.category == "collective":
-            c = collectives.setdefault(k.kind, {"count": 0, "bytes": 0})
+            c = collectives.setdefault(
+                k.kind + (" over DCN" if k.dcn else ""), {"count": 0, "bytes": 0}
+            )
             c["count"] += k.launches
             c["bytes"] += int(k.bytes * k.launches)
     compute = [k for k in kernels if k.category != "collective"]
@@ -177,10 +248,6 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
     # The objective main would train (a DPO config's pairs and reference log-probs included).
     run = train.build(cfg, devices, inputs.objective(cfg, inputs.resolve_kind(cfg)))
     B, T = cfg.data.batch_size, cfg.data.seq_len
-    # The batch exactly as main feeds it (a DPO config's pairs and reference log-probs included).
-    compiled, seconds = _compile(run.train_step, (run.abstract_state, run.batch_spec))
-    _dump(dump, "train_step", compiled)
-    kernels = hlo_stats.kernels(compiled.as_text(), len(devices))
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(run.abstract_state.params))
     tokens = train.step_tokens(run)
     hand = flops_per_token(run.model_cfg, n_params, T) * tokens / len(devices)
@@ -195,13 +262,42 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
         "grad_accum": cfg.optim.grad_accum,
         "attention": run.model_cfg.attention,
         "params": n_params,
-        "compile_seconds": round(seconds, 2),
-        "state_bytes": sharding.bytes_per_device(run.abstract_state),
-        **_memory(compiled, gpu),
-        **_program(kernels, gpu),
-        "flops_hand_6N_6LDT": hand,
-        "flops_newton_schulz": ns,
     }
+    # The batch exactly as main feeds it (a DPO config's pairs and reference log-probs included).
+    try:
+        compiled, seconds = _compile(run.train_step, (run.abstract_state, run.batch_spec))
+    except jax.errors.JaxRuntimeError as e:
+        # libtpu refuses a program larger than HBM at compile time: that is the answer.
+        oom = _oom_figures(str(e))
+        if oom is None or devices[0].platform != "tpu":
+            raise
+        required, available = oom
+        return {
+            **report,
+            "state_bytes": sharding.bytes_per_device(run.abstract_state),
+            "peak_memory_bytes": required,
+            "usable_memory_bytes": available,
+            "fits": False,
+            "margin_bytes": available - required,
+            "compiler_error": str(e).splitlines()[0][:300],
+            "flops_hand_6N_6LDT": hand,
+        }
+    _dump(dump, "train_step", compiled)
+    slices = slice_of(run.mesh.devices.flat)  # partition id -> slice, for DCN collectives
+    # Over several slices the compiled program is one slice's (its collectives' groups name the
+    # slice's devices); what crosses slices is megascale send/recv (hlo_stats).
+    per_program = len(devices) // len(set(slices))
+    kernels = hlo_stats.kernels(compiled.as_text(), per_program, slices)
+    report.update(
+        {
+            "compile_seconds": round(seconds, 2),
+            "state_bytes": sharding.bytes_per_device(run.abstract_state),
+            **_memory(compiled, _usable_bytes(gpu, devices[0].platform)),
+            **_program(kernels, gpu),
+            "flops_hand_6N_6LDT": hand,
+            "flops_newton_schulz": ns,
+        }
+    )
     step = report["predicted_seconds"]["no_overlap"]
     # 6N+6LDT counts matmuls only: compare it with GEMMs + attention, not the elementwise rest.
     report["flops_ratio_to_hand"] = (report["flops"]["gemm"] + report["flops"]["attention"]) / (
@@ -227,7 +323,7 @@ def plan_decode(
     from llmjax import sample
     from llmjax.model import GPT, model_config
 
-    model_cfg = model_config(cfg, "gpu")
+    model_cfg = model_config(cfg, "tpu" if device.platform == "tpu" else "gpu")
     model = nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0)))
     graphdef, params = nnx.split(model)
     on_device = jax.sharding.SingleDeviceSharding(device)
@@ -251,7 +347,7 @@ def plan_decode(
     # The exact program `llmjax.sample` dispatches for each chunk of new tokens.
     # Top-k/top-p sort the vocabulary; sizing CUB's radix sort needs a CUDA runtime, so XLA's own
     # sort kernel stands in for it here (slower: the prediction errs on the slow side).
-    options = {"xla_gpu_enable_cub_radix_sort": False}
+    options = {"xla_gpu_enable_cub_radix_sort": False} if device.platform == "gpu" else None
     compiled, seconds = _compile(sample.decode_chunk, args, (graphdef, chunk), options)
     _dump(dump, "decode_step", compiled)
     report = {
@@ -259,7 +355,7 @@ def plan_decode(
         "decode_context": context,
         "decode_chunk": chunk,
         "compile_seconds": round(seconds, 2),
-        **_memory(compiled, gpu),
+        **_memory(compiled, _usable_bytes(gpu, device.platform)),
         **_program(hlo_stats.kernels(compiled.as_text(), 1), gpu),
     }
     step = report["predicted_seconds"]["no_overlap"]
@@ -274,7 +370,7 @@ def fit_batch(cfg, devices: list, gpu: roofline.Gpu, on_try) -> dict | None:
     """
     from llmjax import sharding
 
-    data, fsdp, _ = sharding.mesh_shape(cfg.mesh, len(devices))
+    data, fsdp, _ = sharding.mesh_shape(cfg.mesh, len(devices), sharding.slice_count(devices))
     reports = {}
 
     def attempt(per_device: int) -> tuple[bool, int, int]:
@@ -334,10 +430,22 @@ def _gb(n: float) -> str:
 def table(r: dict) -> str:
     """The human-readable report of one compiled train step."""
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    target = f"{r['gpu']} x {r['devices']}"
+    if "tpu" in r:
+        slices = f"{r['num_slices']} x {r['tpu']}" if r["num_slices"] > 1 else r["tpu"]
+        target += f" ({slices}, {r['hosts']} host{'s' if r['hosts'] > 1 else ''})"
+    head = (
+        f"{target}  mesh {mesh}  batch {r['batch_size']} x {r['seq_len']}"
+        f"  grad_accum {r['grad_accum']}  attention {r['attention']}"
+    )
+    if "compiler_error" in r:  # a TPU step larger than HBM: the compiler's figures only
+        return (
+            f"{head}\nmemory per device  needs {_gb(r['peak_memory_bytes'])} of "
+            f"{_gb(r['usable_memory_bytes'])} usable: DOES NOT FIT ({r['compiler_error']})"
+        )
     p, f = r["predicted_seconds"], r["flops"]
     rows = [
-        f"{r['gpu']} x {r['devices']}  mesh {mesh}  batch {r['batch_size']} x {r['seq_len']}"
-        f"  grad_accum {r['grad_accum']}  attention {r['attention']}",
+        head,
         f"compile            {r['compile_seconds']:.1f} s",
         "memory per device  "
         f"arguments {_gb(r['arguments_bytes'])}, temporaries {_gb(r['temp_bytes'])}, "
@@ -374,10 +482,13 @@ def table(r: dict) -> str:
     return "\n".join(rows)
 
 
-def _model_statement() -> dict:
+def _model_statement(tpu: bool = False) -> dict:
+    link = "NVLink"
+    if tpu:  # the GPU-calibrated efficiencies, unmeasured on TPU (roofline.py)
+        link = "ICI (one axis, both directions) within a slice, DCN per chip between slices"
     return {
         "model": "per kernel max(flops/(eff*peak), bytes/(eff_hbm*HBM), min_kernel); "
-        "collectives ring at eff_link*NVLink; no overlap and fully overlapped",
+        f"collectives ring at eff_link*{link}; no overlap and fully overlapped",
         "eff_gemm": roofline.EFF_GEMM,
         "eff_attention": roofline.EFF_ATTENTION,
         "eff_hbm": roofline.EFF_HBM,
@@ -392,6 +503,8 @@ class Options:
     """The command line's choices besides the config (see define_flags)."""
 
     gpu: str = "h100"
+    tpu: str | None = None  # a Cloud TPU slice name; compiles for TPUs instead of --gpu
+    num_slices: int = 1
     gpu_spec: str | None = None
     devices: int = 1
     on_device: bool = False
@@ -404,13 +517,31 @@ class Options:
     dump: str | None = None
 
 
-def run(cfg, opts: Options) -> None:
-    """Everything after the flags: prints the table(s), then the JSON object."""
-    config.validate(cfg)
-    if cfg.model.attention == "auto":  # as a GPU would resolve it, not this CPU
-        from llmjax.model import model_config
+def _target(opts: Options) -> tuple[roofline.Gpu, list, dict]:
+    """The roofline's chip, the devices to compile for, and the report keys naming the target."""
+    if opts.tpu:
+        tpu_slice = _tpu_slice(opts.tpu)
+        if opts.num_slices < 1:
+            raise config.ConfigError(f"--num_slices={opts.num_slices} must be >= 1")
+        if opts.on_device:  # on the TPU VM itself: the same report for its real chips
+            import jax
 
-        cfg.model.attention = model_config(cfg, "gpu").attention
+            devices = jax.devices()
+            want = tpu_slice.chips * opts.num_slices
+            if len(devices) != want or devices[0].platform != "tpu":
+                raise config.ConfigError(f"--on_device: {want} TPU chips expected, {devices} found")
+        else:
+            devices = compile_only_tpu_devices(tpu_slice, opts.num_slices)
+        hosts = tpu_slice.hosts * opts.num_slices
+        return (
+            roofline.tpu_roofline(tpu_slice.chip),
+            devices,
+            {
+                "tpu": tpu_slice.name,
+                "num_slices": opts.num_slices,
+                "hosts": hosts,
+            },
+        )
     spec = gpu_spec_text(opts.gpu, opts.gpu_spec)
     try:
         gpu = roofline.parse_gpu(spec)
@@ -426,10 +557,28 @@ def run(cfg, opts: Options) -> None:
             raise config.ConfigError(f"--on_device: {opts.devices} GPUs asked, {devices} found")
     else:
         devices = compile_only_devices(spec, opts.devices)
+    return gpu, devices, {}
+
+
+def _tpu_slice(name: str) -> roofline.TpuSlice:
+    try:
+        return roofline.tpu_slice(name)
+    except roofline.SpecError as e:
+        raise config.ConfigError(f"--tpu={name}: {e}") from e
+
+
+def run(cfg, opts: Options) -> None:
+    """Everything after the flags: prints the table(s), then the JSON object."""
+    from llmjax.model import model_config
+
+    config.validate(cfg)
+    if cfg.model.attention == "auto":  # as the target would resolve it, not this CPU
+        cfg.model.attention = model_config(cfg, "tpu" if opts.tpu else "gpu").attention
+    gpu, devices, target = _target(opts)
     show = lambda r: print(table(r) + "\n", flush=True)
     if opts.fit or opts.fit_accum:
         search = fit_batch if opts.fit else fit_accum
-        report = search(cfg, devices, gpu, show)
+        report = search(cfg, devices, gpu, lambda r: show({**r, **target}))
         if report is None:
             raise config.ConfigError(f"no size tried fits {gpu.name} x {len(devices)}")
         print(
@@ -438,7 +587,7 @@ def run(cfg, opts: Options) -> None:
         )
     else:
         report = plan_train(cfg, devices, gpu, opts.dump)
-        show(report)
+        show({**report, **target})
     if opts.decode:
         context = opts.decode_context or cfg.model.block_size
         decode = plan_decode(
@@ -453,7 +602,11 @@ def run(cfg, opts: Options) -> None:
         report["decode"] = decode
     import jax
 
-    report.update(jax=jax.__version__, xla_flags=os.environ["XLA_FLAGS"], **_model_statement())
+    flags_used = {"xla_flags": os.environ.get("XLA_FLAGS", "")}
+    if opts.tpu:
+        flags_used = {"libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", "")}
+    report.update(target)
+    report.update(jax=jax.__version__, **flags_used, **_model_statement(bool(opts.tpu)))
     print(json.dumps(report))
 
 
@@ -461,9 +614,16 @@ def main(argv: list[str]) -> None:
     del argv
     # Before any backend starts: the CPU is the only real platform here (the CUDA plugin's
     # start-up check would look for a driver), and XLA reads its flags once.
-    os.environ["XLA_FLAGS"] = planning_xla_flags(
-        os.environ.get("XLA_FLAGS", ""), FLAGS.autotune_results
-    )
+    if FLAGS.tpu:
+        if not FLAGS.on_device:
+            quiet_libtpu(_tpu_slice(FLAGS.tpu))
+        os.environ["LIBTPU_INIT_ARGS"] = xla_flags.merged_libtpu_args(
+            os.environ.get("LIBTPU_INIT_ARGS", "")
+        )
+    else:
+        os.environ["XLA_FLAGS"] = planning_xla_flags(
+            os.environ.get("XLA_FLAGS", ""), FLAGS.autotune_results
+        )
     if not FLAGS.on_device:
         import jax
 
@@ -471,6 +631,8 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_platforms", "cpu")
     opts = Options(
         gpu=FLAGS.gpu,
+        tpu=FLAGS.tpu,
+        num_slices=FLAGS.num_slices,
         gpu_spec=FLAGS.gpu_spec,
         devices=FLAGS.devices,
         on_device=FLAGS.on_device,
@@ -490,6 +652,8 @@ def define_flags() -> None:
     # with another entry point's flags.
     config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
     flags.DEFINE_string("gpu", "h100", f"one of {', '.join(GPUS)} (ignored with --gpu_spec)")
+    flags.DEFINE_string("tpu", None, "a Cloud TPU slice (v4-8, v5e-8, v5p-64, v6e-256; not --gpu)")
+    flags.DEFINE_integer("num_slices", 1, "TPU slices joined by the data-center network (--tpu)")
     flags.DEFINE_string("gpu_spec", None, "a GpuTargetConfigProto text file describing another GPU")
     flags.DEFINE_integer("devices", 1, "GPUs in one host; the mesh comes from the config's mesh.*")
     flags.DEFINE_string("autotune_results", None, "XLA autotune results dumped on the real GPU")
@@ -501,6 +665,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("decode_batch", 1, "sequences sampled at once (--decode)")
     flags.DEFINE_integer("decode_context", 0, "KV-cache length (--decode); 0 = model.block_size")
     flags.DEFINE_integer("decode_chunk", 8, "decode steps per dispatch, as llmjax.sample runs them")
-    flags.DEFINE_bool("on_device", False, "compile for this machine's real GPUs (to compare)")
+    flags.DEFINE_bool("on_device", False, "compile for this machine's real GPUs/TPUs (to compare)")
     flags.DEFINE_string("dump", None, "directory for the optimized HLO text of each compiled step")
     flags.mark_flags_as_required(["config"])

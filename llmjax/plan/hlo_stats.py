@@ -7,9 +7,11 @@ launches work (a fusion, a custom call, a copy, a collective), in the entry comp
 the computations it runs (while bodies, conditional branches, command-buffer calls), with its
 launches per step = the product of the known trip counts of the loops around it.
 
-FLOPs: 2*M*N*K per GEMM (cuBLAS, or a dot inside a fusion); cuDNN flash attention 4*B*N*T*S*H
+FLOPs: 2*M*N*K per GEMM (cuBLAS, or a dot inside a fusion; on TPU a convolution, see
+`convolution_flops`); cuDNN flash attention 4*B*N*T*S*H
 forward and 10*B*N*T*S*H backward (it recomputes the scores), halved for a causal mask, which
-the kernel skips; one FLOP per element for each arithmetic op in a fusion and per input element
+the kernel skips (TPU: Pallas splash attention's kernels, SPLASH_FLOPS_PER_SCORE, counted the
+same way); one FLOP per element for each arithmetic op in a fusion and per input element
 of a reduce. Bytes: every operand read plus every result written, except that a fusion operand
 read only through dynamic-slice counts at the slice's size and one updated in place through
 dynamic-update-slice counts at the update's size (the layer and micro-batch loops do both).
@@ -36,6 +38,9 @@ _NO_LAUNCH = {
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
     "add-dependency", "partition-id", "replica-id", "opt-barrier", "while", "conditional",
     "call", "domain", "async-update", "async-done", "send-done", "recv-done",
+    # TPU: an async copy between HBM and on-chip memory (VMEM) prefetches what the fusion after
+    # it reads, whose operand bytes already count the read.
+    "copy-start", "copy-done",
 }  # fmt: skip
 
 # One FLOP per result element (XLA's HloCostAnalysis counts these the same way).
@@ -44,6 +49,11 @@ _ARITHMETIC = {
     "exponential", "exponential-minus-one", "log", "log-plus-one", "tanh", "logistic", "rsqrt",
     "sqrt", "cbrt", "erf", "remainder", "atan2", "sine", "cosine",
 }  # fmt: skip
+
+# FLOPs per score (B N T S H) of each Pallas splash-attention kernel: the forward pass 4 (q k^T,
+# then p v); the backward pass in two kernels that each recompute the scores: dq 6 (s, dp, dq),
+# dk/dv 8 (s, dp, dv, dk).
+SPLASH_FLOPS_PER_SCORE = {"fwd": 4, "dq": 6, "dkv": 8}
 
 _FUSION_KINDS = {"input": "reduction"}  # XLA calls a fusion rooted in a reduction "input"
 
@@ -60,6 +70,7 @@ class Kernel:
     bytes: float  # HBM: operands read + results written; for collectives, the message size
     launches: int = 1  # per step: the product of the trip counts of the loops around it
     group: int = 1  # collectives: devices taking part
+    dcn: bool = False  # collectives: a group spans TPU slices (the data-center network)
 
     @property
     def category(self) -> str:
@@ -127,11 +138,33 @@ def _parse_inst(line: str) -> _Inst | None:
     return _Inst(m.group(2), shape, op.group(1), names, args, rest[close:], bool(m.group(1)))
 
 
+def _logical_lines(text: str) -> Iterator[str]:
+    """The module's lines with continuations joined: a Pallas kernel's custom call carries its
+    metadata as JSON with line breaks, whose pieces start at column 0 (`"xprof_metadata": ...`,
+    `}}, metadata=...`) like computation headers and closing braces."""
+    pending = None
+    for line in text.splitlines():
+        top = (
+            not line
+            or line[0].isspace()
+            or line.strip() == "}"
+            or line.startswith(("HloModule", "ENTRY", "%"))
+        )
+        if top:
+            if pending is not None:
+                yield pending
+            pending = line
+        else:
+            pending = line if pending is None else pending + " " + line
+    if pending is not None:
+        yield pending
+
+
 def parse_module(text: str) -> tuple[dict[str, list[_Inst]], str]:
     """Computation name -> its instructions, and the entry computation's name."""
     comps: dict[str, list[_Inst]] = {}
     current, entry = None, ""
-    for line in text.splitlines():
+    for line in _logical_lines(text):
         header = re.match(r"(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
         if header and not line[0].isspace():
             current = header.group(2)
@@ -179,6 +212,71 @@ def _group_size(attrs: str, devices: int) -> int:
     return 2 if pairs else devices
 
 
+def _iota(dims: str, perm: str | None) -> list[int]:
+    """Device ids of XLA's iota tile assignment [d0,d1,...]T(p0,p1,...), flattened."""
+    import numpy as np
+
+    shape = [int(d) for d in dims.split(",")]
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    if perm:
+        ids = ids.transpose([int(p) for p in perm.split(",")])
+    return ids.reshape(-1).tolist()
+
+
+def _groups(attrs: str, devices: int) -> list[list[int]] | None:
+    """The replica groups of a collective as lists of device (partition) ids, where the text
+    spells them out or in iota or mesh form; None for a form not read here."""
+    import numpy as np
+
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", attrs)
+    if iota:
+        g, n = int(iota.group(1)), int(iota.group(2))
+        ids = _iota(iota.group(3), iota.group(4))
+        return [ids[i * n : (i + 1) * n] for i in range(g)]
+    mesh = re.search(
+        r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([0-9,]+)\](?:T\(([0-9,]+)\))?\))?"
+        r" \{([^}]*)\}",
+        attrs,
+    )
+    if mesh:
+        names_sizes = re.findall(r"'([^']+)'=(\d+)", mesh.group(1))
+        named = [a.replace("'", "").strip() for a in mesh.group(4).split(",") if a.strip()]
+        if any(":" in a for a in named):
+            return None  # sub-axes: only the group size is read (_group_size)
+        names = [n for n, _ in names_sizes]
+        sizes = [int(v) for _, v in names_sizes]
+        ids = (
+            _iota(mesh.group(2), mesh.group(3)) if mesh.group(2) else list(range(math.prod(sizes)))
+        )
+        grid = np.asarray(ids).reshape(sizes)
+        inside = [names.index(a) for a in named]
+        outside = [i for i in range(len(names)) if i not in inside]
+        grid = grid.transpose(outside + inside).reshape(-1, math.prod(sizes[i] for i in inside))
+        return grid.tolist()
+    listed = re.search(r"replica_groups=\{(\{[0-9,{} ]*\})\}", attrs)
+    if listed:
+        return [
+            [int(x) for x in g.split(",") if x]
+            for g in re.findall(r"\{([0-9, ]*)\}", listed.group(1))
+        ]
+    if re.search(r"replica_groups=\{\}", attrs):
+        return [list(range(devices))]
+    pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", attrs)
+    if pairs:
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)", pairs.group(0))]
+    return None
+
+
+def _crosses_slices(attrs: str, devices: int, slices: list[int] | None) -> bool:
+    """Whether any group of the collective holds devices of different TPU slices."""
+    if not slices or len(set(slices)) < 2:
+        return False
+    groups = _groups(attrs, devices)
+    if groups is None:
+        return False
+    return any(len({slices[d] for d in g}) > 1 for g in groups)
+
+
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 
 
@@ -199,10 +297,13 @@ def _callees(inst: _Inst) -> list[tuple[str, int]]:
 
 
 class _Module:
-    def __init__(self, text: str, devices: int):
+    def __init__(self, text: str, devices: int, slices: list[int] | None = None):
         self.comps, self.entry = parse_module(text)
         self.shape = {i.name: i.shape for insts in self.comps.values() for i in insts}
         self.devices = devices
+        self.slices = slices
+        # TPU HLO carries its tiled layouts ({1,0:T(8,128)}) in every shape.
+        self.tpu = ":T(" in text
 
     def operand_shapes(self, inst: _Inst) -> list[str]:
         return [self.shape.get(o, "") for o in inst.operands]
@@ -214,13 +315,29 @@ class _Module:
             comp, runs = todo.pop()
             for inst in self.comps.get(comp, []):
                 yield inst, runs
-                todo += [(callee, runs * times) for callee, times in _callees(inst)]
+                callees = _callees(inst)
+                if inst.opcode == "while" and not _TRIP_COUNT.search(inst.attrs):
+                    callees = [(callees[0][0], self.condition_bound(inst))]
+                todo += [(callee, runs * times) for callee, times in callees]
+
+    def condition_bound(self, inst: _Inst) -> int:
+        """A while loop's trip count where the compiler left no known_trip_count (TPU): its
+        condition `counter < constant` (jax's scans count from 0); 1 if it reads otherwise."""
+        cond = self.comps.get(_attr("condition", inst.attrs) or "", [])
+        root = next((i for i in cond if i.root), None)
+        if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs:
+            return 1
+        consts = {i.name: i.args for i in cond if i.opcode == "constant"}
+        bound = consts.get(root.operands[-1]) if len(root.operands) == 2 else None
+        return int(bound) if bound and bound.strip().isdigit() else 1
 
     def fused_flops(self, comp: str) -> tuple[float, float]:
         """(dot FLOPs, elementwise FLOPs) of a fused computation, nested fusions included."""
         dots = rest = 0.0
         for inst in self.comps.get(comp, []):
-            if inst.opcode == "dot":
+            if inst.opcode == "convolution":
+                dots += self.convolution_flops(inst)
+            elif inst.opcode == "dot":
                 lhs = arrays(self.shape.get(inst.operands[0], ""))[0][1]
                 contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", inst.attrs)
                 k = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d)
@@ -234,6 +351,44 @@ class _Module:
                 inner = self.fused_flops(callee)
                 dots, rest = dots + inner[0], rest + inner[1]
         return dots, rest
+
+    def convolution_flops(self, inst: _Inst) -> float:
+        """2 x multiply-adds of a convolution, the TPU compiler's form of every matmul (batched
+        ones through dilated windows): per output feature and batch row, the input features
+        (rhs `i`) times the window taps that land on the input (not padding, not a dilation
+        hole), as XLA's HloCostAnalysis counts them."""
+        labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.attrs)
+        lhs_l, rhs_l, out_l = labels.groups()
+        lhs = arrays(self.shape.get(inst.operands[0], ""))[0][1]
+        rhs = arrays(self.shape.get(inst.operands[1], ""))[0][1]
+        out = arrays(inst.shape)[0][1]
+        window = re.search(r"window=\{([^}]*)\}", inst.attrs)
+        fields = dict(re.findall(r"(\w+)=(\S+)", window.group(1))) if window else {}
+        spatial = sorted(c for c in out_l if c.isdigit())
+        per = lambda key, default: (
+            [int(v) for v in fields[key].split("x")] if key in fields else [default] * len(spatial)
+        )
+        size, stride, lhs_dil, rhs_dil = (
+            per("size", 1),
+            per("stride", 1),
+            per("lhs_dilate", 1),
+            per("rhs_dilate", 1),
+        )
+        pads = [(0, 0)] * len(spatial)
+        if "pad" in fields:
+            pads = [tuple(int(x) for x in p.split("_")) for p in fields["pad"].split("x")]
+        taps = 1
+        for i, d in enumerate(spatial):
+            n_in, n_out = lhs[lhs_l.index(d)], out[out_l.index(d)]
+            base = (n_in - 1) * lhs_dil[i] + 1  # the input with dilation holes, before padding
+            taps *= sum(
+                1
+                for o in range(n_out)
+                for k in range(size[i])
+                if 0 <= (p := o * stride[i] + k * rhs_dil[i] - pads[i][0]) < base
+                and p % lhs_dil[i] == 0
+            )
+        return 2.0 * out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")] * taps
 
     def fusion_bytes(self, inst: _Inst, comp: str) -> float:
         body = self.comps.get(comp, [])
@@ -265,6 +420,18 @@ class _Module:
         op = inst.opcode
         if op in _NO_LAUNCH or op.endswith("-done"):
             return None
+        if op in ("send", "recv") and "xla_megascale_runtime" in inst.attrs:
+            # Multislice: the compiler splits a collective over slices into ICI collectives
+            # inside each slice and a send/recv pair between slices that libtpu's megascale
+            # runtime carries over the data-center network; the send is the message.
+            if op == "recv":
+                return None
+            kind = re.search(r'_xla_megascale_transfer_type="?(\w+)', inst.attrs)
+            kind = kind.group(1).lower().replace("_", "-") if kind else "collective-permute"
+            kind = kind if kind in COLLECTIVES else "collective-permute"
+            slices = max(2, len(set(self.slices or ())))
+            message = shape_bytes(self._operands_str(inst).split(" token[]")[0])
+            return Kernel(inst.name, kind, 0.0, message, runs, slices, dcn=True)
         base = op.removesuffix("-start")
         if op == "async-start":  # e.g. a reduce-scatter wrapped to run on another stream
             wrapped = self.comps.get(_attr("calls", inst.attrs), [])
@@ -276,14 +443,23 @@ class _Module:
             # The message is the whole buffer: all-gather's result, the others' input.
             group = _group_size(inst.attrs, self.devices)
             size = shape_bytes(self._operands_str(inst)) * (group if base == "all-gather" else 1)
-            return Kernel(inst.name, base, 0.0, size, runs, group)
+            dcn = _crosses_slices(inst.attrs, self.devices, self.slices)
+            return Kernel(inst.name, base, 0.0, size, runs, group, dcn)
         io = shape_bytes(self._operands_str(inst)) + shape_bytes(inst.shape)
         if op == "fusion":
             comp = _attr("calls", inst.attrs)
             dots, rest = self.fused_flops(comp)
             kind = re.search(r"kind=k(\w+)", inst.attrs).group(1).lower()
-            name = "triton gemm" if dots else f"{_FUSION_KINDS.get(kind, kind)} fusion"
+            name = f"{_FUSION_KINDS.get(kind, kind)} fusion"
+            if dots:  # TPU matmuls are convolutions on the MXU; GPU ones, Triton's dots
+                name = "triton gemm"
+                if self.has_convolution(comp):
+                    # Elementwise work fused into a TPU matmul runs on the vector unit beside
+                    # the MXU, in its shadow: the fusion's FLOPs are its matmuls'.
+                    name, rest = "mxu gemm", 0.0
             return Kernel(inst.name, name, dots + rest, self.fusion_bytes(inst, comp), runs)
+        if op == "convolution":
+            return Kernel(inst.name, "mxu gemm", self.convolution_flops(inst), io, runs)
         if op == "custom-call":
             target = _attr("custom_call_target", inst.attrs.replace('"', "")) or ""
             results = arrays(inst.shape)
@@ -304,18 +480,44 @@ class _Module:
                 causal = 0.5 if '"mask_type": "CAUSAL"' in inst.attrs else 1.0
                 flops = per_score * math.prod(scores_BNTS) * head_dim * causal
                 return Kernel(inst.name, "cudnn attention", flops, io, runs)
+            splash = re.search(r"splash_mha_(fwd|dq|dkv)", inst.name + inst.attrs)
+            if target == "tpu_custom_call" and splash:
+                # A Pallas splash-attention kernel (tpu_attention.py: causal, self-attention).
+                # Its output [B, N, T, H] ([N, T, H] for one example per device) is the first
+                # array of the highest rank; lower ranks are the kernel's scratch.
+                *batch, N, T, H = max((d for _, d in results), key=len)
+                B = math.prod(batch)
+                per_score = SPLASH_FLOPS_PER_SCORE[splash.group(1)]
+                flops = per_score * B * N * T * T * H / 2  # the causal half
+                return Kernel(inst.name, f"splash {splash.group(1)} attention", flops, io, runs)
             return Kernel(inst.name, f"custom-call {target}", 0.0, io, runs)
+        if op == "dynamic-update-slice":  # in place: the update read and written
+            io = 2 * shape_bytes(self.shape.get(inst.operands[1], ""))
+        elif op == "dynamic-slice":  # reads only the slice
+            io = 2 * shape_bytes(inst.shape)
+        if self.tpu and not any(dims for _, dims in arrays(inst.shape)):
+            # A scalar op outside a fusion (loop counters, indices) runs on the TPU core's
+            # scalar unit alongside the vector work: no kernel of its own.
+            return None
         return Kernel(inst.name, op, 0.0, io, runs)
+
+    def has_convolution(self, comp: str) -> bool:
+        return any(
+            i.opcode == "convolution"
+            or (i.opcode == "fusion" and self.has_convolution(_attr("calls", i.attrs)))
+            for i in self.comps.get(comp, [])
+        )
 
     def _operands_str(self, inst: _Inst) -> str:
         return " ".join(self.operand_shapes(inst))
 
 
-def kernels(hlo_text: str, devices: int = 1) -> list[Kernel]:
+def kernels(hlo_text: str, devices: int = 1, slices: list[int] | None = None) -> list[Kernel]:
     """The kernels of an optimized HLO module, in no particular order (see the module docstring).
 
     `devices`: the SPMD partition count, the group size of a collective over all devices.
+    `slices`: the TPU slice of each partition id; a collective whose group spans two is `dcn`.
     """
-    module = _Module(hlo_text, devices)
+    module = _Module(hlo_text, devices, slices)
     found = (module.kernel(inst, runs) for inst, runs in module.schedule())
     return [k for k in found if k is not None]
