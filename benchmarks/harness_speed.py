@@ -24,7 +24,7 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from llmjax import convert, harness  # noqa: E402
+from llmjax import convert, harness, hf_gpt2  # noqa: E402
 from llmjax.model import GPT, GPTConfig  # noqa: E402
 
 TASK = """task: speed_mc
@@ -85,7 +85,7 @@ def main() -> None:
         model = GPT(GPTConfig(), nnx.Rngs(0))  # GPT-2 124M, random init
         work, hf_dir = os.path.join(tmp, "work"), os.path.join(tmp, "hf")
         convert.write_workdir(model, work, "random init")
-        convert.to_hf(model, hf_dir)
+        hf_gpt2.to_hf(model, hf_dir)
         del model
         ours_s, ours, n = timed(
             lambda: harness.LlmjaxLM(workdir=work, batch_size=args.batch_size), tmp

@@ -85,12 +85,12 @@ def val_windows(tokens: np.ndarray, T: int) -> np.ndarray:
 def run_llmjax(cfg, steps: int, warmup: int, data_path: str, evaluate: bool) -> dict:
     import jax
 
-    from llmjax import data, sharding, train
+    from llmjax import batches, data, sharding, train
     from llmjax import evaluate as evaluate_lib
     from llmjax.shards import read_shard, shard_name
 
     B, T = cfg.data.batch_size, cfg.data.seq_len
-    run = train.build(cfg)
+    run = train.build(cfg, batches.objective(cfg, "pretrain"))
     state = train.initial_state(run)
     batches = data.train_batches(
         data_path,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from llmjax.convert import from_state_dict
+from llmjax.hf_gpt2 import from_state_dict
 from llmjax.sample import generate
 
 

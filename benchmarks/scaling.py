@@ -48,12 +48,12 @@ def measure(cfg, n: int, batch_per_device: int, steps: int, warmup: int) -> dict
     import jax
     import numpy as np
 
-    from llmjax import metrics, sharding, train
+    from llmjax import batches, metrics, sharding, train
     from llmjax.model import flops_per_token
 
     cfg = cfg.copy_and_resolve_references()
     cfg.data.batch_size, cfg.optim.grad_accum = batch_per_device * n, 1
-    run = train.build(cfg, jax.devices()[:n])
+    run = train.build(cfg, batches.objective(cfg, "pretrain"), jax.devices()[:n])
     B, T = cfg.data.batch_size, cfg.data.seq_len
     tokens = np.random.default_rng(0).integers(0, run.model_cfg.valid_vocab_size, (B, T + 1))
     batch = sharding.put_batch(tokens.astype(np.int32), run.mesh)

@@ -28,6 +28,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from llmjax.batches import objective  # noqa: E402
 from llmjax.config import load, validate  # noqa: E402
 from llmjax.train import build  # noqa: E402
 
@@ -116,7 +117,7 @@ def corpus():
 def run(cfg, train, val_batches) -> dict:
     """One training run: validation curve, final loss, ms per step (compilation excluded)."""
     validate(cfg)
-    r = build(cfg, jax.devices()[:1])
+    r = build(cfg, objective(cfg, "pretrain"), jax.devices()[:1])
     state = jax.jit(r.init, out_shardings=r.state_shardings)()
     rng = np.random.default_rng(cfg.train.seed)
 

@@ -3,10 +3,10 @@
     python benchmarks/step_time.py --config=configs/gpt2_124m.py --batch_size=32 --seq_len=1024 \
         --steps=50 [--config.model.scan_layers=True --config.model.remat=dots_saveable]
 
-Times `train.build(cfg).train_step` (the real jitted step: AdamW, clipping, non-finite guard) on one
-device-resident random batch, so input loading is excluded. Compilation and `--warmup` steps are
-not timed; each timed step is waited for, and the median is reported. --batch_size is the global
-batch per optimizer step (split into optim.grad_accum micro-batches).
+Times the pretraining run's `train_step` (the real jitted step: AdamW, clipping, non-finite guard)
+on one device-resident random batch, so input loading is excluded. Compilation and `--warmup`
+steps are not timed; each timed step is waited for, and the median is reported. --batch_size is
+the global batch per optimizer step (split into optim.grad_accum micro-batches).
 MFU = tokens/s x (6N + 6*L*D*T) / (peak FLOP/s x devices), the llm.c count, with the dense bf16 peak
 of metrics.PEAK_FLOPS (H100 SXM: 989e12); null on devices without a known peak (CPU).
 """
@@ -64,11 +64,11 @@ def benchmark(cfg, steps: int, warmup: int) -> dict:
     import jax
     import numpy as np
 
-    from llmjax import metrics, sharding, train
+    from llmjax import batches, metrics, sharding, train
     from llmjax.model import flops_per_token
 
     B, T = cfg.data.batch_size, cfg.data.seq_len
-    run = train.build(cfg)
+    run = train.build(cfg, batches.objective(cfg, "pretrain"))
     state = run.init()
     rng = np.random.default_rng(0)
     batch = sharding.put_batch(

@@ -21,6 +21,7 @@ from llmjax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_KINDS = ("auto", "pretrain", "instruct", "preference")
+VERIFY = ("full", "cached", "off")  # data.verify: integrity.py's modes
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 POSITIONS = ("learned", "rope")  # model.position
 NORMS = ("layernorm", "rmsnorm")  # model.norm
@@ -244,19 +245,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"data.seq_len={d.seq_len} exceeds model.block_size={m.block_size}",
     )
     _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-    for key, v in [("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype)]:
-        _check(v in DTYPES, f"{key}={v!r} is not one of {', '.join(DTYPES)}")
-    _check(m.remat in REMAT, f"model.remat={m.remat!r} is not one of {', '.join(REMAT)}")
-    _check(
-        m.attention in ATTENTION,
-        f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION)}",
-    )
     for key, v, allowed in [
+        ("model.dtype", m.dtype, DTYPES),
+        ("model.param_dtype", m.param_dtype, DTYPES),
+        ("model.remat", m.remat, REMAT),
+        ("model.attention", m.attention, ATTENTION),
         ("model.position", m.position, POSITIONS),
         ("model.norm", m.norm, NORMS),
         ("model.mlp", m.mlp, MLPS),
         ("optim.name", o.name, OPTIMIZERS),
         ("optim.schedule", o.schedule, SCHEDULES),
+        ("data.kind", d.kind, DATA_KINDS),
+        ("data.tokenizer", d.tokenizer, TOKENIZERS),
+        ("data.verify", d.verify, VERIFY),
     ]:
         _check(v in allowed, f"{key}={v!r} is not one of {', '.join(allowed)}")
     _check(0 < o.decay_frac <= 1, f"optim.decay_frac={o.decay_frac} must be in (0, 1]")
@@ -275,18 +276,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         not t.hellaswag_every or bool(t.hellaswag_path),
         "train.hellaswag_path is empty but train.hellaswag_every > 0",
     )
-    _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r} is not one of {', '.join(DATA_KINDS)}")
     _check(
         not t.harness_every or bool(t.harness_tasks.strip(", ")),
         "train.harness_tasks is empty but train.harness_every > 0",
-    )
-    _check(
-        d.tokenizer in TOKENIZERS,
-        f"data.tokenizer={d.tokenizer!r} is not one of {', '.join(TOKENIZERS)}",
-    )
-    _check(
-        d.verify in ("full", "cached", "off"),
-        f"data.verify={d.verify!r} is not one of full, cached, off",
     )
     parse_trackers(t.trackers)
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")

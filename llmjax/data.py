@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import numpy as np
 from absl import flags
 
+from llmjax.config import VERIFY
+
 # DataError, read_shard and split_paths are part of this module's API; the format lives in shards.
 from llmjax.shards import META_FILE, DataError, read_shard, split_paths
 
@@ -51,8 +53,8 @@ def check_dataset(path: str, tokenizer: str, seq_len: int, verify: str = "cached
     from llmjax import integrity  # late, as the tokenizer: keeps prepare's workers light
     from llmjax.tokenizer import get_tokenizer
 
-    if verify not in integrity.MODES:
-        raise DataError(f"data.verify={verify!r} is not one of {', '.join(integrity.MODES)}")
+    if verify not in VERIFY:
+        raise DataError(f"data.verify={verify!r} is not one of {', '.join(VERIFY)}")
     meta = read_meta(path)
     if meta and meta.get("tokenizer") != tokenizer:
         raise DataError(

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax import checkpoint, data, instruct, metrics, sharding
-from llmjax.convert import load_params
+from llmjax.init_from import load_params
 from llmjax.instruct import InstructError
 from llmjax.loss import Objective, read_batch
 from llmjax.model import MASKED_LOGIT, constrain, soft_cap
@@ -344,7 +344,7 @@ def objective(beta: float, label_smoothing: float) -> Objective:
 
 
 def with_reference(run, d, params, workdir: str, *, fresh: bool):
-    """DPO's batches (`d`: inputs.Data holding the encoded pairs), with the reference
+    """DPO's batches (`d`: batches.Data holding the encoded pairs), with the reference
     log-probabilities of every answer: read from the workdir's cache when it matches the pairs
     and the source, else computed from the step-0 weights (`params` of a fresh run,
     `model.init_from` reloaded otherwise) and cached. `run`: the trainer's train.Run."""

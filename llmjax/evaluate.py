@@ -33,7 +33,7 @@ import optax
 from absl import flags
 from flax import nnx
 
-from llmjax import checkpoint, data, dpo, errors, inputs
+from llmjax import batches, checkpoint, data, dpo, errors
 from llmjax.loss import CHUNK_TOKENS, lm_loss
 from llmjax.tokenizer import Tokenizer
 
@@ -342,7 +342,7 @@ def main(argv) -> None:
         if FLAGS.hellaswag
         else None
     )
-    kind = inputs.kind_of(FLAGS.data) if FLAGS.data else None  # as the trainer decides it
+    kind = batches.kind_of(FLAGS.data) if FLAGS.data else None  # as the trainer decides it
     if kind == "instruct":
         raise EvalError(f"--data={FLAGS.data}: a file must hold preference pairs (chosen/rejected)")
     preference = kind == "preference"

@@ -45,7 +45,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from llmjax import checkpoint, convert, errors, evaluate
+from llmjax import checkpoint, errors, evaluate, hf_gpt2
 from llmjax.model import GPT, GPTConfig
 from llmjax.sample import generate
 from llmjax.tokenizer import EOT, Tokenizer, get_tokenizer
@@ -97,15 +97,15 @@ def eval_model(cfg: GPTConfig, params, dtype: str = "float32") -> GPT:
 
 def load(workdir: str | None = None, pretrained: str | None = None, dtype: str = "float32"):
     """(model, tokenizer, description) of an llmjax workdir's latest checkpoint, or of a Hugging
-    Face GPT-2 (local directory or hub id) through convert's importer."""
+    Face GPT-2 (local directory or hub id) through hf_gpt2's importer."""
     if (workdir is None) == (pretrained is None):
         raise HarnessError("give a workdir (llmjax) or pretrained (Hugging Face), not both")
     if workdir is not None:
         model, tok, step = checkpoint.load_model(workdir)
         source = f"{workdir} at step {step}"
     else:
-        model = convert.from_hf(pretrained)
-        name = convert.TOKENIZER_FOR_VOCAB.get(model.cfg.valid_vocab_size)
+        model = hf_gpt2.from_hf(pretrained)
+        name = hf_gpt2.TOKENIZER_FOR_VOCAB.get(model.cfg.valid_vocab_size)
         if name is None:
             raise HarnessError(
                 f"{pretrained}: vocabulary of {model.cfg.valid_vocab_size} matches no llmjax "

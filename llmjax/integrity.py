@@ -25,7 +25,6 @@ import numpy as np
 
 from llmjax.shards import HEADER_BYTES, TOKEN_DTYPE, DataError
 
-MODES = ("full", "cached", "off")
 CACHE_FILE = "verified_shards.json"
 _CHUNK = 1 << 24  # 16 MiB reads: hashlib and numpy release the GIL on blocks this size
 

@@ -29,10 +29,10 @@ def main(argv: list[str]) -> None:
     cfg = FLAGS.config
     config.validate(cfg)  # a UserError: one line, exit code 2 (errors.run)
     # late: jax starts after the config is known good
-    from llmjax import checkpoint, convert, guard, metrics, sharding, train
+    from llmjax import checkpoint, guard, init_from, metrics, sharding, train
 
     sharding.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    adopted = convert.adopt_architecture(cfg, config.overrides(sys.argv[1:]))
+    adopted = init_from.adopt_architecture(cfg, config.overrides(sys.argv[1:]))
     if adopted:  # the model's shape comes from model.init_from
         config.validate(cfg)
         metrics.console(adopted)

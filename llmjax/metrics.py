@@ -21,6 +21,7 @@ import numpy as np
 
 from llmjax import trackers as trackers_lib
 from llmjax.errors import one_line
+from llmjax.progress import Progress, bar, hms
 
 # Dense bf16 peak FLOP/s (no sparsity) by jax device_kind, for MFU. Unknown devices report no MFU.
 PEAK_FLOPS = {
@@ -159,36 +160,6 @@ def console(msg: str) -> None:
         print(msg, flush=True)
 
 
-class Progress:
-    """A one-line progress bar with ETA, redrawn in place on a terminal, appended elsewhere."""
-
-    def __init__(self, total: int, start: int):
-        self.total, self.start, self.t0 = total, start, time.time()
-        self.tty = sys.stdout.isatty() and jax.process_index() == 0
-
-    def update(self, step: int, extra: str = "") -> None:
-        if not self.tty:
-            return
-        done = step - self.start
-        rate = done / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        frac = step / self.total
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        sys.stdout.write(f"\r[{bar}] {step}/{self.total} {extra} eta {hms(eta)} ")
-        sys.stdout.flush()
-
-    def clear(self) -> None:
-        if self.tty:
-            sys.stdout.write("\r\033[K")
-
-
-def hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 SPIKE_DECAY = 0.98  # running mean of the loss for spike events: about the last 50 steps
 
 
@@ -244,7 +215,9 @@ class RunLog:
         )
         self.spike_factor = spike_factor
         self.peak = peak_flops(jax.devices()[0])
-        self.progress = Progress(steps, start)
+        self.progress = Progress(
+            sys.stdout, log_every=None, start_fraction=start / steps, enabled=enabled
+        )
         self.t_log, self.step_log = time.time(), start
         self.last: dict = {}
 
@@ -304,7 +277,8 @@ class RunLog:
         if done == self.step_log and done != self.steps:
             jax.block_until_ready(state)
             self.t_log = time.time()
-        self.progress.update(done)
+        f = done / self.steps
+        self.progress.update(f"{bar(f)} {done}/{self.steps}", f)
 
     def replay_state(self) -> dict:
         """What a checkpoint at this step keeps for `replay` (syncs the pending metrics)."""

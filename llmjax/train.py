@@ -2,7 +2,7 @@
 
 `_train_step` is a pure function of (state, batch), jitted once with explicit shardings and with
 the state donated, so parameters are updated in place. What it minimises is the objective `build`
-is given (loss.Objective, built by its module for the run's kind, see inputs.py): the
+is given (loss.Objective, built by its module for the run's kind, see batches.py): the
 language-model loss (pretraining shards, finetuning conversations) or DPO's (preference pairs);
 the eval step is the objective's evaluation, jitted with the same shardings. The loop reads
 metrics back from the device only every `train.log_every` steps (metrics.RunLog).
@@ -25,9 +25,9 @@ import optax
 from flax import nnx
 
 from llmjax import (
+    batches,
     checkpoint,
     evaluate,
-    inputs,
     loss,
     memory,
     metrics,
@@ -36,7 +36,7 @@ from llmjax import (
     trackers,
 )
 from llmjax.config import ConfigError
-from llmjax.convert import load_params
+from llmjax.init_from import load_params
 from llmjax.model import GPT, GPTConfig, count_params, flops_per_token, model_config
 from llmjax.sample import sample_text
 from llmjax.tokenizer import get_tokenizer
@@ -143,12 +143,9 @@ class Run:
     objective: loss.Objective
 
 
-def build(
-    cfg: ml_collections.ConfigDict, devices=None, objective: loss.Objective | None = None
-) -> Run:
-    """The run of `cfg` minimising `objective` (inputs.objective; None: pretraining's language-model
-    loss) on `devices` (None: all)."""
-    objective = objective or loss.language_model("pretrain", cfg.train.z_loss)
+def build(cfg: ml_collections.ConfigDict, objective: loss.Objective, devices=None) -> Run:
+    """The run of `cfg` minimising `objective` (batches.objective builds the run kind's) on
+    `devices` (None: all)."""
     try:
         mesh = sharding.make_mesh(cfg.mesh, devices)
     except ValueError as e:
@@ -261,9 +258,9 @@ def train_and_evaluate(
     `config_name`: the config file's name, the trackers' default experiment."""
     workdir, t = os.path.abspath(workdir), cfg.train
     tok = get_tokenizer(cfg.data.tokenizer)
-    kind = inputs.resolve_kind(cfg)  # the one decision of what the run trains on
-    run = build(cfg, objective=inputs.objective(cfg, kind))
-    batches_of = inputs.open_data(cfg, kind, tok, run.model_cfg.valid_vocab_size)
+    kind = batches.resolve_kind(cfg)  # the one decision of what the run trains on
+    run = build(cfg, batches.objective(cfg, kind))
+    batches_of = batches.open_data(cfg, kind, tok, run.model_cfg.valid_vocab_size)
     hellaswag_items = None
     if t.hellaswag_every:  # read (or downloaded) before anything compiles: a bad path fails fast
         path = evaluate.hellaswag_path(t.hellaswag_path)
@@ -309,7 +306,7 @@ def train_and_evaluate(
     )
     train_step = compile_train_step(run, state, start)
     put = lambda batch: jax.tree.map(lambda a: sharding.put_batch(a, run.mesh), batch)
-    batches = batches_of.train(start)
+    train_batches = batches_of.train(start)
     cadences = {
         "eval": t.eval_every,
         "hellaswag": t.hellaswag_every if hellaswag_items else 0,
@@ -329,7 +326,7 @@ def train_and_evaluate(
     # Cut short by the stop that saved `start` (those the resumed config still runs).
     evaluations(start, [k for k in redo if cadences.get(k)])
     for step in range(start, t.steps):
-        state, m = train_step(state, put(next(batches)))
+        state, m = train_step(state, put(next(train_batches)))
         log.record(m)
         done = step + 1
         if _due(done, t.log_every, t.steps):
@@ -359,7 +356,7 @@ def _evaluations(
     run: Run,
     params,
     log,
-    batches_of: inputs.Data,
+    batches_of: batches.Data,
     hellaswag_items,
     harness_tasks,
     tok,

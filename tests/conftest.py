@@ -115,16 +115,29 @@ def tiny_config(data_path: str, **overrides):
     return cfg
 
 
-def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def pretrain_run(cfg, devices=None):
+    """`train.build` with the objective `main` gives a run on shards: the language-model loss."""
+    from llmjax import batches, train
+
+    return train.build(cfg, batches.objective(cfg, "pretrain"), devices)
+
+
+def run_cli(
+    module: str, *args: str, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` from the repository root, its output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "llmjax.main", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_cli("llmjax.main", *args, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=timeout)
 
 
 def run_json(args: list[str], env: dict | None = None, timeout: float = 600) -> dict:

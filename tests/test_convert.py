@@ -19,11 +19,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from llmjax import checkpoint, convert, train, workdir_lock
-from llmjax.convert import ConvertError
+from llmjax import checkpoint, hf_gpt2, train, workdir_lock
+from llmjax.hf_gpt2 import ConvertError
 from llmjax.model import GPT
 from llmjax.sample import generate
-from tests.conftest import ROOT, run_main, tiny_config
+from tests.conftest import ROOT, pretrain_run, run_main, tiny_config
 
 
 def hf_model(n_layer=2, n_head=4, n_embd=64, vocab=257, n_positions=64, std=0.05, seed=0):
@@ -62,7 +62,7 @@ def test_logits_match_transformers(tmp_path):
     shape = dict(n_layer=3, n_head=3, n_embd=96, vocab=50257, n_positions=128)
     hf = hf_model(**shape)
     hf.save_pretrained(tmp_path)  # safetensors with the `transformer.` prefix
-    model = convert.from_hf(str(tmp_path))
+    model = hf_gpt2.from_hf(str(tmp_path))
     assert model.cfg.vocab_size % 64 == 0 and model.cfg.valid_vocab_size == shape["vocab"]
     idx = np.random.default_rng(0).integers(0, shape["vocab"], (2, shape["n_positions"]))
     np.testing.assert_allclose(ours_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
@@ -72,7 +72,7 @@ def test_logits_match_transformers(tmp_path):
 
 def test_logits_match_transformers_124m():
     hf = hf_model(n_layer=12, n_head=12, n_embd=768, vocab=50257, n_positions=1024, std=0.02)
-    model = convert.from_state_dict(hf.config.to_dict(), state_dict(hf))
+    model = hf_gpt2.from_state_dict(hf.config.to_dict(), state_dict(hf))
     assert model.cfg.vocab_size == 50304
     idx = np.random.default_rng(1).integers(0, 50257, (1, 64))
     np.testing.assert_allclose(ours_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
@@ -82,7 +82,7 @@ def test_greedy_generation_matches_transformers_generate():
     # With this seed the top-2 logit gap stays above 5e-4 at every step (logits agree to ~1e-5),
     # so near-ties cannot decide the comparison, and the continuation is not one repeated token.
     hf = hf_model(n_layer=2, n_head=4, n_embd=64, vocab=50257, n_positions=64, std=0.05, seed=3)
-    model = convert.from_state_dict(hf.config.to_dict(), state_dict(hf))
+    model = hf_gpt2.from_state_dict(hf.config.to_dict(), state_dict(hf))
     prompt = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
     ours = generate(model, [prompt], 32, temperature=0.0)[0]
     ids = torch.tensor([prompt])
@@ -103,8 +103,8 @@ def test_key_layouts_and_round_trip(tmp_path):
     hf = hf_model(n_layer=2, n_head=2, n_embd=32, vocab=257, n_positions=32)
     hf_cfg = hf.config.to_dict()
     sd = state_dict(hf)
-    reference = convert.normalize_keys(sd)
-    assert set(reference) == set(convert.param_mapping(convert.config_from_hf(hf_cfg)))
+    reference = hf_gpt2.normalize_keys(sd)
+    assert set(reference) == set(hf_gpt2.param_mapping(hf_gpt2.config_from_hf(hf_cfg)))
 
     # OpenAI-style file on the hub: no prefix, causal-mask buffers, no lm_head.
     bare = {k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"}
@@ -124,15 +124,15 @@ def test_key_layouts_and_round_trip(tmp_path):
     )
     for d in ("bare", "pt"):
         (tmp_path / d / "config.json").write_text(json.dumps(hf_cfg))
-        model = convert.from_hf(str(tmp_path / d))
+        model = hf_gpt2.from_hf(str(tmp_path / d))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        back = convert.params_to_hf(params, model.cfg)
+        back = hf_gpt2.params_to_hf(params, model.cfg)
         assert set(back) == set(reference)
         for k, v in reference.items():  # HF -> llmjax -> HF: identical tensors
             np.testing.assert_array_equal(back[k], v, err_msg=k)
 
     # Export: padding removed, transformers loads it with identical logits.
-    convert.to_hf(model, str(tmp_path / "out"))
+    hf_gpt2.to_hf(model, str(tmp_path / "out"))
     exported = load_file(tmp_path / "out" / "model.safetensors")
     assert exported["transformer.wte.weight"].shape == (257, 32)
     for k, v in reference.items():
@@ -141,7 +141,7 @@ def test_key_layouts_and_round_trip(tmp_path):
     idx = np.random.default_rng(2).integers(0, 257, (2, 32))
     np.testing.assert_array_equal(hf_logits(again, idx), hf_logits(hf, idx))
     with pytest.raises(ConvertError, match="already holds"):
-        convert.to_hf(model, str(tmp_path / "out"))  # never overwrites
+        hf_gpt2.to_hf(model, str(tmp_path / "out"))  # never overwrites
 
 
 class _NotATensor:
@@ -150,31 +150,31 @@ class _NotATensor:
 
 def test_mismatches_and_unsafe_pickles_are_refused(tmp_path):
     hf = hf_model(n_layer=2, n_head=2, n_embd=32, vocab=257, n_positions=32)
-    cfg = convert.config_from_hf(hf.config.to_dict())
-    sd = convert.normalize_keys(state_dict(hf))
+    cfg = hf_gpt2.config_from_hf(hf.config.to_dict())
+    sd = hf_gpt2.normalize_keys(state_dict(hf))
     bad = dict(sd)
     del bad["h.1.mlp.c_fc.bias"]
     bad["h.0.attn.c_proj.weight"] = np.zeros((32, 31), np.float32)
     bad["h.2.ln_1.weight"] = np.zeros(32, np.float32)
     with pytest.raises(ConvertError) as e:
-        convert.hf_to_params(bad, cfg, "bad.safetensors")
+        hf_gpt2.hf_to_params(bad, cfg, "bad.safetensors")
     msg = str(e.value)
     assert "missing keys: h.1.mlp.c_fc.bias" in msg and "unexpected keys: h.2.ln_1.weight" in msg
     assert "h.0.attn.c_proj.weight (32, 31) != (32, 32)" in msg and "bad.safetensors" in msg
     untied = {**sd, "lm_head.weight": sd["wte.weight"] + 1}
     with pytest.raises(ConvertError, match="lm_head.weight differs"):
-        convert.hf_to_params(untied, cfg)
+        hf_gpt2.hf_to_params(untied, cfg)
     with pytest.raises(ConvertError, match="activation_function='relu'"):
-        convert.config_from_hf({**hf.config.to_dict(), "activation_function": "relu"})
+        hf_gpt2.config_from_hf({**hf.config.to_dict(), "activation_function": "relu"})
 
     (tmp_path / "config.json").write_text(json.dumps(hf.config.to_dict()))
     torch.save(
         {"wte.weight": torch.zeros(2), "evil": _NotATensor()}, tmp_path / "pytorch_model.bin"
     )
     with pytest.raises(ConvertError, match="weights_only=True"):
-        convert.from_hf(str(tmp_path))
+        hf_gpt2.from_hf(str(tmp_path))
     with pytest.raises(ConvertError, match="not a directory"):
-        convert.from_hf(str(tmp_path / "missing"))
+        hf_gpt2.from_hf(str(tmp_path / "missing"))
 
 
 def _fake_hub_cache(cache, repo: str, model) -> None:
@@ -193,11 +193,11 @@ def test_hub_id_goes_through_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     hf = hf_model(n_layer=2, n_head=2, n_embd=32, vocab=257, n_positions=32)
     _fake_hub_cache(tmp_path, "gpt2", hf)
-    model = convert.from_hf("gpt2")
+    model = hf_gpt2.from_hf("gpt2")
     idx = np.arange(20)[None] % 257
     np.testing.assert_allclose(ours_logits(model, idx), hf_logits(hf, idx), atol=1e-5)
     with pytest.raises(ConvertError, match="cannot fetch 'gpt2-medium'.*local directory"):
-        convert.from_hf("gpt2-medium")
+        hf_gpt2.from_hf("gpt2-medium")
 
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -241,16 +241,16 @@ def test_cli_import_export_and_init_from(tmp_path, byte_data):
     # cropped to the configured block_size (tiny: 64 -> 32 after the override).
     for src in (work, str(tmp_path / "hf")):
         cfg = tiny_config(byte_data, **{"model.init_from": src, "model.block_size": 32})
-        run = train.build(cfg)
+        run = pretrain_run(cfg)
         state = train.initial_state(run)
-        got = convert.params_to_hf(state.params, run.model_cfg)
-        ref = convert.normalize_keys(state_dict(hf))
+        got = hf_gpt2.params_to_hf(state.params, run.model_cfg)
+        ref = hf_gpt2.normalize_keys(state_dict(hf))
         np.testing.assert_array_equal(got["wpe.weight"], ref["wpe.weight"][:32])
         np.testing.assert_array_equal(got["h.1.attn.c_attn.weight"], ref["h.1.attn.c_attn.weight"])
         assert int(state.step) == 0
     cfg = tiny_config(byte_data, **{"model.init_from": work, "model.n_layer": 3})
     with pytest.raises(ConvertError, match="n_layer 2 != model.n_layer 3"):
-        train.initial_state(train.build(cfg))
+        train.initial_state(pretrain_run(cfg))
     # Training directly in the converted workdir is refused with the way to do it.
     r = run_main(
         "--config=configs/tiny.py",
@@ -264,12 +264,12 @@ def test_cli_import_export_and_init_from(tmp_path, byte_data):
 def test_scanned_layout_imports_and_exports(tmp_path):
     hf = hf_model(n_layer=3, n_head=4, n_embd=64, vocab=257, n_positions=64)
     sd = state_dict(hf)
-    flat = convert.from_state_dict(hf.config.to_dict(), sd, "test")
+    flat = hf_gpt2.from_state_dict(hf.config.to_dict(), sd, "test")
     cfg = dataclasses.replace(flat.cfg, scan_layers=True)
-    params = convert.hf_to_params(sd, cfg, "test")
+    params = hf_gpt2.hf_to_params(sd, cfg, "test")
     assert params["h"]["attn"]["c_attn"]["kernel"].shape == (3, 64, 3, 64)  # [L, D, 3, D]
-    back = convert.params_to_hf(params, cfg)
-    for k, v in convert.normalize_keys(sd).items():
+    back = hf_gpt2.params_to_hf(params, cfg)
+    for k, v in hf_gpt2.normalize_keys(sd).items():
         if not k.endswith((".attn.bias", ".attn.masked_bias")):
             np.testing.assert_array_equal(back[k], v)
     scanned = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))), params)

@@ -19,10 +19,10 @@ pytest.importorskip("lm_eval", reason="the harness extra: pip install -e '.[harn
 
 import yaml  # noqa: E402 (lm_eval's dependency)
 
-from llmjax import checkpoint, convert, harness  # noqa: E402
+from llmjax import checkpoint, convert, harness, hf_gpt2  # noqa: E402
 from llmjax.sample import generate  # noqa: E402
 from llmjax.tokenizer import get_tokenizer  # noqa: E402
-from tests.conftest import FIXTURES, ROOT  # noqa: E402
+from tests.conftest import FIXTURES, run_cli  # noqa: E402
 
 TASKS = ("llmjax_mc", "llmjax_ll", "llmjax_rolling", "llmjax_gen")
 BLOCK = 64  # the tiny model's context: the fixtures' long items need several windows
@@ -124,10 +124,10 @@ def tiny_gpt2(tmp_path_factory, shakespeare):
     hf = transformers.GPT2LMHeadModel(hf_cfg)
     sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     work, out = str(tmp / "work"), str(tmp / "hf")
-    model = convert.from_state_dict(hf_cfg.to_dict(), sd)
+    model = hf_gpt2.from_state_dict(hf_cfg.to_dict(), sd)
     convert.write_workdir(model, work, "test")
     # The export users run: `python -m llmjax.convert --workdir=W --to_hf=OUT`.
-    convert.to_hf(checkpoint.load_model(work)[0], out)
+    hf_gpt2.to_hf(checkpoint.load_model(work)[0], out)
     tok = get_tokenizer("gpt2")
     items = fixture_items(shakespeare)
     extra, until = model_items(model, tok, shakespeare)
@@ -230,14 +230,7 @@ def test_compiles_once_per_length_and_gracefully_refuses(tiny_gpt2):
 
 
 def _harness_cli(*args, env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "llmjax.harness", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_cli("llmjax.harness", *args, env=env, timeout=600)
 
 
 def test_cli_prints_the_table_and_one_json_line(tiny_gpt2, tmp_path, env):

@@ -128,16 +128,16 @@ def test_bad_datasets_named(tmp_path, bad, needle):
 
 
 def test_kind_decided_once_from_config_and_path(tmp_path, byte_data):
-    from llmjax import inputs
+    from llmjax import batches
     from llmjax.config import ConfigError
 
     prefs = os.path.join(ROOT, "data", "instruction-data-with-preference.json")
-    kind = lambda path, k="auto": inputs.resolve_kind(tiny_config(path, **{"data.kind": k}))
+    kind = lambda path, k="auto": batches.resolve_kind(tiny_config(path, **{"data.kind": k}))
     assert kind(byte_data) == "pretrain"
     assert kind(INSTRUCTIONS) == "instruct"
     assert kind(prefs) == "preference"
     assert kind(prefs, "preference") == "preference"
-    assert inputs.objective(tiny_config(prefs), "preference").sequences_per_row == 2
+    assert batches.objective(tiny_config(prefs), "preference").sequences_per_row == 2
     with pytest.raises(ConfigError, match=r"data.kind=pretrain needs a directory of shards"):
         kind(INSTRUCTIONS, "pretrain")
     with pytest.raises(ConfigError, match=r"data.kind=instruct needs a file, not data.path="):
@@ -236,7 +236,7 @@ def test_context_drops_oldest_turns_first():
 
 
 def test_init_from_gpt2_adds_chat_rows_at_the_mean(tmp_path):
-    from llmjax.convert import load_params
+    from llmjax.init_from import load_params
     from llmjax.model import model_config
     from tests.test_convert import hf_model
 

@@ -19,10 +19,10 @@ import optax
 import pytest
 from flax import nnx
 
-from llmjax import sharding, train
+from llmjax import sharding
 from llmjax.loss import lm_loss
 from llmjax.model import GPT, GPTConfig
-from tests.conftest import run_json, run_plan, tiny_config
+from tests.conftest import pretrain_run, run_json, run_plan, tiny_config
 
 # Padded vocabulary: 261 ids the tokenizer could produce, 320 embedding rows.
 CFG = GPTConfig(vocab_size=320, valid_vocab_size=261, n_layer=2, n_head=4, n_embd=32, block_size=64)
@@ -128,7 +128,7 @@ def test_compiled_step_never_holds_the_batch_logits(byte_data, dtype):
     """configs/tiny.py (B=8, T=32, V=320), 8 positions per chunk: the CPU program's largest
     array is smaller than B*T*V, in any float dtype."""
     cfg = tiny_config(byte_data, **{"train.loss_chunk": 64, "model.dtype": dtype})
-    run = train.build(cfg)
+    run = pretrain_run(cfg)
     batch = jax.ShapeDtypeStruct((8, 33), jnp.int32, sharding=sharding.batch_sharding(run.mesh))
     text = run.train_step.lower(run.abstract_state, batch).compile().as_text()
     assert_no_full_logits(text, 8, 32, 320, 8)

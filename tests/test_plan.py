@@ -3,15 +3,12 @@ where jax's CUDA plugin is installed (`make plan-install`, then .venv-plan/bin/p
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from llmjax import config, plan
 from llmjax.plan import hlo_stats, roofline
 from llmjax.plan.hlo_stats import Kernel
-from tests.conftest import ROOT, run_plan
+from tests.conftest import run_cli, run_plan
 
 # Hopper: 132 SMs x 4 tensor cores x 512 bf16 FMA per clock x 1.8295201 GHz x 2 FLOPs per FMA.
 HOPPER_PEAK = 2 * 132 * 4 * 512 * 1.8295201e9
@@ -55,12 +52,7 @@ def test_unknown_gpu_is_a_config_error():
 
 
 def test_cli_bad_gpu_one_line_exit_2():
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmjax.plan", "--config=configs/tiny.py", "--gpu=v100"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    proc = run_cli("llmjax.plan", "--config=configs/tiny.py", "--gpu=v100")
     assert proc.returncode == 2
     assert proc.stderr.startswith("llmjax: --gpu=v100") and proc.stderr.count("\n") == 1
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 
 from llmjax.plan import hlo_stats, roofline
-from tests.conftest import ROOT, run_json
+from tests.conftest import ROOT, run_cli, run_json
 from tests.test_plan import HLO
 
 
@@ -47,12 +46,7 @@ def test_bad_slice_names(name):
 
 
 def test_cli_bad_tpu_one_line_exit_2():
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmjax.plan", "--config=configs/tiny.py", "--tpu=v5e-3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    proc = run_cli("llmjax.plan", "--config=configs/tiny.py", "--tpu=v5e-3")
     assert proc.returncode == 2
     assert proc.stderr.startswith("llmjax: --tpu=v5e-3") and proc.stderr.count("\n") == 1
 
@@ -196,19 +190,8 @@ def test_two_slices_reduce_gradients_over_dcn():
 
 @pytest.mark.tpu
 def test_mesh_that_does_not_tile_the_slice_is_one_line_exit_2():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llmjax.plan",
-            "--config=configs/tiny.py",
-            "--tpu=v5e-4",
-            "--config.mesh.tensor=3",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
+    proc = run_cli(
+        "llmjax.plan", "--config=configs/tiny.py", "--tpu=v5e-4", "--config.mesh.tensor=3"
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "mesh.tensor=3" in proc.stderr and proc.stderr.count("\n") == 1

@@ -11,7 +11,7 @@ import pytest
 
 from llmjax import data
 from llmjax import prepare as prep
-from llmjax.prepare import prepare
+from llmjax.prepare import dataset, documents, encode, prepare, writer
 from tests.conftest import ROOT
 
 
@@ -66,7 +66,7 @@ def write_parquet(path, docs, field="text"):
 @pytest.fixture(autouse=True)
 def small_batches(monkeypatch):
     """Several tokenizer tasks per test corpus, so order across tasks and workers is exercised."""
-    monkeypatch.setattr(prep, "BATCH_CHARS", 5_000)
+    monkeypatch.setattr(encode, "BATCH_CHARS", 5_000)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_split_is_by_document_hash_not_order(tmp_path, docs, reference_tiktoken)
     assert splits[0] == splits[1]
     # The rule itself: hash < val_fraction goes to val.
     want_val = {
-        tuple(d.encode()) for d in unique if prep.doc_hash(prep.doc_digest(d.encode())) < 0.25
+        tuple(d.encode()) for d in unique if encode.doc_hash(encode.doc_digest(d.encode())) < 0.25
     }
     assert splits[0]["val"] == want_val
 
@@ -177,7 +177,7 @@ def test_filters_and_caps_counted(tmp_path, docs, jsonl):
     assert n == 7 and sum(meta["tokens"].values()) == 7 * 1501
 
 
-real_source = prep.open_source
+real_source = documents.open_source
 
 
 def _interrupt_after(monkeypatch, n_docs):
@@ -194,7 +194,7 @@ def _interrupt_after(monkeypatch, n_docs):
 
         return cut(), total
 
-    monkeypatch.setattr(prep, "open_source", source)
+    monkeypatch.setattr(documents, "open_source", source)
 
 
 @pytest.mark.parametrize("val", [{"val_fraction": 0.1}, {"val_docs": 4}])
@@ -210,7 +210,7 @@ def test_resume_after_interrupt_is_byte_identical(tmp_path, monkeypatch, jsonl, 
     assert glob.glob(os.path.join(out, "*.tmp"))  # an unfinished tail, to be cut back
     with pytest.raises(data.DataError, match="prepare has not finished"):
         data.check_dataset(out, "bytes", 8)
-    monkeypatch.setattr(prep, "open_source", real_source)
+    monkeypatch.setattr(documents, "open_source", real_source)
     resumed = prepare(f"jsonl:{jsonl}", out, workers=2, **kw)
     assert shard_bytes(out) == shard_bytes(str(tmp_path / "full"))
     assert resumed["shards"] == full["shards"] and resumed["documents"] == full["documents"]
@@ -224,7 +224,7 @@ def test_resume_starts_over_when_a_finished_shard_is_damaged(tmp_path, monkeypat
     _interrupt_after(monkeypatch, 30)
     with pytest.raises(KeyboardInterrupt):
         prepare(f"jsonl:{jsonl}", out, **kw)
-    monkeypatch.setattr(prep, "open_source", real_source)
+    monkeypatch.setattr(documents, "open_source", real_source)
     victim = os.path.join(out, "train_000001.bin")
     blob = bytearray(open(victim, "rb").read())
     blob[2000] ^= 1  # same size, different checksum
@@ -241,7 +241,7 @@ def test_resume_starts_over_when_a_finished_shard_is_damaged(tmp_path, monkeypat
 
 
 def test_shard_writer_fills_shards_in_turn(tmp_path):
-    w = prep.ShardWriter(str(tmp_path), "train", shard_tokens=5)
+    w = writer.ShardWriter(str(tmp_path), "train", shard_tokens=5)
     w.add(list(range(12)))
     w.flush()
     assert [s["tokens"] for s in w.shards] == [5, 5, 2]
@@ -267,8 +267,8 @@ def test_meta_json_describes_the_run(tmp_path, jsonl):
     for split in ("train", "val"):
         assert sum(s["tokens"] for s in meta["shards"][split]) == meta["tokens"][split]
         for s in meta["shards"][split]:
-            assert prep.file_sha256(os.path.join(out, s["name"])) == s["sha256"]
-    card = prep.summary(meta, out)
+            assert writer.file_sha256(os.path.join(out, s["name"])) == s["sha256"]
+    card = dataset.summary(meta, out)
     assert f"{meta['tokens']['train']:,}" in card and "dropped" in card
 
 

@@ -29,7 +29,7 @@ import pytest
 from llmjax import checkpoint, metrics, train
 from llmjax.checkpoint import CheckpointError
 from llmjax.data import DataError
-from tests.conftest import ROOT, snapshot, tiny_config
+from tests.conftest import ROOT, pretrain_run, snapshot, tiny_config
 
 STEPS = 16
 ARGS = [
@@ -193,7 +193,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(
     byte_data, reference, tmp_path, caplog, damage
 ):
     workdir = _copy_reference(reference, tmp_path)
-    run = train.build(tiny_config(byte_data, **OVERRIDES))
+    run = pretrain_run(tiny_config(byte_data, **OVERRIDES))
     model_cfg = dataclasses.asdict(run.model_cfg)
     good_step, good, _, _ = checkpoint.restore_latest(workdir, run.abstract_state, model_cfg)
     assert good_step == 16
@@ -287,7 +287,7 @@ def test_only_abandoned_read_errors_are_silenced(tmp_path, caplog):
 
 
 def test_restored_buffers_are_donatable(byte_data, reference):
-    run = train.build(tiny_config(byte_data, **OVERRIDES))
+    run = pretrain_run(tiny_config(byte_data, **OVERRIDES))
     _, state, _, _ = checkpoint.restore_latest(
         reference, run.abstract_state, dataclasses.asdict(run.model_cfg)
     )
@@ -365,7 +365,7 @@ def test_nan_run_stops_with_a_message_and_a_good_checkpoint(byte_data, env, tmp_
     spikes = [r for r in rows if "event/loss_spike" in r]
     assert [r["step"] for r in spikes] == [3] and spikes[0]["event/loss_spike"] > 1e9
     assert "step      3/16 | loss spike" in proc.stdout
-    run = train.build(tiny_config(byte_data, **OVERRIDES, **{"optim.lr": 1e6}))
+    run = pretrain_run(tiny_config(byte_data, **OVERRIDES, **{"optim.lr": 1e6}))
     step, state, _, _ = checkpoint.restore_latest(
         workdir, run.abstract_state, dataclasses.asdict(run.model_cfg)
     )
@@ -733,7 +733,7 @@ def test_a_step_over_the_memory_limit_is_refused_before_it_runs(byte_data, monke
     from llmjax.config import ConfigError
 
     cfg = tiny_config(byte_data, **OVERRIDES)
-    run = train.build(cfg)
+    run = pretrain_run(cfg)
     compiled = run.train_step.lower(run.abstract_state, run.batch_spec).compile()
     m = compiled.memory_analysis()
     need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes

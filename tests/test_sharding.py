@@ -19,7 +19,7 @@ import pytest
 
 from llmjax import sharding
 from llmjax.config import ConfigError
-from tests.conftest import run_json, run_plan, tiny_config
+from tests.conftest import pretrain_run, run_json, run_plan, tiny_config
 
 STEPS, SAVE_AT = 6, 3
 # (mesh axes, optim.grad_accum): grad_accum 2 also exercises the micro-batch split.
@@ -135,7 +135,7 @@ def _child(data_path: str, ckpt_dir: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from llmjax import checkpoint, data, train
+    from llmjax import checkpoint, data
 
     assert jax.device_count() == 8, jax.devices()
     batches = list(
@@ -156,7 +156,7 @@ def _child(data_path: str, ckpt_dir: str) -> None:
                 **overrides,
             },
         )
-        return train.build(cfg, jax.devices()[:1] if name == "one" else None)
+        return pretrain_run(cfg, jax.devices()[:1] if name == "one" else None)
 
     def steps(run, state, start: int, stop: int) -> tuple[list[float], object]:
         losses = []
@@ -218,7 +218,7 @@ def _child(data_path: str, ckpt_dir: str) -> None:
                 **{f"mesh.{k}": v for k, v in axes.items()},
             },
         )
-        run = train.build(cfg)
+        run = pretrain_run(cfg)
         batch = jax.ShapeDtypeStruct(
             (HLO_B, HLO_T + 1), jnp.int32, sharding=sharding.batch_sharding(run.mesh)
         )

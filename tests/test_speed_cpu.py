@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import run_json, tiny_config
+from conftest import pretrain_run, run_json, tiny_config
 from flax import nnx
 
 from llmjax import xla_flags
@@ -174,7 +174,6 @@ def _dots(jaxpr) -> list[tuple]:
 
 
 def test_bf16_compute_matmuls_bf16_master_weights_f32(tmp_path):
-    from llmjax import train
 
     B, T, N = 8, 32, 4
     batch = jnp.asarray(np.random.default_rng(0).integers(0, 257, (B, T + 1)), jnp.int32)
@@ -187,7 +186,7 @@ def test_bf16_compute_matmuls_bf16_master_weights_f32(tmp_path):
                 "model.remat": "dots_saveable",
             },
         )
-        run = train.build(cfg)
+        run = pretrain_run(cfg)
         dots = _dots(jax.make_jaxpr(run.train_step)(run.abstract_state, batch).jaxpr)
         layers = 1 if scan else cfg.model.n_layer  # a scan body is traced once
         # Forward, input-grad and weight-grad of the 4 weight matmuls, 6 attention ones, lm head.

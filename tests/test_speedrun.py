@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from llmjax.config import base_config, validate
-from llmjax.convert import ConvertError, to_hf
+from llmjax.hf_gpt2 import ConvertError, to_hf
 from llmjax.loss import chunked_ce
 from llmjax.model import (
     GPT,
@@ -320,6 +320,7 @@ _CHILD = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from llmjax.config import base_config, validate
+from llmjax.batches import objective
 from llmjax.train import build
 
 out = {}
@@ -333,7 +334,7 @@ for name, mesh in json.loads(sys.argv[1]).items():
         c.train.steps = 4
         c.mesh.update(mesh)
         validate(c)
-        run = build(c, jax.devices()[: int(np.prod(list(mesh.values())))])
+        run = build(c, objective(c, "pretrain"), jax.devices()[: int(np.prod(list(mesh.values())))])
         state = jax.jit(run.init, out_shardings=run.state_shardings)()
         batch = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 33)), jnp.int32)
         losses = []

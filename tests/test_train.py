@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llmjax import checkpoint, data, sharding, train
-from tests.conftest import tiny_config
+from tests.conftest import pretrain_run, tiny_config
 
 
 def _losses(workdir):
@@ -20,7 +20,7 @@ def _losses(workdir):
 
 def test_overfits_one_batch(byte_data):
     cfg = tiny_config(byte_data, **{"optim.warmup_steps": 0, "train.steps": 60})
-    run = train.build(cfg)
+    run = pretrain_run(cfg)
     state = run.init()
     batch = next(
         data.train_batches(
@@ -44,7 +44,7 @@ def test_grad_accumulation_matches_full_batch(byte_data):
     )
     out = {}
     for accum in (1, 4):
-        run = train.build(tiny_config(byte_data, **{"optim.grad_accum": accum}))
+        run = pretrain_run(tiny_config(byte_data, **{"optim.grad_accum": accum}))
         state = run.init()
         state, m = run.train_step(state, sharding.put_batch(batch, run.mesh))
         out[accum] = (float(m["train/loss"]), float(m["train/grad_norm"]), state.params)
@@ -54,7 +54,7 @@ def test_grad_accumulation_matches_full_batch(byte_data):
 
 
 def test_non_finite_step_is_skipped(byte_data):
-    run = train.build(tiny_config(byte_data))
+    run = pretrain_run(tiny_config(byte_data))
     state = run.init()
     batch = next(
         data.train_batches(

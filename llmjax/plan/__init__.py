@@ -242,11 +242,11 @@ def plan_train(cfg, devices: list, gpu: roofline.Gpu, dump: str | None = None) -
     """Compiles the train step of `cfg` for `devices` and reports its program and prediction."""
     import jax
 
-    from llmjax import inputs, optim, sharding, train
+    from llmjax import batches, optim, sharding, train
     from llmjax.model import flops_per_token
 
     # The objective main would train (a DPO config's pairs and reference log-probs included).
-    run = train.build(cfg, devices, inputs.objective(cfg, inputs.resolve_kind(cfg)))
+    run = train.build(cfg, batches.objective(cfg, batches.resolve_kind(cfg)), devices)
     B, T = cfg.data.batch_size, cfg.data.seq_len
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(run.abstract_state.params))
     tokens = train.step_tokens(run)

@@ -1,7 +1,8 @@
-"""The run's kind and batches, from the config and what `data.path` names: shards (pretraining), a
-file of conversations (instruction finetuning) or of chosen/rejected pairs (DPO). The one place
-the three part ways: `resolve_kind` decides the kind once, at start; `objective` maps it to the
-objective its module builds; `open_data` reads its batches.
+"""What a run trains on: its kind and its batches, from the config and what `data.path` names:
+shards (pretraining; data.py reads them), a file of conversations (instruction finetuning;
+instruct.py) or of chosen/rejected pairs (DPO; dpo.py). The one place the three part ways:
+`resolve_kind` decides the kind once, at start; `objective` maps it to the objective its module
+builds; `open_data` reads its batches.
 
 Everything here reads and checks before anything compiles, so bad input fails fast and nothing is
 written. DPO's batches also need the reference model's log-probabilities, which need the run's
@@ -20,7 +21,7 @@ import numpy as np
 
 from llmjax import data, dpo, instruct, loss, metrics
 from llmjax.config import ConfigError
-from llmjax.convert import source_config
+from llmjax.init_from import source_config
 from llmjax.tokenizer import Tokenizer
 
 
