@@ -257,3 +257,34 @@ ENTRY %main (buf: f32[64,1024], row: f32[1,1024], i: s32[]) -> f32[64,1024] {
     found = {k.name: k for k in hlo_stats.kernels(hlo)}
     assert set(found) == {"dus"}
     assert found["dus"].bytes == 2 * 1024 * 4
+
+
+def test_tpu_reduce_scatter_fusion_and_async_slices():
+    # Two forms of the TPU compiler's (trimmed from a compiled fsdp step and a v6e step): its
+    # reduce-scatter is a kCustom fusion of an all-reduce and each device's dynamic-slice of it
+    # (a collective, not a fusion); an activation moved to another memory space in async pieces,
+    # whose slice-start repeats the whole source in its shape (only the piece moves).
+    hlo = """\
+HloModule tpu_forms, entry_computation_layout={()->bf16[400,3,1600]{2,0,1}}
+
+%all-reduce-scatter.clone.1 (input.12: bf16[1600,3,1600]) -> bf16[400,3,1600] {
+  %input.12 = bf16[1600,3,1600]{2,0,1:T(8,128)(2,1)} parameter(0)
+  %all-reduce.81 = bf16[1600,3,1600]{2,0,1:T(8,128)(2,1)} all-reduce(%input.12), channel_id=16, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add.clone
+  %partition-id.40 = u32[] partition-id()
+  %constant.1420 = u32[] constant(400)
+  %multiply.360 = u32[]{:T(128)} multiply(%partition-id.40, %constant.1420)
+  %constant.1421 = u32[] constant(0)
+  ROOT %dynamic-slice.390 = bf16[400,3,1600]{2,0,1:T(8,128)(2,1)} dynamic-slice(%all-reduce.81, %multiply.360, %constant.1421, %constant.1421), dynamic_slice_sizes={400,3,1600}
+}
+
+ENTRY %main (g: bf16[1600,3,1600], x: s8[72351744]) -> bf16[400,3,1600] {
+  %g = bf16[1600,3,1600]{2,0,1:T(8,128)(2,1)} parameter(0)
+  %x = s8[72351744]{0:T(1024)(128)(4,1)} parameter(1)
+  %slice-start.73 = ((s8[72351744]{0:T(1024)(128)(4,1)}), s8[4194304]{0:T(1024)(128)(4,1)S(1)}, s32[]{:S(2)}) slice-start(%x), slice={[0:4194304]}
+  %slice-done.73 = s8[4194304]{0:T(1024)(128)(4,1)S(1)} slice-done(%slice-start.73)
+  ROOT %rs = bf16[400,3,1600]{2,0,1:T(8,128)(2,1)} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.clone.1
+}
+"""  # noqa: E501
+    found = {k.name: k for k in hlo_stats.kernels(hlo, devices=4)}
+    assert found["rs"] == hlo_stats.Kernel("rs", "reduce-scatter", 0.0, 1600 * 3 * 1600 * 2, 1, 4)
+    assert found["slice-start.73"].bytes == 2 * 4194304

@@ -14,7 +14,9 @@ the kernel skips (TPU: Pallas splash attention's kernels, SPLASH_FLOPS_PER_SCORE
 same way); one FLOP per element for each arithmetic op in a fusion and per input element
 of a reduce. Bytes: every operand read plus every result written, except that a fusion operand
 read only through dynamic-slice counts at the slice's size and one updated in place through
-dynamic-update-slice counts at the update's size (the layer and micro-batch loops do both).
+dynamic-update-slice counts at the update's size (the layer and micro-batch loops do both), and
+a TPU async slice (slice-start) at its piece's. The TPU compiler's reduce-scatter, a fusion of an
+all-reduce and each device's slice of it, is a reduce-scatter.
 Static and per device: an SPMD program is one device's share.
 """
 
@@ -448,6 +450,14 @@ class _Module:
         io = shape_bytes(self._operands_str(inst)) + shape_bytes(inst.shape)
         if op == "fusion":
             comp = _attr("calls", inst.attrs)
+            scatter = self.all_reduce_scatter(comp)
+            if scatter is not None:
+                # The TPU compiler's reduce-scatter: an all-reduce whose result each device
+                # slices to its own shard, fused into one collective (a kCustom fusion).
+                group = _group_size(scatter.attrs, self.devices)
+                dcn = _crosses_slices(scatter.attrs, self.devices, self.slices)
+                size = shape_bytes(self._operands_str(scatter))
+                return Kernel(inst.name, "reduce-scatter", 0.0, size, runs, group, dcn)
             dots, rest = self.fused_flops(comp)
             kind = re.search(r"kind=k(\w+)", inst.attrs).group(1).lower()
             name = f"{_FUSION_KINDS.get(kind, kind)} fusion"
@@ -495,11 +505,25 @@ class _Module:
             io = 2 * shape_bytes(self.shape.get(inst.operands[1], ""))
         elif op == "dynamic-slice":  # reads only the slice
             io = 2 * shape_bytes(inst.shape)
+        elif op == "slice-start":
+            # TPU: an async slice, one piece (4 MB) of an array moved to another memory space.
+            # Its shape is ((source), piece, context): only the piece is read and written.
+            kind, dims = arrays(inst.shape)[-2]
+            io = 2 * ITEMSIZE[kind] * math.prod(dims)
         if self.tpu and not any(dims for _, dims in arrays(inst.shape)):
             # A scalar op outside a fusion (loop counters, indices) runs on the TPU core's
             # scalar unit alongside the vector work: no kernel of its own.
             return None
         return Kernel(inst.name, op, 0.0, io, runs)
+
+    def all_reduce_scatter(self, comp: str | None) -> _Inst | None:
+        """The all-reduce of a fused computation rooted in a dynamic-slice of it, else None."""
+        body = self.comps.get(comp or "", [])
+        root = next((i for i in body if i.root), None)
+        if root is None or root.opcode != "dynamic-slice":
+            return None
+        source = next((i for i in body if i.name == root.operands[0]), None)
+        return source if source is not None and source.opcode == "all-reduce" else None
 
     def has_convolution(self, comp: str) -> bool:
         return any(
