@@ -372,10 +372,9 @@ def _evaluations(
     stop is agreed at a step."""
     t, params, finished = run.cfg.train, params(), []
     put = lambda batch: jax.tree.map(lambda a: sharding.put_batch(a, run.mesh), batch)
-    stop = checkpoint.stop_requested if jax.process_count() == 1 else None
     try:
         if "eval" in due:
-            ev = evaluate.mean_metrics(run.eval_step, params, map(put, batches_of.val()), stop)
+            ev = evaluate.mean_metrics(run.eval_step, params, map(put, batches_of.val()))
             log.writer.scalars(done, {f"eval/{k}": v for k, v in ev.items()})
             log.line(
                 f"step {done:>6}/{t.steps} | "
@@ -384,7 +383,7 @@ def _evaluations(
             finished.append("eval")
         if "hellaswag" in due:
             hs = evaluate.hellaswag(
-                run.graphdef, params, hellaswag_items, tok, run.model_cfg.block_size, stop
+                run.graphdef, params, hellaswag_items, tok, run.model_cfg.block_size
             )
             log.writer.scalars(
                 done, {f"eval/{k}": hs[k] for k in ("hellaswag_acc", "hellaswag_acc_norm")}
@@ -395,7 +394,7 @@ def _evaluations(
             )
             finished.append("hellaswag")
         if "harness" in due:
-            scores = harness_tasks.scores(run.model_cfg, params, tok, stop)
+            scores = harness_tasks.scores(run.model_cfg, params, tok)
             log.writer.scalars(done, scores)
             log.line(
                 f"step {done:>6}/{t.steps} | "
@@ -406,18 +405,13 @@ def _evaluations(
             gathered = sharding.gather(params)  # all processes: weights may span hosts
             if jax.process_index() == 0:
                 model = nnx.merge(run.graphdef, jax.device_get(gathered))
-                on_token = (lambda row, token: _stop_point(stop)) if stop else None
+                on_token = lambda row, token: evaluate.stop_point()
                 text = sample_text(model, tok, t.sample_prompt, t.sample_tokens, done, on_token)
                 log.writer.text(done, "sample", text)
                 log.line(f"step {done:>6}/{t.steps} | sample: {text!r}")
     except evaluate.Stopped:
         return [k for k in due if k not in finished]
     return []
-
-
-def _stop_point(stop) -> None:
-    if stop():
-        raise evaluate.Stopped
 
 
 def _due(done: int, every: int, steps: int) -> bool:

@@ -712,20 +712,27 @@ def test_sigterm_during_a_long_eval_stops_within_5_s(byte_data, env, reference, 
 
 
 def test_evaluations_stop_between_batches():
+    """A stop requested while an evaluation's batch computes (the signal handler's flag) ends it
+    after that batch: no further batch is read; unrequested, the mean is the plain one."""
     from llmjax import evaluate
 
-    read, stops = [], iter([False, False, True])
+    read = []
     batches = (read.append(i) or np.full((2, 3), i, np.int32) for i in range(100))
 
     def step(params, batch):
+        if int(batch[0, 0]) == 2:
+            checkpoint.request_stop("SIGTERM")
         return jnp.sum(batch), (jnp.float32(batch.size), {})
 
-    with pytest.raises(evaluate.Stopped):
-        evaluate.mean_metrics(step, None, batches, stop=lambda: next(stops))
+    try:
+        with pytest.raises(evaluate.Stopped):
+            evaluate.mean_metrics(step, None, batches)
+        assert checkpoint.stop_requested()  # not consumed: the loop saves and names the reason
+    finally:
+        assert checkpoint.should_stop(0) == "SIGTERM"  # consumed
     assert read == [0, 1, 2]  # the current batch finished, no further one read
-    assert evaluate.mean_metrics(step, None, [np.ones((2, 3), np.int32)], stop=lambda: False) == {
-        "loss": 1.0
-    }
+    ones = [np.ones((2, 3), np.int32), np.full((2, 3), 3, np.int32)]
+    assert evaluate.mean_metrics(step, None, ones) == {"loss": 2.0}
 
 
 def test_a_step_over_the_memory_limit_is_refused_before_it_runs(byte_data, monkeypatch):
