@@ -326,6 +326,8 @@ def train_and_evaluate(
         harness_tasks,
         tok,
     )
+    if cadences["eval"] and start < t.steps:
+        _compile_eval(run, state.params, batches_of, put)
     # Cut short by the stop that saved `start` (those the resumed config still runs).
     evaluations(start, [k for k in redo if cadences.get(k)])
     for step in range(start, t.steps):
@@ -412,6 +414,15 @@ def _evaluations(
     except evaluate.Stopped:
         return [k for k in due if k not in finished]
     return []
+
+
+def _compile_eval(run: Run, params, batches_of: inputs.Data, put) -> None:
+    """Runs the eval step on the first val batch, so that it compiles at start-up: compiled at
+    the first evaluation instead, it held a SIGTERM there for seconds (the stop is checked
+    between batches)."""
+    first = next(iter(batches_of.val()), None)
+    if first is not None:
+        jax.block_until_ready(run.eval_step(params, put(first)))
 
 
 def _due(done: int, every: int, steps: int) -> bool:

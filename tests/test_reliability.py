@@ -590,11 +590,20 @@ def test_a_bad_id_mid_run_keeps_the_save_in_flight(byte_data, env, reference, tm
     shutil.copytree(byte_data, data_path)
     val = os.path.join(data_path, "val_000000.bin")
     tokens = np.memmap(val, np.uint16, "r+", offset=1024)
-    tokens[5] = 300  # in the first eval batch
+    # In the second eval batch (windows of 33 tokens every 32, 8 per batch): the first one also
+    # compiles the eval step at start-up.
+    tokens[300] = 300
     tokens.flush()
     del tokens
     t0 = time.time()
-    proc = _run(env, workdir, data_path, "--config.data.verify=off", "--config.train.eval_every=5")
+    proc = _run(
+        env,
+        workdir,
+        data_path,
+        "--config.data.verify=off",
+        "--config.train.eval_every=5",
+        "--config.train.eval_batches=2",
+    )
     seconds = time.time() - t0
     lines = _lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
