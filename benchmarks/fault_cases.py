@@ -2,7 +2,8 @@
 code, stderr lines, seconds to exit, checkpoints kept and whether metrics.jsonl up to the latest
 checkpoint equals an uninterrupted run's.
 
-python benchmarks/fault_cases.py --data=SHARDS_DIR [--cases=lock,flip,...] [--out=/tmp/faults]
+python benchmarks/fault_cases.py --data=SHARDS_DIR [--cases=lock,flip,...] [--repeat=5]
+    [--out=/tmp/faults]
 
 SHARDS_DIR: byte-tokenized shards with meta.json (python -m llmjax.prepare --tokenizer=bytes ...).
 The full-disk case needs root (a 2 MB tmpfs). Last line: one JSON object (the rows).
@@ -27,6 +28,7 @@ flags.DEFINE_string("out", "/tmp/llmjax_faults", "scratch folder (emptied)")
 flags.DEFINE_list(
     "cases", "lock,flip,bad_id,full_disk,peer,peer0,sigterm_eval,memory", "cases to run"
 )
+flags.DEFINE_integer("repeat", 1, "runs of each timing-sensitive case (peer, peer0, sigterm_eval)")
 FLAGS = flags.FLAGS
 ARGS = [
     "--config=configs/tiny.py",
@@ -114,8 +116,10 @@ def main(argv) -> None:
     p, _ = timed(cmd(ref, FLAGS.data), env=env())
     assert p.returncode == 0, p.stderr
     results = []
-    for case in FLAGS.cases:
-        w = os.path.join(out, case)
+    timed_cases = ("peer", "peer0", "sigterm_eval")
+    runs = [(c, i) for c in FLAGS.cases for i in range(FLAGS.repeat if c in timed_cases else 1)]
+    for case, i in runs:
+        w = os.path.join(out, f"{case}{i or ''}")
         if case == "lock":
             first = subprocess.Popen(cmd(w, FLAGS.data), cwd=ROOT, env=env(), text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
@@ -140,12 +144,11 @@ def main(argv) -> None:
             data = os.path.join(out, "bad_id_data")
             shutil.copytree(FLAGS.data, data)
             tokens = np.memmap(os.path.join(data, "val_000000.bin"), np.uint16, "r+", offset=1024)
-            tokens[5] = 300
+            tokens[300] = 300  # in the second eval batch (the first compiles the step at start)
             tokens.flush()
             del tokens
-            p, s = timed(
-                cmd(w, data, "--config.data.verify=off", "--config.train.eval_every=5"), env=env()
-            )
+            extra = ["--config.data.verify=off", "--config.train.eval_every=5"]
+            p, s = timed(cmd(w, data, *extra, "--config.train.eval_batches=2"), env=env())
             results.append(row(case, p.returncode, p.stderr, s, w, ref, "met at run time"))
         elif case == "full_disk":
             mnt = os.path.join(out, "disk")
@@ -168,6 +171,8 @@ def main(argv) -> None:
             proc = subprocess.Popen(launch, cwd=ROOT, env=e, text=True, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)  # fmt: skip
             until_line(proc, "step      6/")
+            while not os.path.isdir(os.path.join(w, "checkpoints", "4")):  # committed
+                time.sleep(0.05)
             victim = "1" if case == "peer" else "0"
             pids = subprocess.run(["pgrep", "-f", f"workdir={w} .*process_id={victim}"],
                                   capture_output=True, text=True).stdout.split()  # fmt: skip

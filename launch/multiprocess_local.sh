@@ -23,18 +23,23 @@ PORT=${PORT:-12355}
 PYTHON=${PYTHON:-python}
 
 pids=()
+# (stderr: bash's own report of a process killed by a signal, its whole command, would bury the
+# processes' lines)
 cleanup() {
+  # Each process's children too: its watchdog prints the line for a process that JAX aborted.
+  local all=("${pids[@]}") pid
+  for pid in "${pids[@]}"; do all+=($(pgrep -P "$pid" 2>/dev/null || true)); done
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   # Wait for them: a survivor of a lost peer ends itself within ~10 s (llmjax's peer watch, one
   # line saying so); one still there after 20 s is killed, so a requeued job never overlaps it.
-  for ((t = 0; t < 200; t++)); do
+  for ((t = 0; t < 400; t++)); do
     alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    for pid in "${all[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     ((alive)) || return 0
-    sleep 0.1
+    sleep 0.05
   done
   for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-}
+} 2>/dev/null
 trap cleanup EXIT INT TERM
 
 for ((i = 0; i < N; i++)); do
@@ -55,7 +60,6 @@ done
 # A failing process stops the others at once (the rest would wait on it until a timeout).
 status=0
 for ((k = 0; k < N; k++)); do
-  # (bash's own report of a killed process, its whole command, would bury the processes' lines)
   wait -n 2>/dev/null || { status=$?; break; }
 done
 [[ $status -eq 0 ]] && pids=()

@@ -354,7 +354,9 @@ def restore_latest(workdir: str, abstract_state, model_config: dict):
     warning and listed in `corrupt` (see `set_aside`).
     """
     path = directory(workdir)
-    if not os.path.isdir(path):
+    # Agreed: a process that looks after process 0 has created the folder (its save manager)
+    # would otherwise open a reader that process 0 never opens, and their barriers would part.
+    if not _all_agree(os.path.isdir(path)):
         return None
     _drop_abandoned_reads()
     mngr = manager(workdir, read_only=True)

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -75,28 +75,27 @@ class Stopped(Exception):
     """An evaluation given up between two batches because a stop was requested (SIGTERM)."""
 
 
-def _stop_point(in_flight: list, stop: Callable[[], bool] | None) -> None:
-    """With `stop`: at most two batches in flight, so a stop request waits for the current batch
-    only, then raises Stopped."""
-    if stop is None:
-        return
-    if len(in_flight) >= 2:
+def stop_point(in_flight: list | None = None) -> None:
+    """Raises Stopped if a stop was requested (checkpoint.stop_requested: SIGTERM or SIGINT to the
+    trainer): every evaluation's batch loop calls it after each batch, so a preemption's grace
+    period is not spent on evaluations. `in_flight`: the batches dispatched so far, of which at
+    most two are left running, so the stop waits for the current batch only. One process only:
+    with several, a stop is agreed at a training step (a cut here would part the collectives)."""
+    if in_flight is not None and len(in_flight) >= 2:
         jax.block_until_ready(in_flight[-2])
-    if stop():
+    if jax.process_count() == 1 and checkpoint.stop_requested():
         raise Stopped
 
 
-def mean_metrics(
-    step, params, batches: Iterable, stop: Callable[[], bool] | None = None
-) -> dict[str, float]:
+def mean_metrics(step, params, batches: Iterable) -> dict[str, float]:
     """{loss, and each metric the objective sums} as means per unit (scored target, or pair)
     over `batches`, from `step`: (params, batch) -> (loss sum, (units, {metric: sum})), the
-    training loop's eval step. Added in float64 on the host, as `mean_loss`. `stop`: checked
-    after every batch (Stopped)."""
+    training loop's eval step. Added in float64 on the host, as `mean_loss`. Stops between
+    batches (stop_point)."""
     outs = []
     for b in batches:
         outs.append(step(params, b))
-        _stop_point(outs, stop)
+        stop_point(outs)
     outs = jax.device_get(outs)
     names = sorted(outs[0][1][1]) if outs else []
     table = np.array([[s, n, *(m[k] for k in names)] for s, (n, m) in outs], np.float32)
@@ -227,7 +226,6 @@ def score_hellaswag(
     items: list[dict],
     tok: Tokenizer,
     block_size: int,
-    stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Log-likelihood sums [N, 4] and ending token counts [N, 4] of every item's endings."""
     rows = [r for item in items for r in hellaswag_rows(item, tok, block_size)]
@@ -243,7 +241,7 @@ def score_hellaswag(
             tokens[r, : len(t)] = t
             mask[r, len(t) - n_end : len(t)] = 1.0
         results.append(_ending_logprobs(graphdef, params, tokens, mask))
-        _stop_point(results, stop)
+        stop_point(results)
     # One host sync at the end, so the device never waits for the host between batches.
     sums, counts = (
         np.concatenate(x)[: len(rows)] for x in zip(*jax.device_get(results), strict=True)
@@ -257,11 +255,10 @@ def hellaswag(
     items: list[dict],
     tok: Tokenizer,
     block_size: int,
-    stop: Callable[[], bool] | None = None,
 ) -> dict:
     """HellaSwag accuracy (largest log-likelihood sum) and acc_norm (largest mean per token).
-    `stop`: checked after every batch (Stopped)."""
-    sums, counts = score_hellaswag(graphdef, params, items, tok, block_size, stop)
+    Stops between batches (stop_point)."""
+    sums, counts = score_hellaswag(graphdef, params, items, tok, block_size)
     labels = np.array([item["label"] for item in items])
     return {
         "hellaswag_acc": float(np.mean(sums.argmax(1) == labels)),

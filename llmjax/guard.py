@@ -12,14 +12,19 @@ out of the terminal, no checkpoint lost to a crash, and a dead peer ends the job
   <what failed>; latest intact checkpoint: DIR/N ...`, writes the traceback to errors.log and
   exits at once (a process whose peer is gone would otherwise wait at JAX's shutdown barrier);
 - with several processes, watches its peers (PeerWatch): a process that stops beating for LOST_S
-  ends every survivor with one line naming it, whatever they are blocked in.
+  ends every survivor with one line naming it, whatever they are blocked in;
+- starts the watchdog (watchdog.py), which prints the line for a trainer that JAX's C++ runtime
+  aborted before Python could (every survivor of a dead process 0).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import faulthandler
 import logging as std_logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -32,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from llmjax import checkpoint, errors, memory, workdir_lock
+from llmjax import checkpoint, errors, memory, watchdog, workdir_lock
 from llmjax.errors import UserError
 
 ERRORS_LOG = "errors.log"
@@ -146,12 +151,44 @@ def _lock_job(workdir: str) -> workdir_lock.WorkdirLock | None:
     return lock
 
 
+class LastWord:
+    """The watchdog process (watchdog.py) on the other end of a pipe that carries this process's
+    fatal-signal dump (faulthandler) and, once this process has spoken for itself, DONE.
+    `process` of `processes`: this one's index and the job's count, for the line."""
+
+    def __init__(self, log_path: str, checkpoints: str, process: int, processes: int):
+        read, write = os.pipe()
+        script = os.path.join(_PACKAGE, "watchdog.py")
+        # stderr inherited: the terminal's (fd 2 becomes errors.log only after this).
+        size = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        args = [log_path, str(size), checkpoints, str(process), str(processes)]
+        subprocess.Popen(
+            [sys.executable, "-I", "-S", script, *args],
+            stdin=read,
+            stdout=subprocess.DEVNULL,
+        )
+        os.close(read)
+        self.pipe = os.fdopen(write, "wb", buffering=0)
+        faulthandler.enable(self.pipe, all_threads=True)
+        atexit.register(self.done)  # an exit through Python (an uncaught error, sys.exit)
+
+    def done(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.pipe.write(watchdog.DONE)
+
+    def close(self) -> None:
+        """The run ended by itself: fatal-signal dumps go to stderr again; the watchdog exits."""
+        self.done()
+        faulthandler.enable()
+        self.pipe.close()
+
+
 class _Exit:
     """The one report of a failed run: the first caller (main thread or PeerWatch) prints and
     exits; any later one waits for the exit."""
 
-    def __init__(self, term: _Terminal, lock: workdir_lock.WorkdirLock | None):
-        self.term, self.lock, self.once = term, lock, threading.Lock()
+    def __init__(self, term: _Terminal, lock: workdir_lock.WorkdirLock | None, last: LastWord):
+        self.term, self.lock, self.once, self.last = term, lock, threading.Lock(), last
 
     def __call__(self, message: str, code: int, e: BaseException | None, settle_s: float) -> None:
         if not self.once.acquire(blocking=False):
@@ -168,6 +205,7 @@ class _Exit:
         if e is not None and not known:
             message += f" (details in {self.term.log_path})"
         self.term.line(message)
+        self.last.done()
         sys.stdout.flush()
         logging.flush()
         if self.lock is not None:  # the next trainer finds no lock left behind to take over
@@ -202,8 +240,8 @@ class PeerWatch:
             except Exception as e:  # the store lives in process 0
                 if not self.stop.is_set():
                     self.report(
-                        "lost contact with process 0 (the coordinator: it died or its host is "
-                        "unreachable)",
+                        f"process 0 of {self.n} was lost (the coordinator: it died or its host "
+                        "is unreachable)",
                         1,
                         e,
                         3.0,
@@ -247,16 +285,23 @@ def summary(e: BaseException, cfg: ml_collections.ConfigDict | None) -> tuple[st
 def trainer(workdir: str, cfg: ml_collections.ConfigDict | None = None) -> Iterator[None]:
     """The guard around one training run in `workdir` (see the module's docstring); `cfg` names
     the keys to change in the line for a step out of memory."""
+    last = LastWord(
+        os.path.join(os.path.abspath(workdir), ERRORS_LOG),
+        checkpoint.directory(workdir),
+        jax.process_index(),
+        jax.process_count(),
+    )
     lock = _lock_job(workdir)
     term = _Terminal(os.path.join(os.path.abspath(workdir), ERRORS_LOG))
     term.divert()
-    report = _Exit(term, lock)
+    report = _Exit(term, lock, last)
     watch = PeerWatch(report) if jax.process_count() > 1 else None
     try:
         yield
     except UserError as e:
         if not checkpoint.writing():  # refused before training started: nothing to settle
             term.restore(undo=True)
+            last.close()
             if lock is not None:
                 lock.release()
             raise
@@ -273,5 +318,6 @@ def trainer(workdir: str, cfg: ml_collections.ConfigDict | None = None) -> Itera
     if watch is not None:
         watch.finish()
     term.restore()
+    last.close()
     if lock is not None:
         lock.release()

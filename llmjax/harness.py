@@ -37,7 +37,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -170,12 +169,6 @@ class Scorer:
         self.model, self.tok, self.rows, self.seed = model, tok, batch_rows, seed
         self.graphdef, self.params = nnx.split(model)
         self.block_size = model.cfg.block_size
-        # The training loop's stop request (SIGTERM), checked between batches: evaluate.Stopped.
-        self.stop: Callable[[], bool] | None = None
-
-    def _stop_point(self) -> None:
-        if self.stop is not None and self.stop():
-            raise evaluate.Stopped
 
     def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log p(continuation | context), every continuation token the argmax) per pair, in
@@ -218,7 +211,7 @@ class Scorer:
             # Read the previous batch while this one computes: one host read per batch.
             if pending is not None:
                 self._store(results, *pending)
-                self._stop_point()
+                evaluate.stop_point()  # the trainer's SIGTERM: evaluate.Stopped
             pending = (batch, out)
         if pending is not None:
             self._store(results, *pending)
@@ -278,7 +271,7 @@ class Scorer:
                     if term:
                         text = text.split(term)[0]
                 texts[i] = text
-            self._stop_point()
+            evaluate.stop_point()
         return texts
 
 
@@ -530,16 +523,13 @@ class TrainingTasks:
     manager: object  # the harness's TaskManager
     limit: int
 
-    def scores(
-        self, cfg: GPTConfig, params, tok: Tokenizer, stop: Callable[[], bool] | None = None
-    ) -> dict[str, float]:
+    def scores(self, cfg: GPTConfig, params, tok: Tokenizer) -> dict[str, float]:
         """{"harness/<task>/<metric>": value} for the model of `params`, scored in float32.
-        `stop`: checked between batches (evaluate.Stopped)."""
+        Stops between batches (evaluate.stop_point)."""
         import logging as std_logging
 
         std_logging.getLogger("lm_eval").setLevel(std_logging.WARNING)
         lm = lm_class()(model=eval_model(cfg, params), tokenizer=tok)
-        lm.scorer.stop = stop
         results = run_tasks(lm, self.names, self.manager, limit=self.limit or None)
         return {
             f"harness/{task}/{metric.removesuffix(',none')}": value

@@ -6,6 +6,8 @@ or launch under SLURM srun / Open MPI, which jax.distributed detects (see launch
 
 from __future__ import annotations
 
+import atexit
+import logging as std_logging
 import os
 import sys
 
@@ -21,6 +23,22 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (jax.di
 flags.DEFINE_integer("num_processes", None, "processes in the run (jax.distributed)")
 flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1 (jax.distributed)")
 flags.mark_flags_as_required(["config", "workdir"])
+_finished: list[int] = []  # the exit code, once the run has ended and everything is written
+
+
+def _exit_without_teardown() -> None:
+    """The last exit handler: a finished run leaves without Python's own teardown of XLA's,
+    Orbax's and Grain's objects, which took 2.5 s of a SIGTERM's 6.4 s on a loaded 2-core machine
+    (a preemption's grace period should not pay for it). Registered before jax is imported, so it
+    runs after jax's handlers (jax.distributed's shutdown among them) and every library's."""
+    if _finished:
+        std_logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_finished[0])
+
+
+atexit.register(_exit_without_teardown)
 
 
 def main(argv: list[str]) -> None:
@@ -42,6 +60,7 @@ def main(argv: list[str]) -> None:
     name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
     with guard.trainer(FLAGS.workdir, cfg):
         train.train_and_evaluate(cfg, FLAGS.workdir, os.path.splitext(name)[0])
+    _finished.append(0)
 
 
 if __name__ == "__main__":

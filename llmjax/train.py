@@ -323,6 +323,8 @@ def train_and_evaluate(
         harness_tasks,
         tok,
     )
+    if cadences["eval"] and start < t.steps:
+        _compile_eval(run, state.params, batches_of, put)
     # Cut short by the stop that saved `start` (those the resumed config still runs).
     evaluations(start, [k for k in redo if cadences.get(k)])
     for step in range(start, t.steps):
@@ -369,10 +371,9 @@ def _evaluations(
     stop is agreed at a step."""
     t, params, finished = run.cfg.train, params(), []
     put = lambda batch: jax.tree.map(lambda a: sharding.put_batch(a, run.mesh), batch)
-    stop = checkpoint.stop_requested if jax.process_count() == 1 else None
     try:
         if "eval" in due:
-            ev = evaluate.mean_metrics(run.eval_step, params, map(put, batches_of.val()), stop)
+            ev = evaluate.mean_metrics(run.eval_step, params, map(put, batches_of.val()))
             log.writer.scalars(done, {f"eval/{k}": v for k, v in ev.items()})
             log.line(
                 f"step {done:>6}/{t.steps} | "
@@ -381,7 +382,7 @@ def _evaluations(
             finished.append("eval")
         if "hellaswag" in due:
             hs = evaluate.hellaswag(
-                run.graphdef, params, hellaswag_items, tok, run.model_cfg.block_size, stop
+                run.graphdef, params, hellaswag_items, tok, run.model_cfg.block_size
             )
             log.writer.scalars(
                 done, {f"eval/{k}": hs[k] for k in ("hellaswag_acc", "hellaswag_acc_norm")}
@@ -392,7 +393,7 @@ def _evaluations(
             )
             finished.append("hellaswag")
         if "harness" in due:
-            scores = harness_tasks.scores(run.model_cfg, params, tok, stop)
+            scores = harness_tasks.scores(run.model_cfg, params, tok)
             log.writer.scalars(done, scores)
             log.line(
                 f"step {done:>6}/{t.steps} | "
@@ -403,7 +404,7 @@ def _evaluations(
             gathered = sharding.gather(params)  # all processes: weights may span hosts
             if jax.process_index() == 0:
                 model = nnx.merge(run.graphdef, jax.device_get(gathered))
-                on_token = (lambda row, token: _stop_point(stop)) if stop else None
+                on_token = lambda row, token: evaluate.stop_point()
                 text = sample_text(model, tok, t.sample_prompt, t.sample_tokens, done, on_token)
                 log.writer.text(done, "sample", text)
                 log.line(f"step {done:>6}/{t.steps} | sample: {text!r}")
@@ -412,9 +413,13 @@ def _evaluations(
     return []
 
 
-def _stop_point(stop) -> None:
-    if stop():
-        raise evaluate.Stopped
+def _compile_eval(run: Run, params, batches_of: inputs.Data, put) -> None:
+    """Runs the eval step on the first val batch, so that it compiles at start-up: compiled at
+    the first evaluation instead, it held a SIGTERM there for seconds (the stop is checked
+    between batches)."""
+    first = next(iter(batches_of.val()), None)
+    if first is not None:
+        jax.block_until_ready(run.eval_step(params, put(first)))
 
 
 def _due(done: int, every: int, steps: int) -> bool:

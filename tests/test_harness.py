@@ -319,13 +319,13 @@ def test_training_logs_harness_rows(byte_data, shakespeare, tmp_path):
         np.testing.assert_allclose(value, want[task][f"{metric},none"], rtol=1e-6)
 
 
-def test_scorer_stops_between_batches():
+def test_scorer_stops_between_batches(monkeypatch):
     """The training loop's stop request (SIGTERM) ends a harness pass after the batch in flight
     (evaluate.Stopped, so the loop saves and names the pass for redo); unrequested, the scores
     are those of a pass without the check."""
     from flax import nnx
 
-    from llmjax import evaluate
+    from llmjax import checkpoint, evaluate
     from llmjax.model import GPT, GPTConfig
 
     cfg = GPTConfig(
@@ -335,11 +335,11 @@ def test_scorer_stops_between_batches():
     pairs = [([256, 65 + i], [66 + i, 67]) for i in range(5)]  # five rows: five batches
     want = scorer.loglikelihoods(pairs)
     checks = []
-    scorer.stop = lambda: checks.append(1) or len(checks) == 2
+    monkeypatch.setattr(checkpoint, "stop_requested", lambda: checks.append(1) or len(checks) == 2)
     with pytest.raises(evaluate.Stopped):
         scorer.loglikelihoods(pairs)
     assert len(checks) == 2  # one check per batch read, none after the stop
-    scorer.stop = lambda: False
+    monkeypatch.setattr(checkpoint, "stop_requested", lambda: False)
     assert scorer.loglikelihoods(pairs) == want
 
 

@@ -590,11 +590,20 @@ def test_a_bad_id_mid_run_keeps_the_save_in_flight(byte_data, env, reference, tm
     shutil.copytree(byte_data, data_path)
     val = os.path.join(data_path, "val_000000.bin")
     tokens = np.memmap(val, np.uint16, "r+", offset=1024)
-    tokens[5] = 300  # in the first eval batch
+    # In the second eval batch (windows of 33 tokens every 32, 8 per batch): the first one also
+    # compiles the eval step at start-up.
+    tokens[300] = 300
     tokens.flush()
     del tokens
     t0 = time.time()
-    proc = _run(env, workdir, data_path, "--config.data.verify=off", "--config.train.eval_every=5")
+    proc = _run(
+        env,
+        workdir,
+        data_path,
+        "--config.data.verify=off",
+        "--config.train.eval_every=5",
+        "--config.train.eval_batches=2",
+    )
     seconds = time.time() - t0
     lines = _lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
@@ -652,29 +661,116 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_a_dead_peer_ends_the_job_in_one_line(byte_data, env, tmp_path):
-    """Process 1 of 2 is SIGKILLed mid-run (no launcher to stop the survivor): process 0 exits
-    within 15 s, in one line naming process 1 and the checkpoint to resume from; the checkpoints
-    and metrics.jsonl up to it are an uninterrupted two-process run's."""
+@pytest.fixture(scope="module")
+def reference2(byte_data, env, tmp_path_factory) -> str:
+    """An uninterrupted two-process run (one CPU device each)."""
     env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    reference = str(tmp_path / "reference")
-    procs = _cli_processes(env, byte_data, reference, _free_port())
+    workdir = str(tmp_path_factory.mktemp("reference2") / "w")
+    procs = _cli_processes(env, byte_data, workdir, _free_port())
     assert [p.wait(timeout=600) for p in procs] == [0, 0], procs[0].stderr.read()
-    workdir = str(tmp_path / "w")
+    return workdir
+
+
+def _kill_one_of_two(byte_data, env, workdir, victim: int) -> tuple[int, str, float]:
+    """Two processes; `victim` SIGKILLed after step 6 (checkpoint 4 committed). Returns the
+    survivor's exit code, its stderr and the seconds from the kill to its end (its stderr
+    closed: the line may come from its watchdog)."""
+    env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = _cli_processes(env, byte_data, workdir, _free_port())
     for line in procs[0].stdout:
         if line.startswith("step      6/"):
             break
-    procs[1].kill()
+    deadline = time.time() + 60
+    while not os.path.isdir(os.path.join(checkpoint.directory(workdir), "4")):
+        assert time.time() < deadline and procs[0].poll() is None, procs[0].stderr.read()
+        time.sleep(0.05)
+    procs[victim].kill()
     t0 = time.time()
-    _, err = procs[0].communicate(timeout=60)
+    err = procs[1 - victim].communicate(timeout=60)[1]
     seconds = time.time() - t0
+    procs[victim].wait()
+    return procs[1 - victim].returncode, err, seconds
+
+
+@pytest.mark.slow
+def test_a_dead_peer_ends_the_job_in_one_line(byte_data, env, reference2, tmp_path):
+    """Process 1 of 2 is SIGKILLed mid-run (no launcher to stop the survivor): process 0 exits
+    within 15 s, in one line naming process 1 and the checkpoint to resume from; the checkpoints
+    and metrics.jsonl up to it are an uninterrupted two-process run's."""
+    workdir = str(tmp_path / "w")
+    code, err, seconds = _kill_one_of_two(byte_data, env, workdir, victim=1)
     lines = _lines(err)
-    assert procs[0].returncode == 1 and len(lines) <= 3, err
+    assert code == 1 and len(lines) <= 3, err
     assert seconds < 15, seconds
     assert re.match(r"llmjax: process 1 of 2 was lost \(no heartbeat for 1\d s\)", lines[-1])
-    _intact_upto(workdir, reference, [4], lines[-1])
+    _intact_upto(workdir, reference2, [4], lines[-1])
+
+
+@pytest.mark.slow
+def test_a_dead_process_0_ends_the_job_in_one_line(byte_data, env, reference2, tmp_path):
+    """Process 0 (the coordinator, and jax.distributed's service with it) SIGKILLed: JAX aborts
+    process 1 in C++ at once; its watchdog prints the one line naming process 0 and the
+    checkpoint to resume from; the same command then resumes to the uninterrupted run's log."""
+    workdir = str(tmp_path / "w")
+    code, err, seconds = _kill_one_of_two(byte_data, env, workdir, victim=0)
+    lines = _lines(err)
+    assert code != 0 and len(lines) <= 3, err
+    assert seconds < 15, seconds
+    assert re.match(r"llmjax: process 0 of 2 was lost \(the coordinator", lines[-1]), lines
+    _intact_upto(workdir, reference2, [4], lines[-1])
+    env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = _cli_processes(env, byte_data, workdir, _free_port())
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], procs[0].stderr.read()
+    assert _logged(workdir) == _logged(reference2)
+
+
+_ABORT = """
+import os, sys
+from llmjax import guard
+w = sys.argv[1]
+last = guard.LastWord(w + "/errors.log", w + "/checkpoints", 1, 2)
+with open(w + "/errors.log", "a") as f:  # what JAX's client logs when the coordinator is gone
+    f.write("F1207 client.h:80] Terminating process because the JAX distributed service detected "
+            "fatal errors. UNAVAILABLE: Failed to send RPC to coordination service.\\n")
+if sys.argv[2] == "spoke":
+    last.done()
+os.abort()
+"""
+
+
+@pytest.mark.parametrize("case", ["aborted", "spoke", "killed"])
+def test_an_aborted_process_gets_its_line_from_the_watchdog(env, tmp_path, case):
+    """A process JAX aborts in C++ (no Python runs after): its watchdog prints the one line,
+    naming the lost coordinator and the latest committed checkpoint, and appends the fatal-signal
+    dump to errors.log. Silent for a process that spoke for itself, and for one killed outright
+    (its surviving peer speaks)."""
+    from llmjax import watchdog
+
+    os.makedirs(tmp_path / "checkpoints" / "4")
+    os.makedirs(tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1")
+    log = str(tmp_path / "errors.log")
+    if case == "killed":  # the pipe closes with nothing in it
+        script = os.path.join(os.path.dirname(watchdog.__file__), "watchdog.py")
+        args = [sys.executable, "-I", "-S", script, log, "0", f"{tmp_path}/checkpoints", "1", "2"]
+        proc = subprocess.run(args, input=b"", capture_output=True, timeout=60)
+        assert (proc.returncode, proc.stderr) == (0, b"")
+        return
+    proc = subprocess.run(
+        [sys.executable, "-c", _ABORT, str(tmp_path), case],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGABRT
+    if case == "spoke":
+        assert proc.stderr == ""
+        return
+    assert proc.stderr == (
+        "llmjax: process 0 of 2 was lost (the coordinator; JAX ended process 1 at once); "
+        f"latest intact checkpoint: {tmp_path}/checkpoints/4 (details in {log})\n"
+    )
+    assert "Fatal Python error: Aborted" in open(log).read()
 
 
 def test_sigterm_during_a_long_eval_stops_within_5_s(byte_data, env, reference, tmp_path):
@@ -712,20 +808,27 @@ def test_sigterm_during_a_long_eval_stops_within_5_s(byte_data, env, reference, 
 
 
 def test_evaluations_stop_between_batches():
+    """A stop requested while an evaluation's batch computes (the signal handler's flag) ends it
+    after that batch: no further batch is read; unrequested, the mean is the plain one."""
     from llmjax import evaluate
 
-    read, stops = [], iter([False, False, True])
+    read = []
     batches = (read.append(i) or np.full((2, 3), i, np.int32) for i in range(100))
 
     def step(params, batch):
+        if int(batch[0, 0]) == 2:
+            checkpoint.request_stop("SIGTERM")
         return jnp.sum(batch), (jnp.float32(batch.size), {})
 
-    with pytest.raises(evaluate.Stopped):
-        evaluate.mean_metrics(step, None, batches, stop=lambda: next(stops))
+    try:
+        with pytest.raises(evaluate.Stopped):
+            evaluate.mean_metrics(step, None, batches)
+        assert checkpoint.stop_requested()  # not consumed: the loop saves and names the reason
+    finally:
+        assert checkpoint.should_stop(0) == "SIGTERM"  # consumed
     assert read == [0, 1, 2]  # the current batch finished, no further one read
-    assert evaluate.mean_metrics(step, None, [np.ones((2, 3), np.int32)], stop=lambda: False) == {
-        "loss": 1.0
-    }
+    ones = [np.ones((2, 3), np.int32), np.full((2, 3), 3, np.int32)]
+    assert evaluate.mean_metrics(step, None, ones) == {"loss": 2.0}
 
 
 def test_a_step_over_the_memory_limit_is_refused_before_it_runs(byte_data, monkeypatch):
