@@ -413,7 +413,7 @@ def _evaluations(
     return []
 
 
-def _compile_eval(run: Run, params, batches_of: inputs.Data, put) -> None:
+def _compile_eval(run: Run, params, batches_of: batches.Data, put) -> None:
     """Runs the eval step on the first val batch, so that it compiles at start-up: compiled at
     the first evaluation instead, it held a SIGTERM there for seconds (the stop is checked
     between batches)."""
