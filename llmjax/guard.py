@@ -281,6 +281,26 @@ def summary(e: BaseException, cfg: ml_collections.ConfigDict | None) -> tuple[st
     return f"{type(e).__name__}: {errors.one_line(e)}", 1
 
 
+def collective_failed(e: BaseException | None) -> bool:
+    """Whether `e` or an error behind it is a failed collective: a JAX runtime error, or Gloo's
+    (a checkpoint save's barrier runs on Gloo and surfaces as a save error)."""
+    for _ in range(8):  # a chain is short; the bound guards against a cyclic one
+        if e is None:
+            return False
+        if isinstance(e, jax.errors.JaxRuntimeError) or "Gloo" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _hear_the_watch(watch: PeerWatch | None, term: _Terminal, e: BaseException) -> None:
+    """A collective failed: most likely a peer died. The watch names it within LOST_S (and ends
+    the process); only if every peer still beats is `e` the story."""
+    if watch is not None and collective_failed(e):
+        term.traceback(e, "a collective failed; waiting for the peer watch")
+        watch.stop.wait(LOST_S + 3 * BEAT_S)
+
+
 @contextlib.contextmanager
 def trainer(workdir: str, cfg: ml_collections.ConfigDict | None = None) -> Iterator[None]:
     """The guard around one training run in `workdir` (see the module's docstring); `cfg` names
@@ -305,15 +325,12 @@ def trainer(workdir: str, cfg: ml_collections.ConfigDict | None = None) -> Itera
             if lock is not None:
                 lock.release()
             raise
+        _hear_the_watch(watch, term, e)
         report(*summary(e, cfg), e, SETTLE_S)
     except BaseException as e:
         if isinstance(e, SystemExit):
             raise
-        if watch is not None and isinstance(e, jax.errors.JaxRuntimeError):
-            # A collective failed: most likely a peer died. The watch names it within LOST_S (and
-            # exits); only if every peer still beats is this error the story.
-            term.traceback(e, "a collective failed; waiting for the peer watch")
-            watch.stop.wait(LOST_S + 3 * BEAT_S)
+        _hear_the_watch(watch, term, e)
         report(*summary(e, cfg), e, SETTLE_S)
     if watch is not None:
         watch.finish()

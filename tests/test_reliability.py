@@ -869,3 +869,22 @@ def test_out_of_memory_at_run_time_is_the_memory_line(byte_data):
     )
     assert guard.summary(MemoryError(), cfg)[1] == 2
     assert guard.summary(ValueError("a bug"), cfg) == ("ValueError: a bug", 1)
+
+
+def test_a_save_cut_by_a_dead_peer_is_a_failed_collective():
+    """A save's barrier runs on Gloo: a peer's death surfaces there as a save error (seen with
+    process 0 SIGKILLed during checkpoint 8), which must wait for the peer watch to name the lost
+    process rather than be reported as a failed save."""
+    from llmjax import guard
+
+    gloo = ValueError("UNKNOWN: Gloo AllGather failed: pair.cc:547] Connection closed by peer")
+    try:
+        try:
+            raise gloo
+        except ValueError as e:
+            raise checkpoint.CheckpointError("cannot save checkpoint w/8: ...") from e
+    except checkpoint.CheckpointError as e:
+        assert guard.collective_failed(e)
+    assert guard.collective_failed(jax.errors.JaxRuntimeError("INTERNAL: all-reduce failed"))
+    assert not guard.collective_failed(checkpoint.CheckpointError("no space left on device"))
+    assert not guard.collective_failed(ValueError("a bug"))
