@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -102,6 +103,13 @@ def pytest_runtest_setup(item) -> None:
 
         if not plan.libtpu_available():
             pytest.skip("libtpu (jax[tpu]) is not installed (make plan-install-tpu)")
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (jax.distributed's coordinator, a tracker's server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_config(data_path: str, **overrides):

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 ARGS = [
     "--config=configs/tiny.py",
@@ -37,12 +36,6 @@ def _env(devices: int | None = None) -> dict:
     if devices:
         flags += f" --xla_force_host_platform_device_count={devices}"
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHON=sys.executable)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _main(workdir: str, data_path: str, *extra: str, devices: int = 1):
@@ -67,7 +60,7 @@ def _main(workdir: str, data_path: str, *extra: str, devices: int = 1):
 
 
 def _launch(n: int, workdir: str, data_path: str, *extra: str):
-    env = dict(_env(), PORT=str(_free_port()), CPU_DEVICES_PER_PROCESS="2")
+    env = dict(_env(), PORT=str(free_port()), CPU_DEVICES_PER_PROCESS="2")
     r = subprocess.run(
         [
             "bash",
@@ -181,7 +174,7 @@ def test_eight_device_checkpoint_resumes_on_one_device_and_two_processes(runs, b
 def test_tensor_axis_across_processes_refused(byte_data, tmp_path):
     # Each process loads half the batch, but tensor=2 over the two processes' devices would need
     # the whole batch on both: refused before anything compiles, on every process.
-    env = dict(_env(), PORT=str(_free_port()))
+    env = dict(_env(), PORT=str(free_port()))
     r = subprocess.run(
         [
             "bash",

@@ -29,7 +29,7 @@ import pytest
 from llmjax import checkpoint, metrics, train
 from llmjax.checkpoint import CheckpointError
 from llmjax.data import DataError
-from tests.conftest import ROOT, pretrain_run, snapshot, tiny_config
+from tests.conftest import ROOT, free_port, pretrain_run, snapshot, tiny_config
 
 STEPS = 16
 ARGS = [
@@ -467,11 +467,7 @@ print(f"returned at step {int(train.train_and_evaluate(cfg, workdir).step)}", fl
 
 
 def _two_processes(env, data_path, workdir) -> list[subprocess.Popen]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     return [
         subprocess.Popen(
             [sys.executable, "-c", TWO_PROCESS_DRIVER, str(port), str(i), data_path, workdir],
@@ -653,20 +649,12 @@ def _cli_processes(env, data_path, workdir, port: int, *extra) -> list[subproces
     ]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def reference2(byte_data, env, tmp_path_factory) -> str:
     """An uninterrupted two-process run (one CPU device each)."""
     env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     workdir = str(tmp_path_factory.mktemp("reference2") / "w")
-    procs = _cli_processes(env, byte_data, workdir, _free_port())
+    procs = _cli_processes(env, byte_data, workdir, free_port())
     assert [p.wait(timeout=600) for p in procs] == [0, 0], procs[0].stderr.read()
     return workdir
 
@@ -676,7 +664,7 @@ def _kill_one_of_two(byte_data, env, workdir, victim: int) -> tuple[int, str, fl
     survivor's exit code, its stderr and the seconds from the kill to its end (its stderr
     closed: the line may come from its watchdog)."""
     env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs = _cli_processes(env, byte_data, workdir, _free_port())
+    procs = _cli_processes(env, byte_data, workdir, free_port())
     for line in procs[0].stdout:
         if line.startswith("step      6/"):
             break
@@ -719,7 +707,7 @@ def test_a_dead_process_0_ends_the_job_in_one_line(byte_data, env, reference2, t
     assert re.match(r"llmjax: process 0 of 2 was lost \(the coordinator", lines[-1]), lines
     _intact_upto(workdir, reference2, [4], lines[-1])
     env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs = _cli_processes(env, byte_data, workdir, _free_port())
+    procs = _cli_processes(env, byte_data, workdir, free_port())
     assert [p.wait(timeout=600) for p in procs] == [0, 0], procs[0].stderr.read()
     assert _logged(workdir) == _logged(reference2)
 

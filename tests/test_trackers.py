@@ -7,7 +7,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import urllib.request
 import pytest
 
 from llmjax import checkpoint, metrics, trackers
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 STEPS = 12
 ARGS = [
@@ -38,17 +37,11 @@ def env(env) -> dict:
     return dict(env, WANDB_MODE="offline", WANDB_SILENT="true")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory):
     """A real tracking server: sqlite backend and artifact store in a temporary directory."""
     tmp = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     log = open(tmp / "server.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -239,7 +232,7 @@ def test_wandb_offline_run_holds_config_and_rows(byte_data, env, tmp_path):
 
 def test_unreachable_tracker_is_one_line_before_compiling(byte_data, env, tmp_path):
     env = dict(env, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")  # refused at once, not after retries
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     extra = ("--config.train.trackers=mlflow", f"--config.train.mlflow_uri={dead}")
     proc = _run(env, str(tmp_path / "w"), byte_data, *extra)
     assert proc.returncode == 2, proc.stderr
