@@ -305,14 +305,12 @@ def _hear_the_watch(watch: PeerWatch | None, term: _Terminal, e: BaseException) 
 def trainer(workdir: str, cfg: ml_collections.ConfigDict | None = None) -> Iterator[None]:
     """The guard around one training run in `workdir` (see the module's docstring); `cfg` names
     the keys to change in the line for a step out of memory."""
+    log_path = os.path.join(os.path.abspath(workdir), ERRORS_LOG)
     last = LastWord(
-        os.path.join(os.path.abspath(workdir), ERRORS_LOG),
-        checkpoint.directory(workdir),
-        jax.process_index(),
-        jax.process_count(),
+        log_path, checkpoint.directory(workdir), jax.process_index(), jax.process_count()
     )
     lock = _lock_job(workdir)
-    term = _Terminal(os.path.join(os.path.abspath(workdir), ERRORS_LOG))
+    term = _Terminal(log_path)
     term.divert()
     report = _Exit(term, lock, last)
     watch = PeerWatch(report) if jax.process_count() > 1 else None
